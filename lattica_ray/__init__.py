@@ -1,0 +1,3 @@
+"""lattica-ray: Ray clusters bridged across NATs and firewalls."""
+
+__version__ = "0.1.0"

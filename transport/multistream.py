@@ -1,0 +1,113 @@
+"""multistream-select 1.0: which protocol a new stream speaks.
+
+Messages are varint-length-prefixed and end in "\\n"; both sides first send the header
+"/multistream/1.0.0". The initiator proposes protocols one by one; the listener echoes the one
+it accepts or answers "na". With one proposal the initiator is *lazy* (as rust-libp2p's
+V1Lazy): it sends header, proposal and its first data at once and checks the answer on its
+first read, saving a round trip per stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from transport.errors import ProtocolNotSupported, ProtocolViolation
+from transport.stream import Stream
+from transport.varint import encode_length_prefixed
+
+MULTISTREAM_PROTOCOL = "/multistream/1.0.0"  # multistream-select spec
+NOT_AVAILABLE = "na"  # multistream-select spec
+LIST = "ls"
+MAX_PROTOCOL_ID_LENGTH = 1024  # a longer protocol ID is an attack, not a protocol
+MAX_PROPOSALS = 32  # proposals a listener answers before giving up on the stream
+
+
+def encode_message(text: str) -> bytes:
+    """One multistream message: varint length, the text, a newline."""
+    return encode_length_prefixed(text.encode("utf-8") + b"\n")
+
+
+def decode_message(body: bytes) -> str:
+    """The text of one message body (without its length prefix)."""
+    if not body.endswith(b"\n"):
+        raise ProtocolViolation("multistream message does not end in a newline")
+    try:
+        return body[:-1].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolViolation("multistream message is not UTF-8") from exc
+
+
+async def _read_text(stream: Stream) -> str:
+    return decode_message(await stream._read_message_raw(MAX_PROTOCOL_ID_LENGTH + 1))
+
+
+async def read_confirmation(stream: Stream, expected: list[str]) -> None:
+    """Check the listener's answers to proposals we sent without waiting (lazy mode)."""
+    for want in expected:
+        answer = await _read_text(stream)
+        if answer == want:
+            continue
+        if answer == NOT_AVAILABLE:
+            stream.reset("protocol not supported")
+            raise ProtocolNotSupported([want], stream.remote_peer)
+        stream.reset("multistream violation")
+        raise ProtocolViolation(f"multistream: expected {want!r}, got {answer!r}")
+
+
+async def select_outbound(stream: Stream, protocols: list[str], lazy: bool = True) -> str:
+    """Propose `protocols` in order; return the one the remote accepted.
+
+    With one protocol and `lazy`, returns at once; the answer is checked on the first read.
+    """
+    if not protocols:
+        raise ValueError("propose at least one protocol")
+    if lazy and len(protocols) == 1:
+        await stream.write(encode_message(MULTISTREAM_PROTOCOL) + encode_message(protocols[0]))
+        stream._pending_confirmation = [MULTISTREAM_PROTOCOL, protocols[0]]
+        stream.protocol = protocols[0]
+        return protocols[0]
+    await stream.write(encode_message(MULTISTREAM_PROTOCOL) + encode_message(protocols[0]))
+    await read_confirmation(stream, [MULTISTREAM_PROTOCOL])
+    for index, protocol in enumerate(protocols):
+        if index:
+            await stream.write(encode_message(protocol))
+        answer = await _read_text(stream)
+        if answer == protocol:
+            stream.protocol = protocol
+            return protocol
+        if answer != NOT_AVAILABLE:
+            stream.reset("multistream violation")
+            raise ProtocolViolation(f"multistream: proposed {protocol!r}, got {answer!r}")
+    stream.reset("no common protocol")
+    raise ProtocolNotSupported(protocols, stream.remote_peer)
+
+
+async def select_inbound(stream: Stream, supported: Collection[str]) -> str:
+    """Answer the remote's proposals; return the first one we support.
+
+    Raises `ProtocolNotSupported` when the remote gives up (closes) and `ProtocolViolation`
+    on malformed messages or after `MAX_PROPOSALS` refusals.
+    """
+    header = await _read_text(stream)
+    if header != MULTISTREAM_PROTOCOL:
+        stream.reset("multistream violation")
+        raise ProtocolViolation(f"multistream: expected header, got {header!r}")
+    await stream.write(encode_message(MULTISTREAM_PROTOCOL))
+    refused: list[str] = []
+    for _ in range(MAX_PROPOSALS):
+        try:
+            proposal = await _read_text(stream)
+        except EOFError as exc:  # IncompleteReadError: the remote gave up
+            raise ProtocolNotSupported(refused, stream.remote_peer) from exc
+        if proposal in supported:
+            await stream.write(encode_message(proposal))
+            stream.protocol = proposal
+            return proposal
+        if proposal == LIST:
+            listing = b"".join(encode_message(p) for p in sorted(supported))
+            await stream.write(encode_length_prefixed(listing))
+            continue
+        refused.append(proposal)
+        await stream.write(encode_message(NOT_AVAILABLE))
+    stream.reset("too many protocol proposals")
+    raise ProtocolViolation(f"multistream: refused {len(refused)} proposals, giving up")

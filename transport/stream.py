@@ -1,0 +1,169 @@
+"""The stream every protocol talks over: ordered bytes to one peer, half-closable, resettable.
+
+`Stream` holds the read side (a buffer fed by the transport) and the framing helpers; each
+transport (QUIC, in-memory, later TCP/Yamux and relayed circuits) supplies the write side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from transport.errors import MessageTooLarge, StreamReset
+from transport.varint import VarintError, encode_length_prefixed, try_decode_varint
+
+if TYPE_CHECKING:
+    from transport.identity import PeerId
+
+DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024  # for length-prefixed control messages
+
+
+class Stream:
+    """One bidirectional byte stream to `remote_peer`, speaking `protocol` once negotiated."""
+
+    def __init__(self, remote_peer: PeerId | None = None) -> None:
+        self.remote_peer = remote_peer
+        self.protocol: str = ""
+        self._buffer = bytearray()
+        self._eof = False
+        self._reset_reason: str | None = None
+        self._readable = asyncio.Event()
+        # Lazy multistream-select: confirmations we still expect before the first data byte.
+        self._pending_confirmation: list[str] = []
+
+    # -- fed by the transport -------------------------------------------------------------
+    def _feed_data(self, data: bytes) -> None:
+        if data:
+            self._buffer += data
+            self._readable.set()
+
+    def _feed_eof(self) -> None:
+        self._eof = True
+        self._readable.set()
+
+    def _feed_reset(self, reason: str) -> None:
+        if self._reset_reason is None:
+            self._reset_reason = reason
+        self._readable.set()
+
+    def _on_consumed(self, nbytes: int) -> None:
+        """Hook for transports that give flow-control credit as the application reads."""
+
+    # -- reading ----------------------------------------------------------------------------
+    async def _wait_readable(self) -> None:
+        while not self._buffer and not self._eof and self._reset_reason is None:
+            self._readable.clear()
+            await self._readable.wait()
+
+    async def _settle_negotiation(self) -> None:
+        if not self._pending_confirmation:
+            return
+        from transport.multistream import read_confirmation  # local: multistream imports us
+
+        expected, self._pending_confirmation = self._pending_confirmation, []
+        await read_confirmation(self, expected)
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        """Up to `max_bytes` bytes; b"" once the remote closed its side and all was read."""
+        await self._settle_negotiation()
+        return await self._read_raw(max_bytes)
+
+    async def _read_raw(self, max_bytes: int) -> bytes:
+        await self._wait_readable()
+        if not self._buffer:
+            if self._reset_reason is not None:
+                raise StreamReset(self._reset_reason)
+            return b""
+        chunk = bytes(self._buffer[:max_bytes])
+        del self._buffer[: len(chunk)]
+        self._on_consumed(len(chunk))
+        return chunk
+
+    async def readexactly(self, nbytes: int) -> bytes:
+        await self._settle_negotiation()
+        return await self._readexactly_raw(nbytes)
+
+    async def _readexactly_raw(self, nbytes: int) -> bytes:
+        while len(self._buffer) < nbytes:
+            if self._reset_reason is not None:
+                raise StreamReset(self._reset_reason)
+            if self._eof:
+                raise asyncio.IncompleteReadError(bytes(self._buffer), nbytes)
+            self._readable.clear()
+            await self._readable.wait()
+        chunk = bytes(self._buffer[:nbytes])
+        del self._buffer[:nbytes]
+        self._on_consumed(nbytes)
+        return chunk
+
+    async def read_message(self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
+        """One varint-length-prefixed message; `MessageTooLarge` before buffering a big body."""
+        await self._settle_negotiation()
+        return await self._read_message_raw(max_size)
+
+    async def _read_message_raw(self, max_size: int) -> bytes:
+        while True:
+            try:
+                header = try_decode_varint(self._buffer)
+            except VarintError:
+                self.reset()
+                raise
+            if header is not None:
+                length, start = header
+                if length > max_size:
+                    self.reset()
+                    raise MessageTooLarge(length, max_size)
+                if len(self._buffer) - start >= length:
+                    body = bytes(self._buffer[start : start + length])
+                    del self._buffer[: start + length]
+                    self._on_consumed(start + length)
+                    return body
+            if self._reset_reason is not None:
+                raise StreamReset(self._reset_reason)
+            if self._eof:
+                raise asyncio.IncompleteReadError(bytes(self._buffer), None)
+            self._readable.clear()
+            await self._readable.wait()
+
+    async def read_to_end(self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
+        """Everything until the remote closes its side, at most `max_size` bytes."""
+        await self._settle_negotiation()
+        out = bytearray()
+        while True:
+            chunk = await self._read_raw(65536)
+            if not chunk:
+                return bytes(out)
+            out += chunk
+            if len(out) > max_size:
+                self.reset()
+                raise MessageTooLarge(len(out), max_size, "stream")
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._buffer
+
+    # -- writing (the transport's part) -----------------------------------------------------
+    async def write(self, data: bytes) -> None:
+        """Send `data`, waiting while the transport's send buffer is full (backpressure)."""
+        raise NotImplementedError
+
+    async def write_message(self, message: bytes) -> None:
+        await self.write(encode_length_prefixed(message))
+
+    async def close(self) -> None:
+        """Close our write side (FIN); the remote may still send until it closes its own."""
+        raise NotImplementedError
+
+    def reset(self, reason: str = "reset by local peer") -> None:
+        """Abort both directions at once; pending reads on either side fail with StreamReset."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc is not None:
+            self.reset(f"aborted: {exc!r}"[:200])
+        else:
+            await self.close()
+
