@@ -15,7 +15,7 @@ from pathlib import Path
 import base58
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from transport.errors import InvalidPeerId, InvalidSignature, KeyFileError
 from transport.pb import crypto_pb2
@@ -114,7 +114,7 @@ class PeerId:
 
     @classmethod
     def from_string(cls, text: str) -> PeerId:
-        """Parse the base58btc form ("12D3KooW...", "Qm...") or the CIDv1 base32 form ("bafz...")."""
+        """Parse base58btc ("12D3KooW...", "Qm...") or CIDv1 base32 ("bafz...")."""
         if not isinstance(text, str) or not text:
             raise InvalidPeerId(f"not a peer ID: {text!r}")
         if text.startswith(("1", "Q")):

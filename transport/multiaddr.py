@@ -158,7 +158,7 @@ class Multiaddr:
     def with_peer_id(self, peer_id: PeerId) -> Multiaddr:
         """This address ending in `/p2p/<peer_id>` (replacing a trailing one)."""
         base = self.without_peer_id()
-        return Multiaddr(base.components + (("p2p", peer_id.to_string()),))
+        return Multiaddr((*base.components, ("p2p", peer_id.to_string())))
 
     def without_peer_id(self) -> Multiaddr:
         components = self.components

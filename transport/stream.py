@@ -166,4 +166,3 @@ class Stream:
             self.reset(f"aborted: {exc!r}"[:200])
         else:
             await self.close()
-

@@ -46,7 +46,9 @@ def decode_varint(data: bytes | bytearray | memoryview, offset: int = 0) -> tupl
     raise VarintTruncated("varint is truncated")
 
 
-def try_decode_varint(data: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, int] | None:
+def try_decode_varint(
+    data: bytes | bytearray | memoryview, offset: int = 0
+) -> tuple[int, int] | None:
     """Like `decode_varint`, but None when more bytes are needed (for incremental parsers)."""
     try:
         return decode_varint(data, offset)
