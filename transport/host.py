@@ -6,15 +6,16 @@ The DHT, RPC and view services are written against `Host`, so the same code runs
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from transport.handlers import StreamHandler
 from transport.identity import PeerId
 from transport.multiaddr import Multiaddr
 from transport.stream import Stream
 
-StreamHandler = Callable[[Stream], Awaitable[None]]
+__all__ = ["ConnectionListener", "Host", "PeerConnected", "PeerDisconnected", "StreamHandler"]
 
 
 @dataclass(frozen=True)
