@@ -14,8 +14,8 @@ from pathlib import Path
 
 import base58
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from transport.errors import InvalidPeerId, InvalidSignature, KeyFileError
 from transport.pb import crypto_pb2
@@ -33,18 +33,29 @@ def _raw_public(key: ed25519.Ed25519PublicKey) -> bytes:
 
 
 class PublicKey:
-    """A libp2p public key. Ed25519 keys verify; ECDSA and others are only carried for IDs."""
+    """A libp2p public key. Ed25519 (ours), ECDSA P-256 and secp256k1 (other peers) verify."""
 
-    __slots__ = ("_ed25519", "key_type", "raw")
+    __slots__ = ("_verifier", "key_type", "raw")
 
     def __init__(self, key_type: int, raw: bytes) -> None:
         self.key_type = key_type
         self.raw = raw
-        self._ed25519: ed25519.Ed25519PublicKey | None = None
-        if key_type == KeyType.Ed25519:
-            if len(raw) != 32:
-                raise InvalidPeerId(f"an Ed25519 public key is 32 bytes, not {len(raw)}")
-            self._ed25519 = ed25519.Ed25519PublicKey.from_public_bytes(raw)
+        self._verifier: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | None = None
+        try:
+            if key_type == KeyType.Ed25519:
+                if len(raw) != 32:
+                    raise InvalidPeerId(f"an Ed25519 public key is 32 bytes, not {len(raw)}")
+                self._verifier = ed25519.Ed25519PublicKey.from_public_bytes(raw)
+            elif key_type == KeyType.Secp256k1:  # peer-ids spec: compressed point, 33 bytes
+                self._verifier = ec.EllipticCurvePublicKey.from_encoded_point(
+                    ec.SECP256K1(), raw
+                )
+            elif key_type == KeyType.ECDSA:  # peer-ids spec: DER SubjectPublicKeyInfo
+                loaded = serialization.load_der_public_key(raw)
+                if isinstance(loaded, ec.EllipticCurvePublicKey):
+                    self._verifier = loaded
+        except ValueError as exc:
+            raise InvalidPeerId(f"malformed {KeyType.Name(key_type)} public key: {exc}") from exc
 
     @classmethod
     def from_ed25519(cls, key: ed25519.Ed25519PublicKey) -> PublicKey:
@@ -70,15 +81,20 @@ class PublicKey:
 
     def verify(self, signature: bytes, message: bytes) -> None:
         """Raise `InvalidSignature` unless `signature` is this key's signature of `message`."""
-        if self._ed25519 is None:
+        if self._verifier is None:
             raise InvalidSignature(
                 f"key type {KeyType.Name(self.key_type)} is not supported for signatures; "
                 "lattica-ray peers use Ed25519"
             )
         try:
-            self._ed25519.verify(signature, message)
+            if isinstance(self._verifier, ed25519.Ed25519PublicKey):
+                self._verifier.verify(signature, message)
+            else:  # libp2p ECDSA and secp256k1 signatures: DER, over SHA-256
+                self._verifier.verify(signature, message, ec.ECDSA(hashes.SHA256()))
         except _CryptoInvalidSignature as exc:
-            raise InvalidSignature("Ed25519 signature does not match the key") from exc
+            raise InvalidSignature(
+                f"{KeyType.Name(self.key_type)} signature does not match the key"
+            ) from exc
 
     def peer_id(self) -> PeerId:
         return PeerId.from_public_key(self)
