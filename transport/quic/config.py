@@ -1,0 +1,41 @@
+"""Settings of the QUIC endpoint, with the reasons for their defaults."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class QuicConfig(BaseModel):
+    """One endpoint's QUIC settings. Every limit is explicit."""
+
+    model_config = {"frozen": True}
+
+    handshake_timeout: float = Field(10.0, gt=0, description="seconds a dial may take")
+    idle_timeout: float = Field(
+        30.0, gt=0, description="close a connection silent this long (both sides must agree)"
+    )
+    keepalive_interval: float = Field(
+        10.0,
+        gt=0,
+        description="PING an idle connection this often, so NAT mappings stay open "
+        "(many NATs forget UDP mappings after 30 s)",
+    )
+    max_datagram_size: int = Field(
+        1350,
+        ge=1200,
+        le=16384,  # aioquic hangs above 16,384 (seen on this machine)
+        description="UDP payload size; 1350 fits every common Internet path (QUIC needs 1200)",
+    )
+    stream_window: int = Field(
+        4 * 1024 * 1024, ge=65536, description="receive window per stream (bytes unread)"
+    )
+    connection_window: int = Field(
+        16 * 1024 * 1024, ge=65536, description="receive window per connection"
+    )
+    max_streams: int = Field(256, ge=1, description="concurrent streams the remote may open")
+    send_buffer_high_water: int = Field(
+        2 * 1024 * 1024,
+        ge=65536,
+        description="a writer waits while this many bytes of its stream are unacknowledged",
+    )
+    max_connections: int = Field(1024, ge=1, description="inbound connections accepted at once")

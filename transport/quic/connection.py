@@ -1,0 +1,284 @@
+"""One QUIC connection: drives aioquic's state machine and turns its events into streams.
+
+The endpoint feeds datagrams in; this class feeds aioquic, flushes what aioquic wants to send
+(coalesced: once per loop iteration), keeps aioquic's timer, sends keep-alive PINGs, checks the
+remote's libp2p certificate when the handshake completes, and maps QUIC streams to `QuicStream`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from aioquic.quic import events
+
+from transport.connection import Connection
+from transport.errors import (
+    ConnectionClosed,
+    HandshakeFailed,
+    PeerIdMismatch,
+    StreamError,
+)
+from transport.identity import PeerId
+from transport.multiaddr import Multiaddr, quic_multiaddr
+from transport.quic.glue import Libp2pQuicConnection
+from transport.quic.stream import ERROR_CODE_RESET, QuicStream
+from transport.tls import InvalidCertificate, verify_certificate
+
+if TYPE_CHECKING:
+    from transport.quic.endpoint import QuicEndpoint
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+ERROR_CODE_AUTH = 0x1  # application close code: the remote failed libp2p authentication
+
+
+def _is_bidirectional(stream_id: int) -> bool:
+    return stream_id & 0x2 == 0
+
+
+class QuicConnection(Connection):
+    """A libp2p QUIC connection (transport "quic")."""
+
+    transport = "quic"
+
+    def __init__(
+        self,
+        endpoint: QuicEndpoint,
+        quic: Libp2pQuicConnection,
+        remote_address: Address,
+        is_initiator: bool,
+        expected_peer: PeerId | None = None,
+    ) -> None:
+        super().__init__(
+            remote_peer=expected_peer,  # type: ignore[arg-type]  # known after the handshake
+            local_addr=endpoint.listen_multiaddr,
+            remote_addr=None,
+            is_initiator=is_initiator,
+        )
+        self.endpoint = endpoint
+        self.quic = quic
+        self.remote_address = remote_address
+        self.expected_peer = expected_peer
+        self.established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Inbound handshakes that fail have no waiter: mark their error as seen.
+        self.established.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._loop = asyncio.get_running_loop()
+        self._streams: dict[int, QuicStream] = {}
+        self._drain_waiters: set[QuicStream] = set()
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._last_activity = self._loop.time()
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._ping_uid = 0
+        self._terminated = False
+        self.bytes_received = 0
+        self._handshake_timer: asyncio.TimerHandle | None = None
+
+    # -- endpoint side ----------------------------------------------------------------------
+    def datagram_received(self, data: bytes, address: Address) -> None:
+        now = self._loop.time()
+        self._last_activity = now
+        self.bytes_received += len(data)
+        self.quic.receive_datagram(data, address, now)
+        self._process_events()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send what aioquic has ready and re-arm its timer."""
+        self._flush_scheduled = False
+        now = self._loop.time()
+        send = self.endpoint._sendto
+        for data, address in self.quic.datagrams_to_send(now):
+            send(data, address)
+        timer_at = self.quic.get_timer()
+        if timer_at != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(timer_at, self._on_timer) if timer_at else None
+            self._timer_at = timer_at
+        if self._drain_waiters:
+            self._wake_drained()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.quic.handle_timer(self._loop.time())
+        self._process_events()
+        self._flush()
+
+    # -- aioquic events -----------------------------------------------------------------
+    def _process_events(self) -> None:
+        while (event := self.quic.next_event()) is not None:
+            if isinstance(event, events.StreamDataReceived):
+                self._on_stream_data(event)
+            elif isinstance(event, events.StreamReset):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._feed_reset("reset by remote peer")
+                    self._forget(event.stream_id)
+            elif isinstance(event, events.StopSendingReceived):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._remote_stopped_sending()
+            elif isinstance(event, events.HandshakeCompleted):
+                self._on_handshake_completed()
+            elif isinstance(event, events.ConnectionIdIssued):
+                self.endpoint._register_cid(event.connection_id, self)
+            elif isinstance(event, events.ConnectionIdRetired):
+                self.endpoint._unregister_cid(event.connection_id)
+            elif isinstance(event, events.ConnectionTerminated):
+                reason = event.reason_phrase or f"error code {event.error_code:#x}"
+                self._on_terminated(reason, event.error_code)
+
+    def _on_handshake_completed(self) -> None:
+        certificate, chain_length = self.quic.peer_certificate()
+        try:
+            if certificate is None:
+                raise InvalidCertificate("the remote sent no certificate (libp2p needs mutual TLS)")
+            peer = verify_certificate(certificate, chain_length)
+        except InvalidCertificate as exc:
+            log.info("refusing QUIC connection from %s: %s", self.remote_address, exc)
+            self._fail_handshake(exc)
+            return
+        if self.expected_peer is not None and peer != self.expected_peer:
+            self._fail_handshake(PeerIdMismatch(self.expected_peer, peer))
+            return
+        self.remote_peer = peer
+        self.remote_addr = self.endpoint.multiaddr_of(self.remote_address, peer)
+        self._arm_keepalive()
+        if not self.established.done():
+            self.established.set_result(None)
+        self.endpoint._connection_established(self)
+
+    def _fail_handshake(self, error: HandshakeFailed) -> None:
+        if not self.established.done():
+            self.established.set_exception(error)
+        self.quic.close(error_code=ERROR_CODE_AUTH, reason_phrase=str(error)[:200])
+        self._flush()
+
+    def _on_stream_data(self, event: events.StreamDataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
+            if not self.established.done() or self.established.exception() is not None:
+                return  # data before authentication: ignore
+            if not _is_bidirectional(event.stream_id):
+                # libp2p QUIC uses bidirectional streams only.
+                self.quic.stop_stream(event.stream_id, ERROR_CODE_RESET)
+                return
+            stream = QuicStream(self, event.stream_id)
+            self._streams[event.stream_id] = stream
+            self._deliver_inbound(stream)
+        if event.data:
+            stream._feed_data(event.data)
+        if event.end_stream:
+            stream._feed_eof()
+
+    def _on_terminated(self, reason: str, error_code: int = 0) -> None:
+        if self._terminated:
+            return
+        self._terminated = True
+        for handle in (self._timer, self._keepalive):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._keepalive = None
+        if not self.established.done():
+            self.established.set_exception(HandshakeFailed(f"connection refused: {reason}"))
+        for stream in list(self._streams.values()):
+            stream._connection_lost(reason)
+        self._streams.clear()
+        self._wake_drained()
+        self.endpoint._connection_terminated(self)
+        self._mark_closed(reason)
+
+    # -- keep-alive -------------------------------------------------------------------------
+    def _arm_keepalive(self) -> None:
+        interval = self.endpoint.config.keepalive_interval
+        self._keepalive = self._loop.call_later(interval, self._on_keepalive)
+
+    def _on_keepalive(self) -> None:
+        if self._terminated:
+            return
+        interval = self.endpoint.config.keepalive_interval
+        if self._loop.time() - self._last_activity >= interval * 0.9:
+            self._ping_uid += 1
+            self.quic.send_ping(self._ping_uid)
+            self._flush()
+        self._keepalive = self._loop.call_later(interval, self._on_keepalive)
+
+    # -- streams ------------------------------------------------------------------------
+    async def open_stream(self) -> QuicStream:
+        if self.is_closed:
+            raise ConnectionClosed(f"connection to {self.remote_peer} is closed")
+        if not self.established.done():
+            await self.established
+        stream_id = self.quic.get_next_available_stream_id()
+        stream = QuicStream(self, stream_id)
+        self._streams[stream_id] = stream
+        return stream
+
+    def _send(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> None:
+        try:
+            self.quic.send_stream_data(stream_id, data, end_stream)
+        except (ValueError, RuntimeError) as exc:  # stream finished or reset under us
+            raise StreamError(f"cannot send on stream {stream_id}: {exc}") from exc
+        self._schedule_flush()
+
+    def _reset_stream(self, stream_id: int) -> None:
+        try:
+            self.quic.reset_stream(stream_id, ERROR_CODE_RESET)
+            self.quic.stop_stream(stream_id, ERROR_CODE_RESET)
+        except ValueError:
+            pass  # already finished on both sides
+        self._forget(stream_id)
+        self._schedule_flush()
+
+    def _forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+        self.quic.forget_stream(stream_id)
+
+    def _consume(self, stream_id: int, nbytes: int) -> None:
+        self.quic.consume(stream_id, nbytes)
+        self._schedule_flush()
+
+    def _send_buffer_below_high_water(self, stream_id: int) -> bool:
+        return self.quic.send_buffer_size(stream_id) < self.endpoint.config.send_buffer_high_water
+
+    def _watch_drain(self, stream: QuicStream) -> None:
+        self._drain_waiters.add(stream)
+
+    def _wake_drained(self) -> None:
+        for stream in list(self._drain_waiters):
+            if self._terminated or self._send_buffer_below_high_water(stream.stream_id):
+                self._drain_waiters.discard(stream)
+                stream._drained.set()
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    # -- closing ------------------------------------------------------------------------
+    async def close(self, reason: str = "closed by local peer") -> None:
+        if self._terminated:
+            return
+        self.quic.close(error_code=0, reason_phrase=reason[:200])
+        self._flush()
+        # aioquic terminates after its draining period; the caller need not wait for it.
+        self._on_terminated(reason)
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection without telling the remote (dial timeouts, endpoint shutdown)."""
+        self._on_terminated(reason)
+
+    @property
+    def remote_multiaddr(self) -> Multiaddr:
+        host, port = self.remote_address[:2]
+        return quic_multiaddr(host, port, self.remote_peer)

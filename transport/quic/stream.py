@@ -1,0 +1,84 @@
+"""A QUIC bidirectional stream as a `transport.Stream`: writes with backpressure, reads credit."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from transport.errors import ConnectionClosed, StreamClosed, StreamReset
+from transport.stream import Stream
+
+if TYPE_CHECKING:
+    from transport.quic.connection import QuicConnection
+
+WRITE_CHUNK = 256 * 1024  # hand aioquic at most this much at once, so backpressure bites early
+ERROR_CODE_RESET = 0  # application error code in RESET_STREAM / STOP_SENDING
+
+
+class QuicStream(Stream):
+    """One stream of a `QuicConnection`."""
+
+    def __init__(self, connection: QuicConnection, stream_id: int) -> None:
+        super().__init__(connection.remote_peer)
+        self.connection = connection
+        self.stream_id = stream_id
+        self._write_closed = False
+        self._write_reset = False
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    # -- reading: credit is granted as the application consumes ---------------------------
+    def _on_consumed(self, nbytes: int) -> None:
+        self.connection._consume(self.stream_id, nbytes)
+
+    # -- writing ------------------------------------------------------------------------
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        for offset in range(0, len(view), WRITE_CHUNK):
+            self._check_writable()
+            await self._wait_drained()
+            self._check_writable()
+            self.connection._send(self.stream_id, view[offset : offset + WRITE_CHUNK])
+
+    async def drain(self) -> None:
+        """Wait until the send buffer is below the high-water mark."""
+        await self._wait_drained()
+
+    def _check_writable(self) -> None:
+        if self._reset_reason is not None or self._write_reset:
+            raise StreamReset(self._reset_reason or "stream reset by remote (STOP_SENDING)")
+        if self._write_closed:
+            raise StreamClosed("write after close()")
+        if self.connection.is_closed:
+            raise ConnectionClosed(f"connection closed: {self.connection.closed.result()}")
+
+    async def _wait_drained(self) -> None:
+        while not self.connection._send_buffer_below_high_water(self.stream_id):
+            self._drained.clear()
+            self.connection._watch_drain(self)
+            await self._drained.wait()
+            if self.connection.is_closed or self._write_reset or self._reset_reason:
+                return
+
+    async def close(self) -> None:
+        if self._write_closed or self._write_reset or self._reset_reason is not None:
+            return
+        self._write_closed = True
+        if not self.connection.is_closed:
+            self.connection._send(self.stream_id, b"", end_stream=True)
+
+    def reset(self, reason: str = "reset by local peer") -> None:
+        if self._reset_reason is None:
+            self._feed_reset(reason)
+            self._drained.set()
+            if not self.connection.is_closed:
+                self.connection._reset_stream(self.stream_id)
+
+    # -- fed by the connection ----------------------------------------------------------
+    def _remote_stopped_sending(self) -> None:
+        self._write_reset = True
+        self._drained.set()
+
+    def _connection_lost(self, reason: str) -> None:
+        self._feed_reset(f"connection closed: {reason}")
+        self._drained.set()
