@@ -1,0 +1,251 @@
+"""`Node`: one asyncio object that owns a peer's endpoint and the protocols on it.
+
+Usable without Ray (bootstrap and relay nodes, the CLI); the Ray face runs one per machine.
+The DHT, RPC and view services hang on it as `node.dht`, `node.rpc` and `node.view`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from lattica_ray import __version__
+from transport.connection import Connection
+from transport.errors import DialError, TransportError
+from transport.handlers import StreamHandler
+from transport.host import ConnectionEvent, ConnectionListener, PeerConnected
+from transport.identity import KeyPair, PeerId, load_or_create_key
+from transport.multiaddr import Multiaddr
+from transport.protocols import identify, ping
+from transport.quic import QuicConfig
+from transport.stream import Stream
+from transport.swarm import Swarm
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "/ip4/0.0.0.0/udp/0/quic-v1"
+# The Lattica network's identify protocolVersion: its nodes disconnect peers that differ.
+DEFAULT_PROTOCOL_VERSION = "/lattica/1.0.0"
+AGENT_VERSION = f"lattica-ray/{__version__}"
+BOOTSTRAP_TIMEOUT = 10.0
+IDENTIFY_TIMEOUT = 10.0
+
+
+class Node:
+    """A lattica-ray peer: `async with Node(listen=[...], bootstrap=[...]) as node: ...`."""
+
+    def __init__(
+        self,
+        listen: Sequence[str | Multiaddr] | None = None,
+        bootstrap: Sequence[str | Multiaddr] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        *,
+        key: KeyPair | None = None,
+        protocol_version: str = DEFAULT_PROTOCOL_VERSION,
+        agent_version: str = AGENT_VERSION,
+        quic_config: QuicConfig | None = None,
+    ) -> None:
+        if key is not None and key_file is not None:
+            raise ValueError("give either key or key_file, not both")
+        self.key = key or (load_or_create_key(key_file) if key_file else KeyPair.generate())
+        self.listen_addrs = [Multiaddr.parse(a) for a in (listen or [DEFAULT_LISTEN])]
+        self.bootstrap_addrs = [Multiaddr.parse(a) for a in (bootstrap or [])]
+        for addr in self.bootstrap_addrs:
+            if addr.peer_id is None:
+                raise ValueError(f"bootstrap address {addr} must end in /p2p/<peer id>")
+        self.protocol_version = protocol_version
+        self.agent_version = agent_version
+        self.swarm = Swarm(self.key, quic_config)
+        self.identify_infos: dict[PeerId, identify.IdentifyInfo] = {}
+        self.observed_addrs: dict[PeerId, Multiaddr] = {}
+        self._identified: dict[PeerId, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._started = False
+        # Services attached by their owners (see lattica_ray.dht / rpc / view).
+        self.dht: Any = None
+        self.rpc: Any = None
+        self.view: Any = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> Node:
+        if self._started:
+            return self
+        self._started = True
+        try:
+            for addr in self.listen_addrs:
+                await self.swarm.listen(addr)
+        except BaseException:
+            await self.swarm.close()
+            raise
+        self.swarm.set_stream_handler(ping.PROTOCOL, ping.serve_ping)
+        self.swarm.set_stream_handler(identify.PROTOCOL, self._serve_identify)
+        self.swarm.add_connection_listener(self._on_connection_event)
+        log.info("node %s listening on %s", self.peer_id, [str(a) for a in self.addrs])
+        if self.bootstrap_addrs:
+            await self.bootstrap()
+        return self
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        for service in (self.view, self.rpc, self.dht):
+            stop = getattr(service, "stop", None)
+            if stop is not None:
+                try:
+                    await stop()
+                except Exception:
+                    log.exception("stopping %s failed", type(service).__name__)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.swarm.close()
+        log.info("node %s stopped", self.peer_id)
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def bootstrap(self) -> list[PeerId]:
+        """Connect to the bootstrap peers; returns those reached (failures are logged)."""
+
+        async def reach(addr: Multiaddr) -> PeerId | None:
+            try:
+                async with asyncio.timeout(BOOTSTRAP_TIMEOUT):
+                    return await self.connect(addr)
+            except (TransportError, TimeoutError) as exc:
+                log.warning("bootstrap peer %s unreachable: %s", addr, exc)
+                return None
+
+        reached = await asyncio.gather(*(reach(addr) for addr in self.bootstrap_addrs))
+        return [peer for peer in reached if peer is not None]
+
+    # -- identity and addresses -------------------------------------------------------------
+    @property
+    def peer_id(self) -> PeerId:
+        return self.key.peer_id
+
+    @property
+    def addrs(self) -> list[Multiaddr]:
+        """Our advertised multiaddrs, each ending in /p2p/<peer id>."""
+        return [self._dialable(addr) for addr in self.swarm.addrs]
+
+    def _dialable(self, addr: Multiaddr) -> Multiaddr:
+        """0.0.0.0 is where we listen, not where anyone can reach us: show loopback instead."""
+        text = str(addr)
+        if "/ip4/0.0.0.0/" in text:
+            return Multiaddr.parse(text.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/"))
+        if "/ip6/::/" in text:
+            return Multiaddr.parse(text.replace("/ip6/::/", "/ip6/::1/"))
+        return addr
+
+    # -- dialing and basic protocols --------------------------------------------------------
+    async def connect(self, target: str | Multiaddr | PeerId) -> PeerId:
+        """Connect to a multiaddr or a known peer; returns its peer ID (identified)."""
+        if isinstance(target, str):
+            target = (
+                PeerId.from_string(target)
+                if not target.startswith("/")
+                else Multiaddr.parse(target)
+            )
+        connection = await self.swarm.connect(target)
+        await self._wait_identified(connection.remote_peer)
+        return connection.remote_peer
+
+    def connection_to(self, peer: PeerId) -> Connection | None:
+        return self.swarm.connection_to(peer)
+
+    async def ping(self, target: str | Multiaddr | PeerId, timeout: float = 10.0) -> float:
+        """Round-trip time to `target` in seconds, over libp2p ping."""
+        async with asyncio.timeout(timeout):
+            peer = await self.connect(target)
+            stream = await self.swarm.open_stream(peer, [ping.PROTOCOL])
+            try:
+                return await ping.ping_once(stream)
+            finally:
+                await stream.close()
+
+    def identify_info(self, peer: PeerId) -> identify.IdentifyInfo | None:
+        return self.identify_infos.get(peer)
+
+    async def _wait_identified(self, peer: PeerId) -> None:
+        event = self._identified.setdefault(peer, asyncio.Event())
+        try:
+            async with asyncio.timeout(IDENTIFY_TIMEOUT):
+                await event.wait()
+        except TimeoutError:
+            log.warning("peer %s did not answer identify", peer)
+
+    def _on_connection_event(self, event: ConnectionEvent) -> None:
+        if isinstance(event, PeerConnected):
+            self._spawn(self._identify(event.peer))
+        else:
+            self._identified.pop(event.peer, None)
+
+    async def _identify(self, peer: PeerId) -> None:
+        try:
+            async with asyncio.timeout(IDENTIFY_TIMEOUT):
+                stream = await self.swarm.open_stream(peer, [identify.PROTOCOL])
+                info = await identify.read_identify(stream)
+        except (TransportError, TimeoutError, EOFError) as exc:
+            log.info("identify of %s failed: %r", peer, exc)
+            info = None
+        if info is not None:
+            self.identify_infos[peer] = info
+            self.swarm.add_peer_addrs(peer, info.listen_addrs)
+            if info.observed_addr is not None:
+                self.observed_addrs[peer] = info.observed_addr
+            log.debug("identified %s: %s %s", peer, info.agent_version, info.protocol_version)
+        self._identified.setdefault(peer, asyncio.Event()).set()
+
+    async def _serve_identify(self, stream: Stream) -> None:
+        peer = stream.remote_peer
+        assert peer is not None
+        connection = self.swarm.connection_to(peer)
+        observed = getattr(connection, "remote_addr", None)
+        message = identify.encode_identify(
+            self.key.public_key,
+            [addr.without_peer_id() for addr in self.addrs],
+            observed,
+            self.swarm.handlers.protocols,
+            self.protocol_version,
+            self.agent_version,
+        )
+        await stream.write_message(message)
+        await stream.close()
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- Host (what the DHT, RPC and view services use) -------------------------------------
+    async def open_stream(self, peer: PeerId, protocols: list[str]) -> Stream:
+        return await self.swarm.open_stream(peer, protocols)
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        self.swarm.set_stream_handler(protocol, handler)
+
+    def remove_stream_handler(self, protocol: str) -> None:
+        self.swarm.remove_stream_handler(protocol)
+
+    def add_peer_addrs(self, peer: PeerId, addrs: list[Multiaddr]) -> None:
+        self.swarm.add_peer_addrs(peer, addrs)
+
+    def peer_addrs(self, peer: PeerId) -> list[Multiaddr]:
+        return self.swarm.peer_addrs(peer)
+
+    def connected_peers(self) -> list[PeerId]:
+        return self.swarm.connected_peers()
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        self.swarm.add_connection_listener(listener)
+
+
+__all__ = ["DialError", "Node"]

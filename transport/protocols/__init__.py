@@ -1,0 +1,1 @@
+"""The basic libp2p protocols every node speaks: ping and identify."""

@@ -1,0 +1,265 @@
+"""The swarm: every connection of a node, the dialer, and stream routing. Implements `Host`.
+
+One connection per peer is used for new streams (direct before relayed; between two direct
+ones, both sides pick the same: the one dialed by the smaller peer ID), concurrent dials to one
+peer share one attempt, and NAT traversal plugs in as extra dial strategies (relay, hole
+punching) tried after the direct addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from transport.connection import DIRECT, RELAYED, Connection
+from transport.errors import DialError, PeerUnreachable
+from transport.handlers import StreamHandler, StreamHandlers
+from transport.host import ConnectionListener, PeerConnected, PeerDisconnected
+from transport.identity import KeyPair, PeerId
+from transport.multiaddr import Multiaddr, quic_socket_address
+from transport.multistream import select_outbound
+from transport.quic import QuicConfig, QuicEndpoint
+from transport.stream import Stream
+
+log = logging.getLogger(__name__)
+
+DialStrategy = Callable[[PeerId], Awaitable[Connection | None]]
+DUPLICATE_GRACE = 2.0  # seconds a redundant connection may finish its streams before closing
+MAX_ADDRS_PER_PEER = 32
+
+
+class Swarm:
+    """Connections, dialing and stream routing for one identity."""
+
+    def __init__(self, key: KeyPair, quic_config: QuicConfig | None = None) -> None:
+        self.key = key
+        self.quic_config = quic_config or QuicConfig()
+        self.handlers = StreamHandlers()
+        self.endpoints: list[QuicEndpoint] = []
+        self.dial_strategies: list[DialStrategy] = []
+        self._peer_addrs: dict[PeerId, list[Multiaddr]] = {}
+        self._connections: dict[PeerId, list[Connection]] = {}
+        self._listeners: list[ConnectionListener] = []
+        self._pending_dials: dict[PeerId, asyncio.Future[Connection]] = {}
+        self._advertised: list[Multiaddr] = []
+        self._closing = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def listen(self, addr: Multiaddr) -> Multiaddr:
+        """Bind a QUIC endpoint on `addr` (port 0 picks one); returns the bound multiaddr."""
+        if not addr.has("quic-v1"):
+            raise DialError(f"cannot listen on {addr}: only /udp/PORT/quic-v1 is supported yet")
+        host, port = quic_socket_address(addr)
+        endpoint = QuicEndpoint(self.key, self.quic_config, on_connection=self._add_connection)
+        await endpoint.listen(host, port)
+        self.endpoints.append(endpoint)
+        assert endpoint.listen_multiaddr is not None
+        return endpoint.listen_multiaddr
+
+    async def close(self) -> None:
+        self._closing = True
+        for future in self._pending_dials.values():
+            future.cancel()
+        await self.handlers.aclose()
+        for endpoint in self.endpoints:
+            await endpoint.close()
+        self.endpoints.clear()
+
+    @property
+    def listen_addrs(self) -> list[Multiaddr]:
+        return [e.listen_multiaddr for e in self.endpoints if e.listen_multiaddr is not None]
+
+    # -- Host -----------------------------------------------------------------------------
+    @property
+    def peer_id(self) -> PeerId:
+        return self.key.peer_id
+
+    @property
+    def addrs(self) -> list[Multiaddr]:
+        """Advertised addresses (set by the node; listen addresses until then), with /p2p."""
+        base = self._advertised or self.listen_addrs
+        return [addr.with_peer_id(self.peer_id) for addr in base]
+
+    def set_advertised_addrs(self, addrs: list[Multiaddr]) -> None:
+        self._advertised = [addr.without_peer_id() for addr in addrs]
+
+    async def open_stream(self, peer: PeerId, protocols: list[str]) -> Stream:
+        connection = await self.connect(peer)
+        stream = await connection.open_stream()
+        await select_outbound(stream, protocols)
+        return stream
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        self.handlers.set(protocol, handler)
+
+    def remove_stream_handler(self, protocol: str) -> None:
+        self.handlers.remove(protocol)
+
+    def add_peer_addrs(self, peer: PeerId, addrs: list[Multiaddr]) -> None:
+        known = self._peer_addrs.setdefault(peer, [])
+        for addr in addrs:
+            addr = addr.without_peer_id() if addr.peer_id == peer else addr
+            if addr not in known:
+                known.append(addr)
+        del known[:-MAX_ADDRS_PER_PEER]
+
+    def peer_addrs(self, peer: PeerId) -> list[Multiaddr]:
+        return [addr.with_peer_id(peer) for addr in self._peer_addrs.get(peer, [])]
+
+    def connected_peers(self) -> list[PeerId]:
+        return sorted(peer for peer, conns in self._connections.items() if conns)
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        self._listeners.append(listener)
+
+    # -- connections ------------------------------------------------------------------------
+    def connection_to(self, peer: PeerId) -> Connection | None:
+        """The connection new streams to `peer` use, if any."""
+        live = [c for c in self._connections.get(peer, []) if not c.is_closed]
+        if not live:
+            return None
+        return min(live, key=self._preference)
+
+    def connections_to(self, peer: PeerId) -> list[Connection]:
+        return [c for c in self._connections.get(peer, []) if not c.is_closed]
+
+    def _preference(self, connection: Connection) -> tuple[int, int]:
+        """Lower is better; both ends of a duplicate pair compute the same order."""
+        relayed = 1 if connection.path == RELAYED else 0
+        dialed_by_smaller = (connection.is_initiator) == (self.peer_id < connection.remote_peer)
+        return (relayed, 0 if dialed_by_smaller else 1)
+
+    async def connect(self, target: PeerId | Multiaddr) -> Connection:
+        """A connection to `target`: an existing one, or a new dial (shared by concurrent calls)."""
+        if isinstance(target, Multiaddr):
+            peer = target.peer_id
+            if peer is None:
+                return await self.dial_addr(target)
+            self.add_peer_addrs(peer, [target])
+        else:
+            peer = target
+        if peer == self.peer_id:
+            raise DialError("refusing to dial ourselves")
+        existing = self.connection_to(peer)
+        if existing is not None:
+            return existing
+        pending = self._pending_dials.get(peer)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._pending_dials[peer] = pending
+            asyncio.get_running_loop().create_task(self._dial_peer_into(peer, pending))
+        return await asyncio.shield(pending)
+
+    async def _dial_peer_into(self, peer: PeerId, result: asyncio.Future[Connection]) -> None:
+        try:
+            connection = await self._dial_peer(peer)
+        except BaseException as exc:  # handed to every waiter
+            if not result.done():
+                result.set_exception(exc if isinstance(exc, Exception) else DialError(repr(exc)))
+        else:
+            if not result.done():
+                result.set_result(connection)
+        finally:
+            self._pending_dials.pop(peer, None)
+
+    async def _dial_peer(self, peer: PeerId) -> Connection:
+        errors: list[str] = []
+        direct = [a for a in self._peer_addrs.get(peer, []) if a.has("quic-v1")]
+        direct = [a for a in direct if not a.is_relayed]
+        for addr in direct:
+            try:
+                return await self.dial_addr(addr, peer)
+            except DialError as exc:
+                errors.append(f"{addr}: {exc}")
+                log.debug("dial %s at %s failed: %s", peer.short(), addr, exc)
+        for strategy in self.dial_strategies:
+            try:
+                connection = await strategy(peer)
+            except DialError as exc:
+                errors.append(f"{getattr(strategy, '__name__', strategy)}: {exc}")
+                continue
+            if connection is not None:
+                return connection
+        if not errors:
+            raise PeerUnreachable(
+                f"no known address for {peer}; give a full multiaddr (/ip4/.../udp/PORT/"
+                "quic-v1/p2p/ID) or a bootstrap node that knows it"
+            )
+        raise PeerUnreachable(f"could not reach {peer}: " + "; ".join(errors))
+
+    async def dial_addr(self, addr: Multiaddr, peer: PeerId | None = None) -> Connection:
+        """Dial one QUIC multiaddr (the peer ID in it, or `peer`, is checked by the handshake)."""
+        peer = peer or addr.peer_id
+        if not addr.has("quic-v1"):
+            raise DialError(f"cannot dial {addr}: no transport for it (QUIC-v1 only so far)")
+        endpoint = self._endpoint_for(addr)
+        connection = await endpoint.dial(quic_socket_address(addr), peer)
+        return connection
+
+    def _endpoint_for(self, addr: Multiaddr) -> QuicEndpoint:
+        want_v6 = addr.has("ip6")
+        for endpoint in self.endpoints:
+            local = endpoint.local_address
+            if local is not None and (":" in local[0]) == want_v6:
+                return endpoint
+        if not self.endpoints:
+            raise DialError("the node listens on no QUIC address, so it cannot dial")
+        raise DialError(f"no {'IPv6' if want_v6 else 'IPv4'} endpoint to dial {addr} from")
+
+    def add_connection(self, connection: Connection) -> None:
+        """Adopt a connection made elsewhere (relayed circuits, TCP)."""
+        self._add_connection(connection)
+
+    def _add_connection(self, connection: Connection) -> None:
+        if self._closing:
+            asyncio.get_running_loop().create_task(connection.close("node stopping"))
+            return
+        peer = connection.remote_peer
+        connection.set_inbound_stream_callback(self.handlers.accept)
+        connection.add_close_callback(self._connection_closed)
+        first = not self.connections_to(peer)
+        self._connections.setdefault(peer, []).append(connection)
+        if connection.path == DIRECT and connection.remote_addr is not None:
+            if connection.is_initiator:
+                self.add_peer_addrs(peer, [connection.remote_addr])
+        log.debug("connected %r", connection)
+        if first:
+            self._emit(PeerConnected(peer, connection.path))
+        self._schedule_prune(peer)
+
+    def _schedule_prune(self, peer: PeerId) -> None:
+        if len(self.connections_to(peer)) > 1:
+            asyncio.get_running_loop().call_later(DUPLICATE_GRACE, self._prune, peer)
+
+    def _prune(self, peer: PeerId) -> None:
+        """Close redundant connections we dialed once their streams are done."""
+        keep = self.connection_to(peer)
+        for connection in self.connections_to(peer):
+            if connection is keep or not connection.is_initiator:
+                continue
+            if keep is not None and keep.path == RELAYED and connection.path != RELAYED:
+                continue
+            if getattr(connection, "stream_count", 0) == 0:
+                asyncio.get_running_loop().create_task(connection.close("duplicate connection"))
+            else:
+                self._schedule_prune(peer)
+
+    def _connection_closed(self, connection: Connection) -> None:
+        peer = connection.remote_peer
+        remaining = [c for c in self._connections.get(peer, []) if c is not connection]
+        remaining = [c for c in remaining if not c.is_closed]
+        if remaining:
+            self._connections[peer] = remaining
+        else:
+            self._connections.pop(peer, None)
+            if peer is not None:
+                self._emit(PeerDisconnected(peer))
+
+    def _emit(self, event: PeerConnected | PeerDisconnected) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("connection listener failed on %s", event)
