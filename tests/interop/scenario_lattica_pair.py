@@ -107,11 +107,17 @@ async def check_protocol_mismatch(python: str, verdict: Verdict) -> None:
         await asyncio.to_thread(a.close)
 
 
-async def scenario(args: argparse.Namespace, verdict: Verdict) -> None:
-    for transport in ("quic", "tcp"):
-        await check_transport(args.lattica_python, transport, verdict)
+async def over_quic(args: argparse.Namespace, verdict: Verdict) -> None:
+    await check_transport(args.lattica_python, "quic", verdict)
+
+
+async def over_tcp(args: argparse.Namespace, verdict: Verdict) -> None:
+    await check_transport(args.lattica_python, "tcp", verdict)
+
+
+async def protocol_mismatch(args: argparse.Namespace, verdict: Verdict) -> None:
     await check_protocol_mismatch(args.lattica_python, verdict)
 
 
 if __name__ == "__main__":
-    run(scenario)
+    run(over_quic, over_tcp, protocol_mismatch)

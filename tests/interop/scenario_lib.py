@@ -48,15 +48,33 @@ def bare(addr: str) -> str:
     return addr.split("/p2p/")[0]
 
 
-def run(scenario: Callable[[argparse.Namespace, Verdict], Awaitable[None]]) -> None:
-    """Parse the common options, run `scenario`, print the verdict, exit 0 (the verdict judges)."""
+Part = Callable[[argparse.Namespace, Verdict], Awaitable[None]]
+
+
+def run(*parts: Part) -> None:
+    """Parse the common options, run each part, print the verdict, exit 0 (the verdict judges).
+
+    A part that raises (or overruns its share of --timeout) becomes a failed check named after
+    it, and the next part still runs.
+    """
     parser = argparse.ArgumentParser()
     parser.add_argument("--lattica-python", required=True)
-    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds for all parts")
     args = parser.parse_args()
     verdict = Verdict()
+
+    async def main() -> None:
+        for part in parts:
+            try:
+                async with asyncio.timeout(args.timeout / len(parts)):
+                    await part(args, verdict)
+            except Exception as exc:
+                print(f"--- part {part.__name__} raised:", file=sys.stderr)
+                traceback.print_exc()
+                verdict.check(f"{part.__name__} ran to the end", False, error=repr(exc))
+
     try:
-        asyncio.run(asyncio.wait_for(scenario(args, verdict), args.timeout))
+        asyncio.run(main())
     except BaseException as exc:
         traceback.print_exc()
         verdict.error = f"{type(exc).__name__}: {exc}"
