@@ -47,9 +47,7 @@ class PublicKey:
                     raise InvalidPeerId(f"an Ed25519 public key is 32 bytes, not {len(raw)}")
                 self._verifier = ed25519.Ed25519PublicKey.from_public_bytes(raw)
             elif key_type == KeyType.Secp256k1:  # peer-ids spec: compressed point, 33 bytes
-                self._verifier = ec.EllipticCurvePublicKey.from_encoded_point(
-                    ec.SECP256K1(), raw
-                )
+                self._verifier = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), raw)
             elif key_type == KeyType.ECDSA:  # peer-ids spec: DER SubjectPublicKeyInfo
                 loaded = serialization.load_der_public_key(raw)
                 if isinstance(loaded, ec.EllipticCurvePublicKey):
