@@ -1,0 +1,63 @@
+"""RPC settings: every limit the service enforces, with the reason for its default."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RpcConfig(BaseModel):
+    """Limits and knobs of one `RpcService`. Both peers should agree on `max_message_size`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_message_size: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Largest single message (bytes) sent or accepted; bigger data is a stream "
+        "of messages. Receiving allocates at most this much per message.",
+    )
+    max_concurrent_calls: int = Field(
+        1024, gt=0, description="Inbound calls (streams) served at once, over all peers."
+    )
+    max_concurrent_calls_per_peer: int = Field(
+        128, gt=0, description="Inbound calls served at once for one peer; more are refused."
+    )
+    max_outbound_calls: int = Field(
+        1024, gt=0, description="Calls this node may have in flight at once; more are refused."
+    )
+    sync_handler_threads: int = Field(
+        8, gt=0, description="Thread pool for plain (blocking) `def` handlers."
+    )
+    stream_buffer_messages: int = Field(
+        2,
+        gt=0,
+        description="Request messages buffered between the network and a streaming handler; "
+        "with the stream window this bounds memory per call.",
+    )
+    default_timeout: float | None = Field(
+        None, gt=0, description="Deadline (seconds) for calls that pass no `timeout`."
+    )
+    deadline_grace: float = Field(
+        0.25,
+        ge=0,
+        description="How long past its deadline the caller waits for the server's own "
+        "DEADLINE_EXCEEDED status before resetting the stream itself.",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds an inbound stream may take to send its call header."
+    )
+    drain_timeout: float = Field(
+        2.0,
+        ge=0,
+        description="After refusing a call mid-request, how long the server reads and drops "
+        "what the caller still sends (so it sees the status, not a reset).",
+    )
+    read_size: int = Field(
+        1024 * 1024, gt=0, description="Largest single read from a stream (bytes)."
+    )
+    coalesce_below: int = Field(
+        64 * 1024,
+        ge=0,
+        description="Messages smaller than this are written as one joined buffer (fewer "
+        "writes); larger ones are written buffer by buffer, never copied.",
+    )

@@ -1,0 +1,1094 @@
+"""The RPC service: a registry of methods served on `/lattica-ray/rpc/1`, and calls to peers.
+
+asyncio glue around `protocol.ClientCall` / `protocol.ServerCall`. Every call is its own stream;
+every inbound call runs its handler as its own task (plain `def` handlers in a thread pool), so
+a slow handler never stalls the node or other calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import functools
+import inspect
+import logging
+import re
+import threading
+import traceback
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, get_type_hints
+
+from lattica_ray.rpc.config import RpcConfig
+from lattica_ray.rpc.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    PeerUnavailable,
+    ProtocolError,
+    ResourceExhausted,
+    RpcError,
+    StatusCode,
+)
+from lattica_ray.rpc.protocol import (
+    PROTOCOL_ID,
+    Buffer,
+    CallKind,
+    Cancel,
+    ClientCall,
+    End,
+    Event,
+    Header,
+    Message,
+    ServerCall,
+    Status,
+)
+from transport.errors import ProtocolNotSupported, StreamError, TransportError
+from transport.host import Host
+from transport.identity import PeerId
+from transport.stream import Stream
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+STOP_GRACE = 1.0  # seconds `stop()` lets cancelled handlers take to send their status
+
+
+class Codec(Protocol):
+    """What the service needs from `lattica_ray.rpc.codec`."""
+
+    def encode(self, obj: object) -> list[memoryview]: ...
+
+    def decode(self, message: bytes | bytearray | memoryview, limits: Any = None) -> object: ...
+
+
+def _default_codec() -> Codec:
+    from lattica_ray.rpc import codec  # the Arrow codec; imported late so a stand-in can be used
+
+    return codec  # type: ignore[return-value]
+
+
+# -- handler context --------------------------------------------------------------------------
+@dataclass
+class CallContext:
+    """What a handler may want to know about the call it serves (see `current_call()`)."""
+
+    peer: PeerId
+    method: str
+    metadata: dict[str, str]
+    deadline: float | None  # in `loop.time()` seconds; None = no deadline
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    """Set when the call is cancelled or its deadline passes: plain `def` handlers, which
+    cannot be interrupted, should poll or wait on it."""
+
+    def time_remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+
+_current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("rpc_current_call")
+
+
+def current_call() -> CallContext:
+    """The call being served by this handler (async or in the thread pool)."""
+    try:
+        return _current_call.get()
+    except LookupError:
+        raise RuntimeError("current_call() is only available inside an RPC handler") from None
+
+
+# -- the registry -----------------------------------------------------------------------------
+_ASYNC_ITER = re.compile(r"^(typing\.|collections\.abc\.|abc\.)?Async(Iterator|Iterable)\b")
+_SYNC_ITER = re.compile(r"^(typing\.|collections\.abc\.|abc\.)?Iterator\b")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered handler and how to call it."""
+
+    name: str
+    handler: Callable[..., Any]
+    kind: CallKind
+    is_async: bool
+    requests_param: str | None = None  # where the request iterator goes (client-streaming)
+    requests_positional: bool = False
+
+
+def _is_request_annotation(annotation: object, is_async: bool) -> bool:
+    if annotation is inspect.Parameter.empty:
+        return False
+    pattern = _ASYNC_ITER if is_async else _SYNC_ITER
+    if isinstance(annotation, str):
+        return bool(pattern.match(annotation))
+    origin = getattr(annotation, "__origin__", annotation)
+    if is_async:
+        return origin in (AsyncIterator, AsyncIterable)
+    return origin is Iterator
+
+
+def make_method(name: str, handler: Callable[..., Any], kind: CallKind | None = None) -> Method:
+    """Inspect `handler`: async or not, generator or not, and which parameter takes requests.
+
+    `async def` -> unary; async generator -> server-streaming; a parameter annotated
+    `AsyncIterator[...]` makes it client-streaming (or bidirectional for a generator). Plain
+    `def` and generators run in the thread pool; their request parameter is an `Iterator[...]`.
+    """
+    if not callable(handler):
+        raise TypeError(f"handler for {name!r} is not callable")
+    target: Any = handler
+    if not (inspect.isroutine(handler) or isinstance(handler, functools.partial)):
+        target = type(handler).__call__  # a callable object
+    is_agen = inspect.isasyncgenfunction(target)
+    is_gen = inspect.isgeneratorfunction(target)
+    is_async = is_agen or inspect.iscoroutinefunction(target)
+    try:
+        hints = get_type_hints(target)
+    except Exception:  # unresolvable string annotations: fall back to their text
+        hints = {}
+    params = list(inspect.signature(handler).parameters.values())
+    requests_param = None
+    for param in params:
+        if _is_request_annotation(hints.get(param.name, param.annotation), is_async):
+            requests_param = param
+            break
+    produces_stream = is_agen or is_gen
+    inferred = (
+        (CallKind.BIDI_STREAM if produces_stream else CallKind.CLIENT_STREAM)
+        if requests_param is not None
+        else (CallKind.SERVER_STREAM if produces_stream else CallKind.UNARY)
+    )
+    if kind is None:
+        kind = inferred
+    elif kind.server_streams != produces_stream:
+        need = "a generator function" if kind.server_streams else "a function that returns"
+        raise ValueError(f"{name!r}: kind {kind.name} needs {need}; got {handler!r}")
+    if kind.client_streams and requests_param is None:
+        by_name = [p for p in params if p.name == "requests"]
+        if not (by_name or params):
+            raise ValueError(f"{name!r}: a {kind.name} handler needs a parameter for requests")
+        requests_param = by_name[0] if by_name else params[0]
+    if not kind.client_streams:
+        requests_param = None
+    positional = (
+        requests_param is not None
+        and params.index(requests_param) == 0
+        and requests_param.kind
+        in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    )
+    return Method(
+        name,
+        handler,
+        kind,
+        is_async,
+        requests_param.name if requests_param is not None else None,
+        positional,
+    )
+
+
+# -- small building blocks --------------------------------------------------------------------
+class _Closed(Exception):
+    """A channel ended normally."""
+
+
+class _Channel:
+    """A bounded single-producer, single-consumer queue that can end or fail."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._maxsize = maxsize
+        self._closed = False
+        self._error: BaseException | None = None
+        self._error_first = False  # raise the error before the items still queued
+        self._getter: asyncio.Future[None] | None = None
+        self._putter: asyncio.Future[None] | None = None
+
+    @staticmethod
+    def _wake(waiter: asyncio.Future[None] | None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def put(self, item: Any) -> None:
+        while len(self._items) >= self._maxsize and not self._closed:
+            self._putter = asyncio.get_running_loop().create_future()
+            await self._putter
+        if not self._closed:
+            self.put_nowait(item)
+
+    def put_nowait(self, item: Any) -> None:
+        if not self._closed:
+            self._items.append(item)
+            self._wake(self._getter)
+
+    def close(self, error: BaseException | None = None, *, drop_items: bool = True) -> None:
+        """End the channel; with `error`, `get` raises it (after the queued items unless
+        `drop_items`)."""
+        if not self._closed:
+            self._closed = True
+            self._error = error
+            self._error_first = drop_items
+        self._wake(self._getter)
+        self._wake(self._putter)
+
+    async def get(self) -> Any:
+        """The next item; `_Closed` at the end; the error the channel failed with."""
+        while True:
+            if self._error is not None and (self._error_first or not self._items):
+                raise self._error
+            if self._items:
+                item = self._items.popleft()
+                self._wake(self._putter)
+                return item
+            if self._closed:
+                raise _Closed
+            self._getter = asyncio.get_running_loop().create_future()
+            await self._getter
+
+
+class _FrameWriter:
+    """Writes frames to a stream: small pieces joined, large buffers one by one, never copied."""
+
+    def __init__(self, stream: Stream, coalesce_below: int) -> None:
+        self.stream = stream
+        self.coalesce_below = coalesce_below
+        self.mid_frame = False  # a write was interrupted: only a reset can end the stream now
+
+    async def write(self, chunks: Sequence[Buffer]) -> None:
+        self.mid_frame = True
+        small: list[Buffer] = []
+        small_size = 0
+        for chunk in chunks:
+            size = memoryview(chunk).nbytes
+            if size >= self.coalesce_below:
+                if small:
+                    await self.stream.write(b"".join(small))
+                    small, small_size = [], 0
+                await self.stream.write(_byte_view(chunk))
+            elif size:
+                small.append(chunk)
+                small_size += size
+        if small:
+            await self.stream.write(b"".join(small) if len(small) > 1 else _byte_view(small[0]))
+        self.mid_frame = False
+
+
+def _byte_view(buffer: Buffer) -> memoryview:
+    view = memoryview(buffer)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _encode_arguments(codec: Codec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    return codec.encode((tuple(args), dict(kwargs)))
+
+
+def _decode_arguments(codec: Codec, payload: bytearray) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    try:
+        decoded = codec.decode(payload)
+    except (ValueError, TypeError) as exc:  # CodecError is a ValueError
+        raise InvalidArgument(f"could not decode the call's arguments: {exc}") from exc
+    if (
+        not isinstance(decoded, list | tuple)
+        or len(decoded) != 2
+        or not isinstance(decoded[0], list | tuple)
+        or not isinstance(decoded[1], dict)
+        or not all(isinstance(key, str) for key in decoded[1])
+    ):
+        raise InvalidArgument("the arguments message is not (args, kwargs)")
+    return tuple(decoded[0]), decoded[1]
+
+
+def _error_status(exc: BaseException) -> Status:
+    """How a handler's exception travels: its type, message and traceback as text."""
+    code = exc.code if isinstance(exc, RpcError) else StatusCode.UNKNOWN
+    message = exc.message if isinstance(exc, RpcError) else str(exc)
+    kind = type(exc)
+    module = kind.__module__
+    error_type = kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+    return Status(
+        code,
+        message or kind.__name__,
+        error_type,
+        "".join(traceback.format_exception(exc)),
+    )
+
+
+# -- server side ------------------------------------------------------------------------------
+class _InboundCall:
+    """One call being served: reads the requests, runs the handler, writes replies and status."""
+
+    def __init__(
+        self,
+        service: RpcService,
+        stream: Stream,
+        proto: ServerCall,
+        pending: collections.deque[Event],
+        method: Method,
+        header: Header,
+    ) -> None:
+        self.service = service
+        self.stream = stream
+        self.proto = proto
+        self.pending = pending  # events already parsed along with the header
+        self.method = method
+        self.header = header
+        self.peer = stream.remote_peer
+        config = service.config
+        self.writer = _FrameWriter(stream, config.coalesce_below)
+        self.requests = _Channel(config.stream_buffer_messages)
+        loop = asyncio.get_running_loop()
+        self.arguments: asyncio.Future[bytearray] = loop.create_future()
+        deadline = loop.time() + header.timeout if header.timeout is not None else None
+        assert self.peer is not None
+        self.context = CallContext(self.peer, method.name, dict(header.metadata), deadline)
+        self.handler_task: asyncio.Task[list[Buffer] | None] | None = None
+        self.cause: Status | None = None  # why the handler was cancelled, as the status to send
+        self.reset_by_caller = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.handler_task = loop.create_task(self._invoke(), name=f"rpc {self.method.name}")
+        reader = loop.create_task(self._read_requests(), name=f"rpc {self.method.name} reader")
+        timer = None
+        if self.context.deadline is not None:
+            timer = loop.call_at(self.context.deadline, self._on_deadline)
+        try:
+            await asyncio.wait([self.handler_task])
+        except asyncio.CancelledError:  # the service or the node is stopping
+            self.cancel(Status(StatusCode.UNAVAILABLE, "the server is stopping"))
+            await asyncio.wait([self.handler_task])
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            reader.cancel()
+            await asyncio.wait([reader])
+            if not self.handler_task.done():
+                self.handler_task.cancel()
+        await self._finish()
+
+    def cancel(self, status: Status, reset: bool = False) -> None:
+        """Stop the handler; `status` is what the caller will be told."""
+        if self.cause is None:
+            self.cause = status
+            self.reset_by_caller = reset
+        self.context.cancelled.set()
+        self.requests.close(Cancelled(status.message, method=self.method.name, peer=self.peer))
+        if self.handler_task is not None and not self.handler_task.done():
+            self.handler_task.cancel()
+
+    def _on_deadline(self) -> None:
+        timeout = self.header.timeout or 0.0
+        self.cancel(
+            Status(
+                StatusCode.DEADLINE_EXCEEDED,
+                f"deadline of {timeout:.3f} s exceeded on the server; the handler was cancelled",
+            )
+        )
+
+    async def _finish(self) -> None:
+        """Send the outcome (response and status), then close our side."""
+        task = self.handler_task
+        assert task is not None
+        response: list[Buffer] = []
+        if self.cause is not None:
+            status = self.cause
+        elif task.cancelled():
+            status = Status(StatusCode.CANCELLED, "the handler was cancelled")
+        elif (exc := task.exception()) is not None:
+            status = _error_status(exc)
+            if status.code == StatusCode.UNKNOWN:
+                logger.info("rpc %s from %s raised %r", self.method.name, self.peer, exc)
+        else:
+            response = task.result() or []
+            status = Status(StatusCode.OK)
+        if self.reset_by_caller or self.writer.mid_frame:
+            self.stream.reset("rpc call aborted")
+            return
+        try:
+            async with asyncio.timeout(self.service.config.header_timeout):
+                await self.writer.write([*response, self.proto.send_status(status)])
+                await self.stream.close()
+        except (TimeoutError, TransportError, ConnectionError) as exc:
+            logger.debug("rpc %s: status to %s not delivered: %r", self.method.name, self.peer, exc)
+            self.stream.reset("status not delivered")
+
+    # -- reading ------------------------------------------------------------------------
+    async def _read_requests(self) -> None:
+        try:
+            while True:
+                event = await self.service._next_server_event(self)
+                if event is None:  # EOF after END
+                    return
+                if isinstance(event, Message):
+                    if not self.arguments.done():
+                        self.arguments.set_result(event.payload)
+                    else:
+                        await self.requests.put(event.payload)
+                elif isinstance(event, End):
+                    self.requests.close()
+                elif isinstance(event, Cancel):
+                    self.cancel(Status(StatusCode.CANCELLED, event.reason))
+                    return
+        except RpcError as exc:  # oversized or malformed request
+            self.cancel(Status(exc.code, exc.message))
+        except (StreamError, TransportError, ConnectionError, EOFError) as exc:
+            self.cancel(Status(StatusCode.CANCELLED, f"stream lost: {exc}"), reset=True)
+
+    # -- running the handler ------------------------------------------------------------
+    async def _invoke(self) -> list[Buffer] | None:
+        _current_call.set(self.context)
+        codec = self.service.codec
+        args, kwargs = _decode_arguments(codec, await self.arguments)
+        method = self.method
+        if method.kind.client_streams:
+            assert method.requests_param is not None
+            requests: Any = _RequestIterator(self.requests, codec)
+            if not method.is_async:
+                requests = _SyncRequestIterator(requests, asyncio.get_running_loop())
+            if method.requests_positional:
+                args = (requests, *args)
+            else:
+                kwargs[method.requests_param] = requests
+        if method.kind.server_streams:
+            if method.is_async:
+                await self._stream_async(method.handler(*args, **kwargs))
+            else:
+                await self._stream_sync(functools.partial(method.handler, *args, **kwargs))
+            return None
+        if method.is_async:
+            result = await method.handler(*args, **kwargs)
+        else:
+            result = await self.service._run_in_thread(method.handler, *args, **kwargs)
+        return self._frame(result)
+
+    def _frame(self, item: object) -> list[Buffer]:
+        try:
+            buffers = self.service.codec.encode(item)
+        except (TypeError, ValueError) as exc:
+            name = self.method.name
+            raise TypeError(f"could not encode the response of {name!r}: {exc}") from exc
+        return self.proto.send_message(buffers)
+
+    async def _stream_async(self, responses: AsyncIterator[object]) -> None:
+        try:
+            async for item in responses:
+                await self.writer.write(self._frame(item))
+        finally:
+            await responses.aclose()  # type: ignore[attr-defined]
+
+    async def _stream_sync(self, make_generator: Callable[[], Iterator[object]]) -> None:
+        """Run a plain generator in the pool, handing items over with bounded buffering."""
+        loop = asyncio.get_running_loop()
+        window = self.service.config.stream_buffer_messages
+        items = _Channel(window)
+        credit = threading.Semaphore(window)  # items the thread may produce ahead of the writer
+        stop = threading.Event()  # the writer gave up (cancelled, or the stream broke)
+        cancelled = self.context.cancelled
+
+        def hand_over(callback: Callable[..., None], *args: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(callback, *args)
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                stop.set()
+
+        def produce() -> None:
+            generator = make_generator()
+            try:
+                for item in generator:
+                    credit.acquire()
+                    if stop.is_set() or cancelled.is_set():
+                        break
+                    hand_over(items.put_nowait, item)
+            except BaseException as exc:
+                hand_over(functools.partial(items.close, exc, drop_items=False))
+            else:
+                hand_over(items.close)
+            finally:
+                generator.close()  # type: ignore[attr-defined]
+
+        self.service._submit(produce)
+        try:
+            while True:
+                try:
+                    item = await items.get()
+                except _Closed:
+                    return
+                credit.release()
+                await self.writer.write(self._frame(item))
+        finally:
+            stop.set()
+            credit.release()  # wake the thread if it waits for credit, so it sees `stop`
+
+
+class _RequestIterator:
+    """The requests of a client-streaming call, decoded one by one as the handler asks."""
+
+    def __init__(self, channel: _Channel, codec: Codec) -> None:
+        self._channel = channel
+        self._codec = codec
+
+    def __aiter__(self) -> _RequestIterator:
+        return self
+
+    async def __anext__(self) -> object:
+        try:
+            payload = await self._channel.get()
+        except _Closed:
+            raise StopAsyncIteration from None
+        try:
+            return self._codec.decode(payload)
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(f"could not decode a request message: {exc}") from exc
+
+
+class _SyncRequestIterator:
+    """The same requests for a plain `def` handler running in the thread pool."""
+
+    def __init__(self, requests: _RequestIterator, loop: asyncio.AbstractEventLoop) -> None:
+        self._requests = requests
+        self._loop = loop
+
+    def __iter__(self) -> _SyncRequestIterator:
+        return self
+
+    def __next__(self) -> object:
+        future = asyncio.run_coroutine_threadsafe(self._requests.__anext__(), self._loop)
+        try:
+            return future.result()
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+
+# -- client side ------------------------------------------------------------------------------
+class _OutboundCall:
+    """One call we make: opens the stream, sends the requests, reads replies and status."""
+
+    def __init__(
+        self,
+        service: RpcService,
+        peer: PeerId,
+        method: str,
+        kind: CallKind,
+        arguments: list[Any],
+        requests: AsyncIterable[object] | None,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> None:
+        self.service = service
+        self.peer = peer
+        self.method = method
+        config = service.config
+        header = Header(method, kind, timeout, dict(metadata or {}))
+        self.proto = ClientCall(header, config.max_message_size)
+        self._first = self.proto.send_message(arguments)  # MessageTooLarge before dialing
+        self._requests = requests
+        loop = asyncio.get_running_loop()
+        self.expiry = None if timeout is None else loop.time() + timeout + config.deadline_grace
+        self.timeout = timeout
+        self.stream: Stream | None = None
+        self.writer: _FrameWriter | None = None
+        self.writer_task: asyncio.Task[None] | None = None
+        self.events: collections.deque[Event] = collections.deque()
+        self.done = False
+
+    def _error(self, error: RpcError) -> RpcError:
+        error.method, error.peer = self.method, self.peer
+        return error
+
+    async def start(self) -> None:
+        service = self.service
+        try:
+            self.stream = await service.host.open_stream(self.peer, [PROTOCOL_ID])
+        except (TransportError, ConnectionError, OSError) as exc:
+            raise self._error(PeerUnavailable(f"cannot reach the peer: {exc}")) from exc
+        self.writer = _FrameWriter(self.stream, service.config.coalesce_below)
+        first: list[Buffer] = [self.proto.start(), *self._first]
+        if self._requests is None:
+            first.append(self.proto.send_end())
+        size = sum(memoryview(chunk).nbytes for chunk in first)
+        if self._requests is None and size < service.config.coalesce_below:
+            try:
+                await self.writer.write(first)
+            except (TransportError, ConnectionError) as exc:
+                raise self._error(PeerUnavailable(f"stream lost while sending: {exc}")) from exc
+        else:  # the server may answer (or refuse) while we send: read meanwhile
+            self.writer_task = asyncio.get_running_loop().create_task(
+                self._send(first), name=f"rpc {self.method} requests"
+            )
+
+    async def _send(self, first: list[Buffer]) -> None:
+        assert self.writer is not None and self.stream is not None
+        try:
+            await self.writer.write(first)
+            if self._requests is not None:
+                encode = self.service.codec.encode
+                async for item in self._requests:
+                    await self.writer.write(self.proto.send_message(encode(item)))
+                await self.writer.write([self.proto.send_end()])
+        except (TransportError, ConnectionError):
+            raise  # the reader sees the same failure, with the server's status if it sent one
+        except BaseException:
+            self.stream.reset("request stream failed")
+            raise
+
+    async def next_event(self) -> Message | Status:
+        stream = self.stream
+        assert stream is not None
+        while not self.events:
+            try:
+                data = await stream.read(self.service.config.read_size)
+                self.events.extend(
+                    self.proto.receive_data(data) if data else self.proto.receive_eof()
+                )
+            except RpcError as exc:  # a malformed or oversized response
+                stream.reset("rpc protocol violation")
+                raise self._error(exc) from None
+            except ProtocolNotSupported as exc:
+                raise self._error(
+                    PeerUnavailable(f"the peer does not serve {PROTOCOL_ID} (no RPC service)")
+                ) from exc
+            except (TransportError, ConnectionError, EOFError) as exc:
+                raise self._failure(exc) from exc
+        event = self.events.popleft()
+        assert isinstance(event, Message | Status)
+        return event
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        """What to raise when the stream broke: our own request error first, if that was it."""
+        task = self.writer_task
+        if task is not None and task.done() and not task.cancelled():
+            error = task.exception()
+            if error is not None and not isinstance(error, TransportError | ConnectionError):
+                return error
+        if self.service._stopping:
+            return self._error(Cancelled("the local RPC service stopped"))
+        return self._error(
+            PeerUnavailable(
+                f"the stream broke mid-call ({exc}): the peer stopped, crashed or lost the "
+                "connection; the call may or may not have run"
+            )
+        )
+
+    def decode(self, payload: bytearray) -> object:
+        try:
+            return self.service.codec.decode(payload)
+        except (ValueError, TypeError) as exc:
+            assert self.stream is not None
+            self.stream.reset("undecodable response")
+            raise self._error(ProtocolError(f"could not decode the response: {exc}")) from exc
+
+    async def finish(self) -> None:
+        """The status arrived: stop sending and close our side cleanly."""
+        if self.done:
+            return
+        self.done = True
+        self.service._outbound.discard(self)
+        task = self.writer_task
+        if task is not None and not task.done():
+            task.cancel()
+        if task is not None:
+            await asyncio.wait([task])
+        assert self.stream is not None and self.writer is not None
+        if self.writer.mid_frame or not self.proto.ended:
+            self.stream.reset("call finished")
+            return
+        try:
+            await self.stream.close()
+        except (TransportError, ConnectionError):
+            pass
+
+    def abort(self, reason: str) -> None:
+        """Abandon the call: the reset reaches the server, which cancels the handler."""
+        if self.done:
+            return
+        self.done = True
+        self.service._outbound.discard(self)
+        if self.writer_task is not None and not self.writer_task.done():
+            self.writer_task.cancel()
+        if self.stream is not None:
+            self.stream.reset(reason)
+
+    def deadline_error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"no reply within the deadline of {self.timeout} s", method=self.method, peer=self.peer
+        )
+
+
+class ResponseStream:
+    """The responses of a server-streaming or bidirectional call, as an async iterator.
+
+    The call starts on the first `__anext__` (or `async with`). Leaving early (break, an error,
+    `aclose()`) resets the stream, which cancels the remote handler.
+    """
+
+    def __init__(self, service: RpcService, make_call: Callable[[], _OutboundCall]) -> None:
+        self._service = service
+        self._make_call = make_call
+        self._call: _OutboundCall | None = None
+        self._finished = False
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __aenter__(self) -> ResponseStream:
+        await self._ensure_started()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _ensure_started(self) -> _OutboundCall:
+        if self._call is None:
+            self._call = self._make_call()
+            await self._guard(self._call, self._call.start())
+        return self._call
+
+    async def _guard(self, call: _OutboundCall, step: Any) -> Any:
+        try:
+            async with asyncio.timeout_at(call.expiry) as scope:
+                return await step
+        except TimeoutError:
+            if scope.expired():
+                self._finished = True
+                call.abort("deadline exceeded")
+                raise call.deadline_error() from None
+            raise
+        except BaseException:
+            self._finished = True
+            call.abort("call abandoned")
+            raise
+
+    async def __anext__(self) -> object:
+        if self._finished:
+            raise StopAsyncIteration
+        call = await self._ensure_started()
+        event = await self._guard(call, call.next_event())
+        if isinstance(event, Message):
+            try:
+                return call.decode(event.payload)
+            except BaseException:
+                self._finished = True
+                call.abort("undecodable response")
+                raise
+        self._finished = True
+        await call.finish()
+        if event.ok:
+            raise StopAsyncIteration
+        raise event.to_error(call.method, call.peer)
+
+    async def aclose(self) -> None:
+        """Stop receiving; if the call is still running, the server's handler is cancelled."""
+        self._finished = True
+        if self._call is not None:
+            self._call.abort("caller stopped reading")
+
+    def __del__(self) -> None:
+        if self._call is not None and not self._call.done:
+            self._call.abort("response stream dropped")
+
+
+# -- the service ------------------------------------------------------------------------------
+class RpcService:
+    """Serves registered methods to peers and calls methods on peers, over a `Host`."""
+
+    def __init__(
+        self, host: Host, config: RpcConfig | None = None, *, codec: Codec | None = None
+    ) -> None:
+        self.host = host
+        self.config = config or RpcConfig()
+        self.codec: Codec = codec if codec is not None else _default_codec()
+        self._methods: dict[str, Method] = {}
+        self._inbound: set[_InboundCall] = set()
+        self._inbound_per_peer: collections.Counter[PeerId] = collections.Counter()
+        self._serving: set[asyncio.Task[Any]] = set()  # tasks serving inbound streams
+        self._outbound: set[_OutboundCall] = set()
+        self._executor: ThreadPoolExecutor | None = None
+        self._started = False
+        self._stopping = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._executor = ThreadPoolExecutor(
+            self.config.sync_handler_threads, thread_name_prefix="rpc-handler"
+        )
+        self.host.set_stream_handler(PROTOCOL_ID, self._serve_stream)
+        self._started, self._stopping = True, False
+
+    async def stop(self) -> None:
+        """Stop serving, cancel inbound handlers and outbound calls, release the thread pool."""
+        if not self._started:
+            return
+        self._stopping = True
+        self.host.remove_stream_handler(PROTOCOL_ID)
+        for inbound in list(self._inbound):
+            inbound.cancel(Status(StatusCode.UNAVAILABLE, "the server is stopping"))
+        for outbound in list(self._outbound):
+            outbound.abort("rpc service stopping")
+        if self._serving:  # handlers were told to stop; give them a moment to send a status
+            await asyncio.wait(list(self._serving), timeout=STOP_GRACE)
+        for task in list(self._serving):  # then cut the rest (e.g. streams yet to send a header)
+            task.cancel()
+        if self._serving:
+            await asyncio.wait(list(self._serving))
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        self._started = False
+
+    aclose = stop
+
+    async def __aenter__(self) -> RpcService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- registry -----------------------------------------------------------------------
+    def register(
+        self, name: str, handler: Callable[..., Any], kind: CallKind | None = None
+    ) -> Method:
+        """Serve `handler` as `name`; the call kind is inferred from the function unless given."""
+        if name in self._methods:
+            raise ValueError(f"method {name!r} is already registered")
+        method = make_method(name, handler, kind)
+        self._methods[name] = method
+        return method
+
+    def unregister(self, name: str) -> None:
+        self._methods.pop(name, None)
+
+    def method(self, name: str | None = None, *, kind: CallKind | None = None) -> Callable[[F], F]:
+        """Decorator form of `register`: `@rpc.method("echo")` (the name defaults to the
+        function's)."""
+
+        def decorate(handler: F) -> F:
+            self.register(name or handler.__name__, handler, kind)
+            return handler
+
+        return decorate
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted(self._methods)
+
+    @property
+    def active_inbound_calls(self) -> int:
+        return len(self._inbound)
+
+    @property
+    def active_outbound_calls(self) -> int:
+        return len(self._outbound)
+
+    # -- calling ------------------------------------------------------------------------
+    def _new_call(
+        self,
+        peer: PeerId,
+        method: str,
+        kind: CallKind,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        requests: AsyncIterable[object] | None,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> _OutboundCall:
+        if not self._started or self._stopping:
+            raise Cancelled("the RPC service is not running", method=method, peer=peer)
+        if len(self._outbound) >= self.config.max_outbound_calls:
+            raise ResourceExhausted(
+                f"{len(self._outbound)} calls already in flight, the limit "
+                "(max_outbound_calls); wait for some to finish",
+                method=method,
+                peer=peer,
+            )
+        if timeout is None:
+            timeout = self.config.default_timeout
+        try:
+            arguments = _encode_arguments(self.codec, args, kwargs)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"could not encode the arguments: {exc}", method=method) from exc
+        try:
+            call = _OutboundCall(self, peer, method, kind, arguments, requests, timeout, metadata)
+        except RpcError as exc:  # the arguments alone exceed max_message_size
+            exc.method, exc.peer = method, peer
+            raise
+        self._outbound.add(call)
+        return call
+
+    async def call(
+        self,
+        peer: PeerId,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        requests: AsyncIterable[object] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call `method` on `peer` and return its result (unary, or client-streaming when
+        `requests` is given). The keywords `timeout`, `requests` and `metadata` are ours; all
+        other arguments go to the handler."""
+        kind = CallKind.UNARY if requests is None else CallKind.CLIENT_STREAM
+        call = self._new_call(peer, method, kind, args, kwargs, requests, timeout, metadata)
+        try:
+            async with asyncio.timeout_at(call.expiry) as scope:
+                await call.start()
+                event = await call.next_event()
+                result = None
+                if isinstance(event, Message):
+                    result = call.decode(event.payload)
+                    event = await call.next_event()
+        except TimeoutError:
+            call.abort("deadline exceeded")
+            if scope.expired():
+                raise call.deadline_error() from None
+            raise
+        except BaseException:
+            call.abort("call abandoned")
+            raise
+        assert isinstance(event, Status)
+        await call.finish()
+        if not event.ok:
+            raise event.to_error(method, peer)
+        return result
+
+    def stream(
+        self,
+        peer: PeerId,
+        method: str,
+        *args: Any,
+        requests: AsyncIterable[object] | None = None,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> ResponseStream:
+        """Call a server-streaming (or, with `requests`, bidirectional) method; iterate the
+        result with `async for`. `timeout` bounds the whole call."""
+        kind = CallKind.SERVER_STREAM if requests is None else CallKind.BIDI_STREAM
+        return ResponseStream(
+            self,
+            lambda: self._new_call(peer, method, kind, args, kwargs, requests, timeout, metadata),
+        )
+
+    # -- serving ------------------------------------------------------------------------
+    async def _serve_stream(self, stream: Stream) -> None:
+        """The stream handler for PROTOCOL_ID: one inbound call."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        try:
+            await self._serve_call(stream)
+        finally:
+            self._serving.discard(task)
+
+    async def _serve_call(self, stream: Stream) -> None:
+        proto = ServerCall(self.config.max_message_size)
+        pending: collections.deque[Event] = collections.deque()
+        try:
+            async with asyncio.timeout(self.config.header_timeout):
+                header = await self._read_event(stream, proto, pending)
+        except TimeoutError:
+            stream.reset("no call header in time")
+            return
+        except RpcError as exc:
+            await self._refuse(stream, proto, Status(exc.code, exc.message))
+            return
+        except (TransportError, ConnectionError, EOFError) as exc:
+            logger.debug("rpc stream from %s lost before its header: %r", stream.remote_peer, exc)
+            stream.reset("stream lost")
+            return
+        assert isinstance(header, Header)
+        refusal = self._admission(stream.remote_peer, header)
+        if refusal is not None:
+            await self._refuse(stream, proto, refusal)
+            return
+        method = self._methods[header.method]
+        call = _InboundCall(self, stream, proto, pending, method, header)
+        peer = call.peer
+        self._inbound.add(call)
+        self._inbound_per_peer[peer] += 1
+        try:
+            await call.run()
+        finally:
+            self._inbound.discard(call)
+            self._inbound_per_peer[peer] -= 1
+            if not self._inbound_per_peer[peer]:
+                del self._inbound_per_peer[peer]
+
+    def _admission(self, peer: PeerId | None, header: Header) -> Status | None:
+        """Why this call cannot be served now, or None to serve it."""
+        method = self._methods.get(header.method)
+        if method is None or self._stopping:
+            if self._stopping:
+                return Status(StatusCode.UNAVAILABLE, "the server is stopping")
+            known = ", ".join(self.methods[:20]) or "none"
+            return Status(
+                StatusCode.NOT_FOUND,
+                f"no method {header.method!r} is registered on this peer (registered: {known})",
+            )
+        if method.kind != header.kind:
+            how = "rpc.stream()" if method.kind.server_streams else "rpc.call()"
+            needs = " with requests=" if method.kind.client_streams else ""
+            return Status(
+                StatusCode.FAILED_PRECONDITION,
+                f"method {header.method!r} is {method.kind.name}, called as "
+                f"{header.kind.name}; use {how}{needs}",
+            )
+        if len(self._inbound) >= self.config.max_concurrent_calls:
+            return Status(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is serving {len(self._inbound)} calls, its limit "
+                "(max_concurrent_calls); retry later",
+            )
+        if peer is not None and (
+            self._inbound_per_peer[peer] >= self.config.max_concurrent_calls_per_peer
+        ):
+            return Status(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"you already have {self._inbound_per_peer[peer]} calls running on this peer, "
+                "its limit (max_concurrent_calls_per_peer); wait for some to finish",
+            )
+        return None
+
+    async def _refuse(self, stream: Stream, proto: ServerCall, status: Status) -> None:
+        """Answer with `status` only (no handler ran), then close our side."""
+        try:
+            async with asyncio.timeout(self.config.header_timeout):
+                await stream.write(proto.send_status(status))
+                await stream.close()
+        except (TimeoutError, TransportError, ConnectionError) as exc:
+            logger.debug("rpc refusal to %s not delivered: %r", stream.remote_peer, exc)
+            stream.reset("refused")
+
+    async def _read_event(
+        self, stream: Stream, proto: ServerCall, pending: collections.deque[Event]
+    ) -> Event | None:
+        """The next event from the caller; None once it closed its side after END."""
+        while not pending:
+            data = await stream.read(self.config.read_size)
+            if not data:
+                events = proto.receive_eof()
+                if not events:
+                    return None
+                pending.extend(events)
+            else:
+                pending.extend(proto.receive_data(data))
+        return pending.popleft()
+
+    async def _next_server_event(self, call: _InboundCall) -> Event | None:
+        return await self._read_event(call.stream, call.proto, call.pending)
+
+    # -- the thread pool ----------------------------------------------------------------
+    def _submit(self, function: Callable[[], None]) -> asyncio.Future[None]:
+        if self._executor is None:
+            raise Cancelled("the RPC service is not running")
+        context = contextvars.copy_context()
+        return asyncio.get_running_loop().run_in_executor(self._executor, context.run, function)
+
+    async def _run_in_thread(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await self._submit(functools.partial(function, *args, **kwargs))
