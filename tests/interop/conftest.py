@@ -38,7 +38,13 @@ def _load_lab() -> Any:
     return module
 
 
-lab = _load_lab()
+lab_module = _load_lab()
+
+
+@pytest.fixture(scope="session")
+def lab() -> Any:
+    """The lab module (benchmarks/lattica_sdk.py): venv, namespace runner, LatticaPeer."""
+    return lab_module
 
 
 def _unavailable(reason: str) -> None:
@@ -50,12 +56,12 @@ def _unavailable(reason: str) -> None:
 @pytest.fixture(scope="session")
 def lattica_python() -> Path:
     """The python of the lattica SDK venv; skips (fails in CI) when it cannot exist here."""
-    reason = lab.netns_unavailable_reason()
+    reason = lab_module.netns_unavailable_reason()
     if reason is not None:
         _unavailable(reason)
     try:
-        return lab.lattica_python()
-    except lab.LatticaUnavailable as exc:
+        return lab_module.lattica_python()
+    except lab_module.LatticaUnavailable as exc:
         _unavailable(str(exc))
         raise  # unreachable: skip/fail raise
 
@@ -81,13 +87,13 @@ def run_scenario(lattica_python: Path, tmp_path: Path) -> Callable[..., dict[str
         ]
         log_file = tmp_path / f"scenario_{name}.log"
         try:
-            result = lab.run_in_private_netns(argv, timeout=timeout)
+            result = lab_module.run_in_private_netns(argv, timeout=timeout)
         except TimeoutError as exc:
             pytest.fail(f"scenario {name}: {exc}")
         log_file.write_text(result.stderr)
         tail = f"\n--- stderr tail ({log_file}) ---\n{result.stderr[-6000:]}"
         try:
-            verdict = lab.last_json_line(result.stdout)
+            verdict = lab_module.last_json_line(result.stdout)
         except ValueError as exc:
             pytest.fail(
                 f"scenario {name} printed no verdict (exit {result.returncode}): {exc}{tail}"
