@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from transport.errors import ProtocolNotSupported, ProtocolViolation
+from transport.errors import ProtocolNotSupported, ProtocolViolation, StreamReset
 from transport.stream import Stream
 from transport.varint import encode_length_prefixed
 
@@ -97,7 +97,7 @@ async def select_inbound(stream: Stream, supported: Collection[str]) -> str:
     for _ in range(MAX_PROPOSALS):
         try:
             proposal = await _read_text(stream)
-        except EOFError as exc:  # IncompleteReadError: the remote gave up
+        except (EOFError, StreamReset) as exc:  # the remote gave up after our refusals
             raise ProtocolNotSupported(refused, stream.remote_peer) from exc
         if proposal in supported:
             await stream.write(encode_message(proposal))

@@ -1,0 +1,99 @@
+"""multistream-select over in-memory streams: negotiation, refusal, laziness, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from transport.errors import MessageTooLarge, ProtocolNotSupported, ProtocolViolation
+from transport.memory import memory_stream_pair
+from transport.multistream import (
+    MAX_PROPOSALS,
+    encode_message,
+    select_inbound,
+    select_outbound,
+)
+from transport.varint import encode_length_prefixed
+
+
+async def test_first_supported_protocol_wins() -> None:
+    dialer, listener = memory_stream_pair()
+    chosen, accepted = await asyncio.gather(
+        select_outbound(dialer, ["/a/1", "/b/1", "/c/1"]),
+        select_inbound(listener, ["/b/1", "/c/1"]),
+    )
+    assert chosen == accepted == "/b/1"
+    await dialer.write(b"payload")
+    assert await listener.readexactly(7) == b"payload"
+
+
+async def test_lazy_negotiation_sends_data_without_waiting() -> None:
+    dialer, listener = memory_stream_pair()
+    assert await select_outbound(dialer, ["/echo/1"]) == "/echo/1"
+    await dialer.write(b"early data")  # before the listener answered anything
+    assert await select_inbound(listener, ["/echo/1"]) == "/echo/1"
+    assert await listener.readexactly(10) == b"early data"
+    await listener.write(b"reply")
+    assert await dialer.readexactly(5) == b"reply"  # the confirmation is checked here
+
+
+async def test_lazy_refusal_surfaces_on_first_read() -> None:
+    dialer, listener = memory_stream_pair()
+    await select_outbound(dialer, ["/nope/1"])
+    inbound = asyncio.ensure_future(select_inbound(listener, ["/echo/1"]))
+    with pytest.raises(ProtocolNotSupported, match="/nope/1"):
+        await dialer.read()
+    with pytest.raises(ProtocolNotSupported):
+        await inbound
+
+
+async def test_eager_refusal_of_every_proposal() -> None:
+    dialer, listener = memory_stream_pair()
+    inbound = asyncio.ensure_future(select_inbound(listener, ["/x/1"]))
+    with pytest.raises(ProtocolNotSupported):
+        await select_outbound(dialer, ["/a/1", "/b/1"])
+    with pytest.raises((ProtocolNotSupported, ProtocolViolation)):
+        await inbound
+
+
+async def test_ls_lists_protocols() -> None:
+    dialer, listener = memory_stream_pair()
+    inbound = asyncio.ensure_future(select_inbound(listener, ["/a/1", "/b/1"]))
+    await dialer.write(encode_message("/multistream/1.0.0") + encode_message("ls"))
+    assert await dialer.read_message() == b"/multistream/1.0.0\n"
+    listing = await dialer.read_message()
+    assert b"/a/1\n" in listing and b"/b/1\n" in listing
+    dialer.reset()
+    with pytest.raises(Exception):  # noqa: B017  (any error: the dialer walked away)
+        await inbound
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        encode_message("/not-multistream/1.0.0"),
+        encode_length_prefixed(b"/multistream/1.0.0"),  # no newline
+        encode_length_prefixed(b"\xff\xfe\n"),  # not UTF-8
+    ],
+)
+async def test_malformed_headers_are_refused(wire: bytes) -> None:
+    dialer, listener = memory_stream_pair()
+    await dialer.write(wire)
+    with pytest.raises(ProtocolViolation):
+        await select_inbound(listener, ["/a/1"])
+
+
+async def test_oversized_protocol_id_is_refused() -> None:
+    dialer, listener = memory_stream_pair()
+    await dialer.write(encode_message("/multistream/1.0.0") + encode_message("/" + "x" * 5000))
+    with pytest.raises(MessageTooLarge):
+        await select_inbound(listener, ["/a/1"])
+
+
+async def test_endless_proposals_are_cut_off() -> None:
+    dialer, listener = memory_stream_pair()
+    proposals = b"".join(encode_message(f"/p/{i}") for i in range(MAX_PROPOSALS + 5))
+    await dialer.write(encode_message("/multistream/1.0.0") + proposals)
+    with pytest.raises(ProtocolViolation, match="giving up"):
+        await select_inbound(listener, ["/a/1"])
