@@ -1,0 +1,197 @@
+"""One QUIC connection on loopback against asyncio TCP on loopback, measured in the same run.
+
+    python benchmarks/transport.py [--size-mib 64] [--rounds 2000] [--datagram 1350] [--json]
+
+Prints small-message round-trip p50/p99 and bulk throughput over one stream for both, and the
+ratios (QUIC / TCP). The machines are noisy: read the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+# Run as a script, this directory heads sys.path and this file would shadow the package.
+if pathlib.Path(sys.path[0]).resolve() == pathlib.Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+from transport.identity import KeyPair
+from transport.quic import QuicConfig, QuicEndpoint
+from transport.stream import Stream
+
+MESSAGE = b"x" * 64
+CHUNK = 1024 * 1024
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+# -- QUIC -------------------------------------------------------------------------------------
+async def _quic_pair(config: QuicConfig) -> tuple[QuicEndpoint, QuicEndpoint, asyncio.Queue]:
+    inbound: asyncio.Queue[Stream] = asyncio.Queue()
+
+    def on_server_connection(connection) -> None:
+        connection.set_inbound_stream_callback(inbound.put_nowait)
+
+    client = QuicEndpoint(KeyPair.generate(), config)
+    server = QuicEndpoint(KeyPair.generate(), config, on_server_connection)
+    await client.listen("127.0.0.1")
+    await server.listen("127.0.0.1")
+    return client, server, inbound
+
+
+async def quic_rtt(config: QuicConfig, rounds: int) -> list[float]:
+    client, server, inbound = await _quic_pair(config)
+    try:
+        connection = await client.dial(server.local_address, server.key.peer_id)
+        stream = await connection.open_stream()
+        await stream.write(MESSAGE)
+        remote = await inbound.get()
+
+        async def echo() -> None:
+            while data := await remote.read(65536):
+                await remote.write(data)
+
+        echo_task = asyncio.ensure_future(echo())
+        await stream.readexactly(len(MESSAGE))
+        samples = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            await stream.write(MESSAGE)
+            await stream.readexactly(len(MESSAGE))
+            samples.append(time.perf_counter() - started)
+        echo_task.cancel()
+        return samples
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def quic_throughput(config: QuicConfig, size: int) -> float:
+    client, server, inbound = await _quic_pair(config)
+    try:
+        connection = await client.dial(server.local_address, server.key.peer_id)
+        stream = await connection.open_stream()
+        block = bytes(CHUNK)
+        started = time.perf_counter()
+
+        async def send() -> None:
+            for _ in range(size // CHUNK):
+                await stream.write(block)
+            await stream.close()
+
+        sender = asyncio.ensure_future(send())
+        remote = await inbound.get()
+        received = 0
+        while data := await remote.read(CHUNK):
+            received += len(data)
+        await sender
+        elapsed = time.perf_counter() - started
+        assert received == size, (received, size)
+        return size / elapsed
+    finally:
+        await client.close()
+        await server.close()
+
+
+# -- asyncio TCP baseline ---------------------------------------------------------------------
+async def tcp_rtt(rounds: int) -> list[float]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        writer.write(MESSAGE)
+        await writer.drain()
+        await reader.readexactly(len(MESSAGE))
+        samples.append(time.perf_counter() - started)
+    writer.close()
+    server.close()
+    await server.wait_closed()
+    return samples
+
+
+async def tcp_throughput(size: int) -> float:
+    done = asyncio.get_running_loop().create_future()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received = 0
+        while data := await reader.read(CHUNK):
+            received += len(data)
+        done.set_result(received)
+        writer.close()
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    block = bytes(CHUNK)
+    started = time.perf_counter()
+    for _ in range(size // CHUNK):
+        writer.write(block)
+        await writer.drain()
+    writer.write_eof()
+    received = await done
+    elapsed = time.perf_counter() - started
+    writer.close()
+    server.close()
+    assert received == size
+    return size / elapsed
+
+
+async def run(size: int, rounds: int, datagram: int) -> dict:
+    config = QuicConfig(max_datagram_size=datagram)
+    quic_samples = await quic_rtt(config, rounds)
+    tcp_samples = await tcp_rtt(rounds)
+    quic_rate = await quic_throughput(config, size)
+    tcp_rate = await tcp_throughput(size)
+    quic_p50, quic_p99 = _percentiles(quic_samples)
+    tcp_p50, tcp_p99 = _percentiles(tcp_samples)
+    return {
+        "datagram_size": datagram,
+        "rtt_p50_us": {"quic": quic_p50 * 1e6, "tcp": tcp_p50 * 1e6, "ratio": quic_p50 / tcp_p50},
+        "rtt_p99_us": {"quic": quic_p99 * 1e6, "tcp": tcp_p99 * 1e6, "ratio": quic_p99 / tcp_p99},
+        "throughput_mb_s": {
+            "size_mib": size // 2**20,
+            "quic": quic_rate / 1e6,
+            "tcp": tcp_rate / 1e6,
+            "ratio": quic_rate / tcp_rate,
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2000)
+    parser.add_argument("--datagram", type=int, default=1350, help="QUIC max datagram size")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = asyncio.run(run(args.size_mib * 2**20, args.rounds, args.datagram))
+    if args.json:
+        print(json.dumps(result))
+        return
+    rtt50, rtt99, rate = result["rtt_p50_us"], result["rtt_p99_us"], result["throughput_mb_s"]
+    print(f"one connection on loopback, QUIC datagrams of {args.datagram} bytes")
+    print(f"{'':28}{'QUIC':>12}{'asyncio TCP':>14}{'QUIC/TCP':>10}")
+    for label, row in (("64 B round trip p50 (us)", rtt50), ("64 B round trip p99 (us)", rtt99)):
+        print(f"{label:28}{row['quic']:12.1f}{row['tcp']:14.1f}{row['ratio']:10.2f}")
+    label = f"{rate['size_mib']} MiB one stream (MB/s)"
+    print(f"{label:28}{rate['quic']:12.1f}{rate['tcp']:14.1f}{rate['ratio']:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
