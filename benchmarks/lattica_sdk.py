@@ -3,7 +3,8 @@
 Two SDK nodes in a private network namespace (the SDK sends STUN probes to public servers on
 every start, so it never runs anywhere else): a 100-byte unary call (p50/p99) and `call_stream`
 throughput of a 64 MiB payload, upload and download, over QUIC and over TCP (Noise + Yamux).
-The last stdout line is a JSON summary; other benchmarks call `measure_lattica_sdk()`.
+Also a small call beside a handler that sleeps 0.5 s. The last stdout line is a JSON summary;
+other benchmarks call `measure_lattica_sdk()`.
 
 This module is also the lattica lab that the interop tests share: the pinned SDK in its own venv
 (created on demand), the private-namespace runner, and `LatticaPeer`, a handle on one SDK node
@@ -291,12 +292,16 @@ def _measure_transport(
                 )
                 for direction in ("upload", "download")
             }
+            beside_slow = client.command(
+                "bench_call_beside_slow_handler", peer=server.peer_id, sleep_s=0.5
+            )
             via = client.command("peer_info", peer=server.peer_id)["connection_addrs"]
     return {
         "connection": via,
         "unary_100B_p50_s": unary["p50_s"],
         "unary_100B_p99_s": unary["p99_s"],
         "unary_count": unary["count"],
+        "unary_100B_beside_0.5s_handler_s": beside_slow["small_call_s"],
         "call_stream_upload_mb_s": streams["upload"]["best_mb_s"],
         "call_stream_download_mb_s": streams["download"]["best_mb_s"],
         "call_stream_seconds": {d: s["seconds"] for d, s in streams.items()},
@@ -329,9 +334,11 @@ def measure_lattica_sdk(
 ) -> dict[str, Any]:
     """Measure the SDK baseline in a private namespace; raise LatticaUnavailable/NetnsUnavailable.
 
-    Returns per transport the 100-byte unary p50/p99 (seconds) and the best of three
-    `call_stream` runs of `payload` bytes in MB/s (10^6 bytes) for upload and download, plus the
-    best figures over all transports (`best_call_stream_mb_s`, `best_unary_100B_p50_s`).
+    Returns per transport the 100-byte unary p50/p99 (seconds), the latency of a 100-byte call
+    issued while another call's handler sleeps 0.5 s, and the best of three `call_stream` runs
+    of `payload` bytes in MB/s (10^6 bytes) for upload and download; plus the best figures over
+    all transports (`best_call_stream_mb_s`, `best_unary_100B_p50_s`). Handlers take and return
+    raw bytes (the SDK's fastest path; its stubs would add pickle on both sides).
     """
     unknown = set(transports) - set(LISTEN)
     if unknown:
@@ -357,6 +364,7 @@ def _print_table(figures: dict[str, Any]) -> None:
         print(
             f"  {transport:4}  unary 100 B p50 {f['unary_100B_p50_s'] * 1e3:7.3f} ms"
             f"  p99 {f['unary_100B_p99_s'] * 1e3:7.3f} ms"
+            f"  beside a 0.5 s handler {f['unary_100B_beside_0.5s_handler_s'] * 1e3:5.0f} ms"
             f"  call_stream upload {f['call_stream_upload_mb_s']:7.1f} MB/s"
             f"  download {f['call_stream_download_mb_s']:7.1f} MB/s"
         )

@@ -18,6 +18,7 @@ JSON command per line on stdin and answers each with one JSON line
     {"cmd": "dht_get", "key": K}                      look K up in the DHT
     {"cmd": "bench_unary", "peer": ID, "size": N, "count": C}    needs --bench-service on both
     {"cmd": "bench_stream", "peer": ID, "size": N, "direction": "upload"|"download", "repeat": R}
+    {"cmd": "bench_call_beside_slow_handler", "peer": ID, "sleep_s": S}
     {"cmd": "stop"}                                   close the node and exit (so does EOF)
 
 What the SDK (1.0.21) does and does not expose, which shapes these commands:
@@ -295,6 +296,23 @@ class Driver:
             "p99_s": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
         }
 
+    def cmd_bench_call_beside_slow_handler(
+        self, peer: str, size: int = 100, sleep_s: float = 0.5
+    ) -> dict[str, Any]:
+        """Latency of a small call issued while another call's handler sleeps `sleep_s`."""
+        client = self._bench_client(peer)
+        slow = client.call(f"{BENCH_SERVICE}.sleep", str(sleep_s).encode())
+        started = time.perf_counter()
+        payload = os.urandom(size)
+        time.sleep(0.05)  # let the slow call reach its handler first
+        start = time.perf_counter()
+        reply = client.call(f"{BENCH_SERVICE}.echo", payload).result(60)
+        elapsed = time.perf_counter() - start
+        slow.result(60)
+        if bytes(reply) != payload:
+            raise RuntimeError("echo returned different bytes")
+        return {"small_call_s": elapsed, "slow_call_total_s": time.perf_counter() - started}
+
     def cmd_bench_stream(
         self, peer: str, size: int, direction: str, repeat: int = 3
     ) -> dict[str, Any]:
@@ -349,13 +367,19 @@ def _make_bench_service(node: Any) -> Any:
     def download(self: Any, data: bytes) -> bytes:
         return bytes(int(bytes(data)))
 
+    def sleep(self: Any, data: bytes) -> bytes:
+        time.sleep(float(bytes(data)))
+        return b"slept"
+
     # The SDK calls `_handle_<m>` / `_handle_stream_<m>` with the request bytes; the decorated
     # stand-ins only make the metaclass list the methods.
     namespace = {
         "echo": rpc_method(lambda self: None),
+        "sleep": rpc_method(lambda self: None),
         "upload": rpc_stream(lambda self: None),
         "download": rpc_stream(lambda self: None),
         "_handle_echo": echo,
+        "_handle_sleep": sleep,
         "_handle_stream_upload": upload,
         "_handle_stream_download": download,
     }

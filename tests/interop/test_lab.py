@@ -108,6 +108,7 @@ def test_sdk_baseline_benchmark_runs(lab, lattica_python):
     quic = figures["transports"]["quic"]
     assert "/quic-v1" in quic["connection"][0]
     assert 0 < quic["unary_100B_p50_s"] <= quic["unary_100B_p99_s"] < 1.0
+    assert quic["unary_100B_beside_0.5s_handler_s"] > 0
     assert quic["call_stream_upload_mb_s"] > 0 and quic["call_stream_download_mb_s"] > 0
     assert figures["best_call_stream_mb_s"] == max(
         quic["call_stream_upload_mb_s"], quic["call_stream_download_mb_s"]
