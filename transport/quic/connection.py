@@ -80,12 +80,12 @@ class QuicConnection(Connection):
 
     # -- endpoint side ----------------------------------------------------------------------
     def datagram_received(self, data: bytes, address: Address) -> None:
+        """Feed one datagram; the endpoint calls `_flush` once its receive batch ends."""
         now = self._loop.time()
         self._last_activity = now
         self.bytes_received += len(data)
         self.quic.receive_datagram(data, address, now)
         self._process_events()
-        self._flush()
 
     def _flush(self) -> None:
         """Send what aioquic has ready and re-arm its timer."""

@@ -27,6 +27,7 @@ from transport.multiaddr import Multiaddr, quic_multiaddr
 from transport.quic.config import QuicConfig
 from transport.quic.connection import Address, QuicConnection
 from transport.quic.glue import Libp2pQuicConnection
+from transport.quic.udp import UdpSocket
 from transport.tls import ALPN, make_certificate
 
 log = logging.getLogger(__name__)
@@ -36,17 +37,6 @@ SMALLEST_INITIAL_DATAGRAM = 1200  # RFC 9000 14.1: a client Initial is padded to
 SUPPORTED_VERSIONS = [QuicProtocolVersion.VERSION_1]  # "/quic-v1"
 
 ConnectionCallback = Callable[[QuicConnection], None]
-
-
-class _DatagramProtocol(asyncio.DatagramProtocol):
-    def __init__(self, endpoint: QuicEndpoint) -> None:
-        self.endpoint = endpoint
-
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        self.endpoint._datagram_received(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("UDP error on %s: %r", self.endpoint.local_address, exc)
 
 
 class QuicEndpoint:
@@ -63,7 +53,8 @@ class QuicEndpoint:
         self.on_connection = on_connection
         self.local_address: Address | None = None
         self.datagrams_dropped = 0
-        self._transport: asyncio.DatagramTransport | None = None
+        self._socket = UdpSocket(self._datagram_received, self._flush_dirty)
+        self._dirty: set[QuicConnection] = set()
         self._by_cid: dict[bytes, QuicConnection] = {}
         self._connections: set[QuicConnection] = set()
         self._certificate, self._certificate_key = make_certificate(key)
@@ -71,21 +62,15 @@ class QuicEndpoint:
     # -- lifecycle ------------------------------------------------------------------------
     async def listen(self, host: str, port: int = 0) -> Address:
         """Bind the endpoint's socket; returns the bound (host, port)."""
-        if self._transport is not None:
+        if self._socket.is_open:
             raise RuntimeError("endpoint already bound")
-        loop = asyncio.get_running_loop()
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _DatagramProtocol(self), local_addr=(host, port)
-            )
+            self.local_address = self._socket.bind(host, port)
         except OSError as exc:
             raise DialError(
                 f"cannot bind UDP {host}:{port}: {exc.strerror or exc}; "
                 "pick another port or address"
             ) from exc
-        self._transport = transport
-        bound = transport.get_extra_info("sockname")
-        self.local_address = (bound[0], bound[1])
         log.debug("QUIC endpoint listening on %s", self.listen_multiaddr)
         return self.local_address
 
@@ -93,9 +78,11 @@ class QuicEndpoint:
         """Close every connection gracefully, then the socket."""
         for connection in list(self._connections):
             await connection.close("endpoint closing")
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        self._socket.close()
+
+    def abort(self) -> None:
+        """Drop the socket without telling anyone, as a crashed process would (for tests)."""
+        self._socket.close()
 
     @property
     def listen_multiaddr(self) -> Multiaddr | None:
@@ -121,7 +108,7 @@ class QuicEndpoint:
         timeout: float | None = None,
     ) -> QuicConnection:
         """Connect to `address`; the remote must prove it is `expected_peer` (when given)."""
-        if self._transport is None:
+        if not self._socket.is_open:
             raise DialError("endpoint is not listening; call listen() first")
         address = self._normalize_address(address)
         quic = Libp2pQuicConnection(
@@ -161,8 +148,13 @@ class QuicEndpoint:
 
     # -- datagram plumbing ------------------------------------------------------------------
     def _sendto(self, data: bytes, address: Address) -> None:
-        if self._transport is not None:
-            self._transport.sendto(data, address)
+        self._socket.sendto(data, address)
+
+    def _flush_dirty(self) -> None:
+        """End of a receive batch: each connection that got datagrams answers once."""
+        dirty, self._dirty = self._dirty, set()
+        for connection in dirty:
+            connection._flush()
 
     def _datagram_received(self, data: bytes, address: Address) -> None:
         try:
@@ -174,6 +166,7 @@ class QuicEndpoint:
         connection = self._by_cid.get(header.destination_cid)
         if connection is not None:
             connection.datagram_received(data, address)
+            self._dirty.add(connection)
             return
         if header.packet_type == QuicPacketType.VERSION_NEGOTIATION:
             return
@@ -212,6 +205,7 @@ class QuicEndpoint:
             self.config.handshake_timeout, self._expire_handshake, connection
         )
         connection.datagram_received(data, address)
+        self._dirty.add(connection)
 
     def _expire_handshake(self, connection: QuicConnection) -> None:
         if not connection.established.done():
