@@ -1,0 +1,1 @@
+"""Generated protobuf code for the DHT (see README.md)."""

@@ -1,0 +1,814 @@
+"""The DHT on a `Host`: serves `/ipfs/kad/1.0.0`, runs lookups, keeps the table and records fresh.
+
+Thin asyncio glue around `protocol.py` (codec, lookup, request handler), `routing.py` (table)
+and `records.py` (validation and stores). Attach it to any `transport.host.Host`:
+
+    dht = DHT(node, node.key, DHTConfig())
+    await dht.start()
+    await dht.bootstrap(["/ip4/203.0.113.7/udp/4001/quic-v1/p2p/12D3KooW..."])
+    await dht.put("/lattica/actor/policy", b"...")
+    value = await dht.get("/lattica/actor/policy")
+    await dht.provide(ContentId.of(blob))
+    providers = await dht.find_providers(cid)
+    addrs = await dht.find_peer(peer_id)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from lattica_ray.dht.cid import ContentId
+from lattica_ray.dht.config import DHTConfig, Mode
+from lattica_ray.dht.errors import (
+    InvalidRecord,
+    MalformedMessage,
+    NoPeersError,
+    PeerNotFound,
+    PutFailed,
+)
+from lattica_ray.dht.protocol import (
+    PROTOCOL_ID,
+    DecodeLimits,
+    KadServer,
+    Lookup,
+    Message,
+    MessageType,
+    PeerInfo,
+    Record,
+    ReferralLedger,
+    TokenBuckets,
+    decode_message,
+    encode_message,
+    is_multihash,
+)
+from lattica_ray.dht.records import (
+    LATTICA_NAMESPACE,
+    NamespacedValidator,
+    ProviderStore,
+    RecordStore,
+    SignedRecord,
+    Validator,
+    namespace_of,
+)
+from lattica_ray.dht.routing import (
+    DiversityFilter,
+    RoutingTable,
+    kad_id,
+    random_key_with_cpl,
+)
+from transport.errors import MessageTooLarge, ProtocolNotSupported, TransportError
+from transport.host import Host
+from transport.identity import KeyPair, PeerId
+from transport.multiaddr import Multiaddr
+from transport.stream import Stream
+
+log = logging.getLogger(__name__)
+
+ResponseHook = Callable[[Lookup, PeerId, Message], None]
+RECENT_PROBES = 4096  # peers remembered as recently probed, so one peer is not probed twice
+
+
+@dataclass(frozen=True)
+class FoundRecord:
+    """A record a `get` found: the value and, for signed records, who wrote it and when."""
+
+    key: bytes
+    value: bytes
+    author: PeerId | None
+    created: float | None
+    expires: float | None
+
+
+@dataclass(frozen=True)
+class PeerLookupResult:
+    """What `lookup_peer` learned, with the cost of learning it (for the simulation)."""
+
+    peer: PeerId
+    addrs: list[Multiaddr]
+    found: bool
+    hops: int  # sequential requests until someone named the peer (0: it was in our table)
+    queries: int
+    failures: int
+
+
+@dataclass
+class DHTStats:
+    """Counters, for logs, tests and the simulation."""
+
+    requests_sent: int = 0
+    request_failures: int = 0
+    requests_served: int = 0
+    refused_malformed: int = 0
+    refused_records: int = 0
+    refused_rate_limited: int = 0
+    refused_busy: int = 0
+    refused_blocked: int = 0
+    peers_blocked: int = 0
+
+
+def record_key(key: str | bytes) -> bytes:
+    return key.encode("utf-8") if isinstance(key, str) else bytes(key)
+
+
+def provider_key(cid: ContentId | bytes) -> bytes:
+    """The DHT key of provider records: the CID's multihash (as go and rust libp2p)."""
+    key = cid.multihash if isinstance(cid, ContentId) else bytes(cid)
+    if not is_multihash(key):
+        raise ValueError("provider keys are multihashes: pass a ContentId or its multihash")
+    return key
+
+
+class DHT:
+    """A Kademlia DHT node speaking the libp2p kad-dht protocol over `host`."""
+
+    def __init__(
+        self,
+        host: Host,
+        key: KeyPair,
+        config: DHTConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        validator: Validator | None = None,
+    ) -> None:
+        if key.peer_id != host.peer_id:
+            raise ValueError("the DHT key must be the host's identity key")
+        self.host = host
+        self.key = key
+        self.config = config = config or DHTConfig()
+        self.local = host.peer_id
+        self._clock = clock
+        diversity = (
+            DiversityFilter(
+                config.max_peers_per_group_per_bucket,
+                config.max_peers_per_group_per_table,
+                config.diversity_exempt_private,
+            )
+            if config.diversity_filter
+            else None
+        )
+        self.table = RoutingTable(
+            self.local, config.k, diversity, config.max_failures, config.stale_peer_age
+        )
+        self.validator: Validator = validator or NamespacedValidator.default(
+            config.max_record_ttl,
+            config.max_clock_skew,
+            config.max_key_size,
+            config.max_record_size,
+        )
+        self.records = RecordStore(self.validator, config.max_records, config.record_ttl)
+        self.providers = ProviderStore(
+            config.provider_record_ttl,
+            config.provider_addr_ttl,
+            config.max_provider_keys,
+            config.max_providers_per_key,
+        )
+        self.server = KadServer(
+            self.local,
+            self.table,
+            self.records,
+            self.providers,
+            host.peer_addrs,
+            lambda: host.addrs,
+            config.k,
+            config.max_addrs_per_peer,
+            config.max_providers_per_response,
+        )
+        self.limits = DecodeLimits(
+            config.max_key_size,
+            config.max_record_size,
+            config.max_closer_peers,
+            max(config.max_providers_per_key, config.max_providers_per_response),
+            config.max_addrs_per_peer,
+        )
+        self.stats = DHTStats()
+        self._mode: Mode = config.mode
+        self._rate = TokenBuckets(config.inbound_rate, config.inbound_burst)
+        self._referrals = ReferralLedger(config.bad_referral_threshold, config.bad_referral_ratio)
+        self._violations: OrderedDict[PeerId, int] = OrderedDict()
+        self._recent_probes: OrderedDict[PeerId, float] = OrderedDict()
+        self._probes = 0
+        self._inbound = 0
+        self._authored: dict[bytes, bytes] = {}  # our records: key -> unsigned value
+        self._provided: set[bytes] = set()  # multihashes we announce
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._started = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    def set_mode(self, mode: Mode) -> None:
+        """Server: serve `/ipfs/kad/1.0.0` (publicly reachable). Client: only ask, so peers
+        that cannot reach us never put us in their tables. Call when reachability changes."""
+        if mode not in ("client", "server"):
+            raise ValueError(f"DHT mode is 'client' or 'server', not {mode!r}")
+        if mode != self._mode:
+            log.info("DHT %s switches to %s mode", self.local.short(), mode)
+        self._mode = mode
+        if self._started:
+            self._apply_mode()
+
+    def _apply_mode(self) -> None:
+        if self._mode == "server":
+            self.host.set_stream_handler(PROTOCOL_ID, self._serve)
+        else:
+            self.host.remove_stream_handler(PROTOCOL_ID)
+
+    async def start(self) -> None:
+        """Serve (in server mode) and start the periodic refresh, republish and cleanup."""
+        if self._started:
+            return
+        self._started = True
+        self._apply_mode()
+        config = self.config
+        self._every(config.refresh_interval, self.refresh)
+        self._every(config.cleanup_interval, self._cleanup)
+        self._every(config.record_republish_interval, self.republish_records)
+        self._every(config.provider_republish_interval, self.republish_providers)
+        if config.record_replication_interval:
+            self._every(config.record_replication_interval, self.replicate)
+
+    async def stop(self) -> None:
+        """Stop serving and cancel every background task; safe to call twice."""
+        if self._started:
+            self._started = False
+            self.host.remove_stream_handler(PROTOCOL_ID)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    aclose = stop
+
+    async def __aenter__(self) -> DHT:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _every(self, interval: float, job: Callable[[], Awaitable[Any]]) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await job()
+                except (NoPeersError, PutFailed) as exc:
+                    log.info("DHT %s: periodic %s: %s", self.local.short(), job.__name__, exc)
+                except Exception:
+                    log.exception("DHT %s: periodic %s failed", self.local.short(), job.__name__)
+
+        self._spawn(loop())
+
+    # -- public API -----------------------------------------------------------------------
+    async def bootstrap(
+        self, peers: Iterable[Multiaddr | str], refresh_buckets: bool = True
+    ) -> int:
+        """Join the DHT through `peers` (multiaddrs ending in `/p2p/<id>`): ask each for our
+        neighbourhood, look ourselves up, refresh the buckets. Returns the table size."""
+        targets: list[PeerId] = []
+        for text in peers:
+            addr = Multiaddr.parse(text)
+            peer = addr.peer_id
+            if peer is None:
+                raise ValueError(f"bootstrap address {addr} needs a /p2p/<peer id> suffix")
+            if peer != self.local:
+                self.host.add_peer_addrs(peer, [addr])
+                targets.append(peer)
+        request = Message(MessageType.FIND_NODE, self.local.multihash)
+        results = await asyncio.gather(
+            *(self._request(peer, request) for peer in targets), return_exceptions=True
+        )
+        for peer, result in zip(targets, results, strict=True):
+            if isinstance(result, Message):
+                self._admit(peer)
+                self._learn(result)
+            else:
+                log.warning("bootstrap peer %s did not answer: %r", peer, result)
+        if len(self.table) == 0:
+            raise NoPeersError(
+                f"none of the {len(targets)} bootstrap peers answered; check the addresses "
+                "and that they run a DHT in server mode"
+            )
+        await self.refresh(force=refresh_buckets, buckets=refresh_buckets)
+        return len(self.table)
+
+    async def put(self, key: str | bytes, value: bytes) -> int:
+        """Store `value` under `key` at the k closest peers; returns how many stored it.
+
+        `/lattica/...` values are signed with our key and expire after `record_ttl`; we
+        republish them until the DHT stops. `/pk/<peer ID>` takes a public key as is.
+        """
+        key_bytes = record_key(key)
+        now = self._clock()
+        stored_value = self._seal(key_bytes, bytes(value), now)
+        self.records.put(key_bytes, stored_value, now)  # validates: raises InvalidRecord
+        self._authored[key_bytes] = bytes(value)
+        return await self._put_to_closest(key_bytes, stored_value)
+
+    def _seal(self, key: bytes, value: bytes, now: float) -> bytes:
+        if namespace_of(key) == LATTICA_NAMESPACE:
+            return SignedRecord.create(self.key, key, value, now, self.config.record_ttl).encode()
+        return value
+
+    async def get(self, key: str | bytes) -> bytes | None:
+        """The best valid value under `key` (for signed records: the payload), or None."""
+        found = await self.get_record(key)
+        return found.value if found is not None else None
+
+    async def get_record(self, key: str | bytes) -> FoundRecord | None:
+        """Collect `get_quorum` valid answers, keep the newest, correct peers that had older."""
+        key_bytes = record_key(key)
+        local = self.records.get(key_bytes, self._clock())
+        best: list[bytes | None] = [local]
+        holders: set[PeerId] = set()
+        outdated: set[PeerId] = set()
+        answers = [1 if local is not None else 0]
+        quorum = self.config.get_quorum
+
+        def on_response(lookup: Lookup, peer: PeerId, response: Message) -> None:
+            record = response.record
+            if record is None or not record.value:
+                return
+            if record.key != key_bytes:
+                log.info("peer %s answered GET_VALUE with another key's record", peer)
+                return
+            try:
+                self.validator.validate(key_bytes, record.value, self._clock())
+            except InvalidRecord as exc:
+                log.info("peer %s returned an invalid record for %r: %s", peer, key_bytes, exc)
+                outdated.add(peer)
+                return
+            answers[0] += 1
+            current = best[0]
+            if current is None or record.value == current:
+                best[0] = record.value
+                holders.add(peer)
+            elif self.validator.select(key_bytes, [current, record.value]) == 1:
+                outdated.update(holders)
+                holders.clear()
+                holders.add(peer)
+                best[0] = record.value
+            else:
+                outdated.add(peer)
+            if answers[0] >= quorum:
+                lookup.stop()
+
+        if answers[0] < quorum:
+            try:
+                await self._lookup(
+                    key_bytes, Message(MessageType.GET_VALUE, key_bytes), on_response
+                )
+            except NoPeersError:
+                if local is None:
+                    raise
+        value = best[0]
+        if value is None:
+            return None
+        if outdated:
+            self._spawn(self._send_puts(key_bytes, value, sorted(outdated)))
+        if local is not None and local != value:
+            try:
+                self.records.put(key_bytes, value, self._clock())
+            except InvalidRecord as exc:
+                log.info("could not update our copy of %r: %s", key_bytes, exc)
+        return self._found(key_bytes, value)
+
+    def _found(self, key: bytes, value: bytes) -> FoundRecord:
+        if namespace_of(key) == LATTICA_NAMESPACE:
+            record = SignedRecord.decode(value)
+            return FoundRecord(
+                key, record.value, record.author_id, record.created_ms / 1000, record.expires_at
+            )
+        return FoundRecord(key, value, None, None, None)
+
+    async def provide(self, cid: ContentId | bytes) -> int:
+        """Announce that we hold `cid` to the k peers closest to it; republished every 22 h.
+        Returns how many peers took the announcement."""
+        key = provider_key(cid)
+        self.providers.add(key, self.local, self.host.addrs, self._clock())
+        self._provided.add(key)
+        return await self._announce(key)
+
+    def stop_providing(self, cid: ContentId | bytes) -> None:
+        """Stop republishing `cid`; the records at other peers expire by themselves."""
+        key = provider_key(cid)
+        self._provided.discard(key)
+        self.providers.remove(key, self.local)
+
+    async def _announce(self, key: bytes) -> int:
+        peers = await self.get_closest_peers(key)
+        me = self.server.peer_info(self.local)
+        request = Message(MessageType.ADD_PROVIDER, key, provider_peers=(me,))
+        results = await asyncio.gather(
+            *(self._request(peer, request, expect_response=False) for peer in peers),
+            return_exceptions=True,
+        )
+        sent = sum(1 for r in results if not isinstance(r, BaseException))
+        if sent == 0:
+            raise PutFailed(f"none of the {len(peers)} closest peers took the provider record")
+        return sent
+
+    async def find_providers(self, cid: ContentId | bytes, limit: int = 20) -> list[PeerInfo]:
+        """Up to `limit` peers that provide `cid`, with their addresses (also given to the host)."""
+        key = provider_key(cid)
+        now = self._clock()
+        found: dict[PeerId, PeerInfo] = {}
+        for record in self.providers.get(key, now, limit):
+            found[record.peer] = self.server.peer_info(record.peer, record.live_addrs(now) or None)
+
+        def on_response(lookup: Lookup, peer: PeerId, response: Message) -> None:
+            for info in response.provider_peers:
+                if info.peer_id not in found:
+                    found[info.peer_id] = info
+                    if info.addrs and info.peer_id != self.local:
+                        self.host.add_peer_addrs(info.peer_id, info.dialable_addrs())
+            if len(found) >= limit:
+                lookup.stop()
+
+        if len(found) < limit:
+            try:
+                await self._lookup(key, Message(MessageType.GET_PROVIDERS, key), on_response)
+            except NoPeersError:
+                if not found:
+                    raise
+        return list(found.values())[:limit]
+
+    async def find_peer(self, peer: PeerId) -> list[Multiaddr]:
+        """Addresses of `peer` (direct or relayed), learned from the DHT and given to the host.
+        Raises `PeerNotFound` if no one knows it."""
+        result = await self.lookup_peer(peer)
+        if not result.found:
+            raise PeerNotFound(
+                f"no DHT peer knows {peer} ({result.queries} asked, {result.failures} failed)"
+            )
+        return result.addrs
+
+    async def lookup_peer(self, peer: PeerId) -> PeerLookupResult:
+        """`find_peer` with its cost: hops, requests, failures."""
+        if peer == self.local:
+            return PeerLookupResult(peer, list(self.host.addrs), True, 0, 0, 0)
+        addrs: list[Multiaddr] = []
+        hops = [0]
+        found = [False]
+
+        def on_response(lookup: Lookup, responder: PeerId, response: Message) -> None:
+            if responder == peer:  # it answered us itself
+                found[0] = True
+                hops[0] = max(0, (lookup.depth_of(peer) or 1) - 1)
+                lookup.stop()
+                return
+            for info in response.closer_peers:
+                if info.peer_id == peer and info.addrs:
+                    found[0] = True
+                    hops[0] = lookup.depth_of(responder) or 0
+                    addrs.extend(a for a in info.dialable_addrs() if a not in addrs)
+                    lookup.stop()
+
+        lookup = await self._lookup(
+            peer.multihash, Message(MessageType.FIND_NODE, peer.multihash), on_response
+        )
+        if found[0] and not addrs:
+            addrs = list(self.host.peer_addrs(peer))
+        if addrs:
+            self.host.add_peer_addrs(peer, addrs)
+        return PeerLookupResult(peer, addrs, found[0], hops[0], lookup.queries, lookup.failures)
+
+    async def get_closest_peers(self, key: bytes) -> list[PeerId]:
+        """The k peers closest to `key` that answered us, nearest first."""
+        lookup = await self._lookup(key, Message(MessageType.FIND_NODE, key))
+        return lookup.closest()
+
+    # -- maintenance ----------------------------------------------------------------------
+    async def refresh(self, force: bool = False, buckets: bool = True) -> None:
+        """Look ourselves up, then a random key in every bucket not refreshed lately (go)."""
+        await self.get_closest_peers(self.local.multihash)
+        if not buckets:
+            return
+        interval = 0.0 if force else self.config.refresh_interval
+        for cpl in self.table.buckets_to_refresh(
+            self._clock(), interval, self.config.refresh_max_cpl
+        ):
+            await self.get_closest_peers(random_key_with_cpl(self.table.local_point, cpl))
+
+    async def republish_records(self) -> None:
+        """Re-sign our records with a fresh expiry and store them at the k closest again."""
+        for key, value in list(self._authored.items()):
+            now = self._clock()
+            sealed = self._seal(key, value, now)
+            self.records.put(key, sealed, now)
+            try:
+                await self._put_to_closest(key, sealed)
+            except (NoPeersError, PutFailed) as exc:
+                log.info("republishing %r: %s", key, exc)
+
+    async def republish_providers(self) -> None:
+        for key in list(self._provided):
+            self.providers.add(key, self.local, self.host.addrs, self._clock())
+            try:
+                await self._announce(key)
+            except (NoPeersError, PutFailed) as exc:
+                log.info("re-announcing provider record %s: %s", key.hex()[:16], exc)
+
+    async def replicate(self) -> None:
+        """Re-put every record we hold to the k closest, so replicas survive churn."""
+        for key, value in list(self.records.items(self._clock())):
+            if key in self._authored:
+                continue
+            try:
+                await self._put_to_closest(key, value, quorum=0)
+            except NoPeersError:
+                return
+
+    async def _cleanup(self) -> None:
+        now = self._clock()
+        self.records.expire(now)
+        self.providers.expire(now)
+        self._referrals.decay()
+
+    # -- requests -------------------------------------------------------------------------
+    async def _request(
+        self, peer: PeerId, message: Message, expect_response: bool = True
+    ) -> Message | None:
+        """One request on a new stream: send, read the answer, close. Raises on any failure."""
+        self.stats.requests_sent += 1
+        async with asyncio.timeout(self.config.request_timeout):
+            stream = await self.host.open_stream(peer, [PROTOCOL_ID])
+            try:
+                await stream.write_message(encode_message(message))
+                if not expect_response:
+                    await stream.close()
+                    return None
+                data = await stream.read_message(self.config.max_message_size)
+                await stream.close()
+            except BaseException:
+                stream.reset("request aborted")
+                raise
+        response = decode_message(data, self.limits)
+        if response.type is not message.type:
+            raise MalformedMessage(
+                f"answered a {message.type.name} request with {response.type.name}"
+            )
+        return response
+
+    def _note_failure(self, peer: PeerId, exc: BaseException) -> None:
+        self.stats.request_failures += 1
+        if isinstance(exc, ProtocolNotSupported):
+            self.table.remove(peer)  # not (or no longer) a DHT server
+        elif isinstance(exc, MalformedMessage | MessageTooLarge):
+            log.warning("peer %s sent a bad kad response: %s", peer, exc)
+            self._violation(peer)
+            self.table.remove(peer)
+        else:
+            self.table.failed(peer)
+
+    async def _send_puts(self, key: bytes, value: bytes, peers: list[PeerId]) -> int:
+        request = Message(MessageType.PUT_VALUE, key, Record(key, value))
+        results = await asyncio.gather(
+            *(self._request(peer, request) for peer in peers), return_exceptions=True
+        )
+        stored = 0
+        for peer, result in zip(peers, results, strict=True):
+            if isinstance(result, Message):
+                if result.record is not None and result.record.value == value:
+                    stored += 1
+                else:
+                    log.debug("peer %s kept a different record for %r", peer, key)
+            elif isinstance(result, Exception):
+                self._note_failure(peer, result)
+        return stored
+
+    async def _put_to_closest(self, key: bytes, value: bytes, quorum: int | None = None) -> int:
+        peers = await self.get_closest_peers(key)
+        stored = await self._send_puts(key, value, peers)
+        needed = self.config.put_quorum if quorum is None else quorum
+        if stored < needed:
+            raise PutFailed(f"only {stored} of {len(peers)} closest peers stored {key[:40]!r}")
+        return stored
+
+    # -- lookups --------------------------------------------------------------------------
+    async def _lookup(
+        self, key: bytes, request: Message, on_response: ResponseHook | None = None
+    ) -> Lookup:
+        target = kad_id(key)
+        seeds = self.table.closest(target, self.config.k)
+        if not seeds:
+            raise NoPeersError("the routing table is empty: call bootstrap() first")
+        config = self.config
+        lookup = Lookup(
+            target, seeds, config.k, config.alpha, config.disjoint_paths, exclude=(self.local,)
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.lookup_timeout
+        in_flight: dict[asyncio.Task[Message | None], PeerId] = {}
+        try:
+            while not lookup.finished:
+                for peer in lookup.next_queries():
+                    in_flight[loop.create_task(self._request(peer, request))] = peer
+                remaining = deadline - loop.time()
+                if not in_flight or remaining <= 0:
+                    break
+                done, _ = await asyncio.wait(
+                    in_flight, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    peer = in_flight.pop(task)
+                    self._on_lookup_answer(lookup, peer, task, on_response)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+        self.table.mark_refreshed(target, self._clock())
+        return lookup
+
+    def _on_lookup_answer(
+        self,
+        lookup: Lookup,
+        peer: PeerId,
+        task: asyncio.Task[Message | None],
+        on_response: ResponseHook | None,
+    ) -> None:
+        exc = task.exception()
+        referrer = lookup.referrer_of(peer)
+        if exc is not None:
+            lookup.on_failure(peer)
+            self._note_failure(peer, exc)
+            if referrer is not None and self._referrals.record(referrer, alive=False):
+                dropped = lookup.forget_referrals(referrer)
+                self._block(referrer, f"referred us to dead peers (dropped {dropped} more)")
+            return
+        response = task.result()
+        assert response is not None
+        if referrer is not None:
+            self._referrals.record(referrer, alive=True)
+        self._admit(peer)
+        lookup.on_response(peer, self._learn(response))
+        if on_response is not None:
+            on_response(lookup, peer, response)
+
+    def _learn(self, response: Message) -> list[PeerId]:
+        """Closer peers worth asking: give their addresses to the host; skip us and the blocked."""
+        now = self._clock()
+        usable: list[PeerId] = []
+        for info in response.closer_peers:
+            peer = info.peer_id
+            if peer == self.local or self.table.is_blocked(peer, now):
+                continue
+            if info.addrs:
+                self.host.add_peer_addrs(peer, info.dialable_addrs())
+            elif peer not in self.table and not self.host.peer_addrs(peer):
+                continue  # no way to reach it
+            usable.append(peer)
+        return usable
+
+    # -- routing table admission ----------------------------------------------------------
+    def _admit(self, peer: PeerId) -> None:
+        """`peer` answered a kad request, so it is a DHT server: offer it to the table."""
+        now = self._clock()
+        if peer in self.table:
+            self.table.seen(peer, now)
+            return
+        outcome = self.table.add(peer, self.host.peer_addrs(peer), now)
+        if outcome.probe is not None:
+            self._spawn(self._probe_entry(outcome.probe))
+
+    async def _ping(self, peer: PeerId) -> bool:
+        """Is `peer` a live DHT server? (FIND_NODE for ourselves: every implementation has it.)"""
+        try:
+            await self._request(peer, Message(MessageType.FIND_NODE, self.local.multihash))
+        except (TransportError, MalformedMessage, TimeoutError, EOFError, ConnectionError):
+            return False
+        return True
+
+    async def _probe_entry(self, peer: PeerId) -> None:
+        alive = await self._ping(peer)
+        self.table.probe_result(peer, alive, self._clock())
+
+    def _consider_requester(self, peer: PeerId) -> None:
+        """A peer asked us something: if it serves the DHT too and has room, table it."""
+        now = self._clock()
+        if (
+            peer in self.table
+            or self._probes >= self.config.max_concurrent_probes
+            or not self.table.has_room_for(peer)
+            or self.table.is_blocked(peer, now)
+        ):
+            return
+        last = self._recent_probes.get(peer)
+        if last is not None and now - last < self.config.stale_peer_age:
+            return
+        self._recent_probes[peer] = now
+        self._recent_probes.move_to_end(peer)
+        if len(self._recent_probes) > RECENT_PROBES:
+            self._recent_probes.popitem(last=False)
+        self._probes += 1
+        self._spawn(self._probe_requester(peer))
+
+    async def _probe_requester(self, peer: PeerId) -> None:
+        try:
+            if await self._ping(peer):
+                self._admit(peer)
+        finally:
+            self._probes -= 1
+
+    # -- abuse ----------------------------------------------------------------------------
+    def _violation(self, peer: PeerId) -> None:
+        count = self._violations.pop(peer, 0) + 1
+        self._violations[peer] = count
+        if len(self._violations) > RECENT_PROBES:
+            self._violations.popitem(last=False)
+        if count >= self.config.max_violations:
+            self._block(peer, f"{count} protocol violations")
+
+    def _block(self, peer: PeerId, reason: str) -> None:
+        if self.table.is_blocked(peer, self._clock()):
+            return
+        log.warning("DHT %s blocks peer %s: %s", self.local.short(), peer, reason)
+        self.stats.peers_blocked += 1
+        self.table.block(peer, self._clock() + self.config.block_duration)
+        self._referrals.forget(peer)
+        self._violations.pop(peer, None)
+
+    # -- serving --------------------------------------------------------------------------
+    async def _serve(self, stream: Stream) -> None:
+        """Answer requests on one inbound stream until the peer closes it (spec: reuse ok)."""
+        peer = stream.remote_peer
+        if peer is None:
+            stream.reset("unauthenticated stream")
+            return
+        if self.table.is_blocked(peer, self._clock()):
+            self.stats.refused_blocked += 1
+            stream.reset("blocked")
+            return
+        if self._inbound >= self.config.max_inbound_streams:
+            self.stats.refused_busy += 1
+            log.debug("DHT busy: refusing a stream from %s", peer)
+            stream.reset("too many kad streams")
+            return
+        self._inbound += 1
+        try:
+            while await self._serve_one(stream, peer):
+                pass
+        finally:
+            self._inbound -= 1
+
+    async def _serve_one(self, stream: Stream, peer: PeerId) -> bool:
+        """Read, check and answer one request; False when the stream is done."""
+        try:
+            data = await asyncio.wait_for(
+                stream.read_message(self.config.max_message_size), self.config.inbound_idle_timeout
+            )
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                log.info("peer %s closed a kad stream mid-message", peer)
+            await stream.close()
+            return False
+        except MessageTooLarge as exc:
+            self._refuse(peer, stream, f"oversized message: {exc}")
+            return False
+        except TimeoutError:
+            stream.reset("idle")
+            return False
+        now = self._clock()
+        if not self._rate.allow(peer, now):
+            self.stats.refused_rate_limited += 1
+            log.debug("rate limit: refusing kad requests from %s", peer)
+            stream.reset("rate limited")
+            return False
+        try:
+            request = decode_message(data, self.limits)
+            response = self.server.handle(peer, request, now)
+        except MalformedMessage as exc:
+            self._refuse(peer, stream, f"malformed message: {exc}")
+            return False
+        except InvalidRecord as exc:
+            self.stats.refused_records += 1
+            self._refuse(peer, stream, f"invalid record: {exc}", count=False)
+            return False
+        self.stats.requests_served += 1
+        if response is not None:
+            await stream.write_message(encode_message(response))
+        self._consider_requester(peer)
+        return True
+
+    def _refuse(self, peer: PeerId, stream: Stream, reason: str, count: bool = True) -> None:
+        if count:
+            self.stats.refused_malformed += 1
+        log.warning("DHT %s refused a request from %s: %s", self.local.short(), peer, reason)
+        stream.reset("refused")
+        self._violation(peer)
