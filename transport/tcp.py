@@ -1,0 +1,497 @@
+"""The libp2p TCP transport: TCP, multistream-select, Noise XX (`/noise`), Yamux (`/yamux/1.0.0`).
+
+Dialer and listener upgrade a raw byte pipe in the order every libp2p implementation does:
+negotiate `/noise`, run the Noise XX handshake (which proves the remote's peer ID), negotiate
+`/yamux/1.0.0` inside the encrypted channel, then multiplex. The dialer negotiates lazily (its
+proposals travel with its first handshake bytes), so a connection costs the TCP handshake plus
+1.5 round trips, and the dialer's first stream rides with the last handshake message.
+
+`secure_and_mux()` performs the same upgrade over any `Stream` (a relayed circuit) or
+`ByteChannel`; `TcpTransport` listens and dials `/ip4|ip6|dns*/HOST/tcp/PORT[/p2p/ID]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+
+from pydantic import BaseModel, Field
+
+from transport.connection import DIRECT, RELAYED
+from transport.errors import (
+    ConnectionClosed,
+    DialTimeout,
+    HandshakeFailed,
+    InvalidMultiaddr,
+    PeerUnreachable,
+    TransportError,
+)
+from transport.identity import KeyPair, PeerId
+from transport.multiaddr import Multiaddr
+from transport.multistream import select_inbound, select_outbound
+from transport.noise import (
+    PROTOCOL_ID as NOISE_PROTOCOL_ID,
+)
+from transport.noise import (
+    BufferedChannel,
+    ByteChannel,
+    NoiseHandshake,
+    SecureChannel,
+    StreamChannel,
+    perform_handshake,
+)
+from transport.stream import Stream
+from transport.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from transport.yamux import YamuxConfig, YamuxConnection
+
+log = logging.getLogger(__name__)
+
+ConnectionHandler = Callable[["TcpConnection"], None]
+
+
+class TcpConfig(BaseModel):
+    """Settings of the TCP transport; every limit is explicit."""
+
+    model_config = {"frozen": True}
+
+    dial_timeout: float = Field(10.0, gt=0, description="seconds for the TCP connect")
+    handshake_timeout: float = Field(
+        10.0, gt=0, description="seconds for /noise, the Noise handshake and /yamux/1.0.0"
+    )
+    max_pending_handshakes: int = Field(
+        256, ge=1, description="inbound connections still upgrading; more are dropped at once"
+    )
+    write_buffer_high: int = Field(
+        2 * 1024 * 1024,
+        ge=65536,
+        description="socket send buffer (bytes in asyncio's queue) above which writers wait",
+    )
+    write_buffer_low: int = Field(
+        512 * 1024, ge=0, description="writers resume once the queue drains below this"
+    )
+    close_timeout: float = Field(
+        5.0, gt=0, description="seconds a closing socket may take to send what is queued"
+    )
+    yamux: YamuxConfig = Field(default_factory=YamuxConfig)
+
+
+# -- addresses ------------------------------------------------------------------------------
+
+
+def tcp_multiaddr(host: str, port: int, peer_id: PeerId | None = None) -> Multiaddr:
+    """`/ip4|ip6/<host>/tcp/<port>[/p2p/<id>]` for a socket address."""
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    host = host.split("%", 1)[0]  # drop an IPv6 scope
+    family = "ip6" if ":" in host else "ip4"
+    address = Multiaddr.parse(f"/{family}/{host}/tcp/{port}")
+    return address.with_peer_id(peer_id) if peer_id is not None else address
+
+
+def tcp_socket_address(address: Multiaddr) -> tuple[str, int, int]:
+    """(host, port, socket family) of a direct TCP multiaddr; `InvalidMultiaddr` otherwise."""
+    components = address.without_peer_id().components
+    if (
+        len(components) != 2
+        or components[0][0] not in ("ip4", "ip6", "dns", "dns4", "dns6")
+        or components[1][0] != "tcp"
+    ):
+        raise InvalidMultiaddr(
+            f"{address} is not a direct TCP address (/ip4|ip6|dns*/HOST/tcp/PORT[/p2p/ID])"
+        )
+    kind, host = components[0]
+    family = {"ip4": socket.AF_INET, "dns4": socket.AF_INET, "ip6": socket.AF_INET6}.get(
+        kind, socket.AF_INET6 if kind == "dns6" else socket.AF_UNSPEC
+    )
+    return str(host), int(components[1][1] or 0), family
+
+
+# -- the socket as a ByteChannel ------------------------------------------------------------
+
+
+class TcpChannel(asyncio.Protocol, BufferedChannel):
+    """An asyncio TCP socket as a `ByteChannel`: callbacks straight into Noise and Yamux."""
+
+    def __init__(self, config: TcpConfig) -> None:
+        BufferedChannel.__init__(self)
+        self.close_timeout = config.close_timeout
+        self._config = config
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closing = False
+        self._abort_timer: asyncio.TimerHandle | None = None
+        self.made: asyncio.Future[None] = self._loop.create_future()
+        self._done: asyncio.Future[None] = self._loop.create_future()
+        self.on_made: Callable[[TcpChannel], None] | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(
+            high=self._config.write_buffer_high, low=self._config.write_buffer_low
+        )
+        if not self.made.done():
+            self.made.set_result(None)
+        if self.on_made is not None:
+            self.on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._deliver_data(data)
+
+    def eof_received(self) -> bool:
+        self._deliver_eof()
+        return False  # close our side too: libp2p connections do not stay half-open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._writable.set()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+        if exc is not None:
+            self._deliver_lost(ConnectionClosed(f"TCP connection lost: {exc}"))
+        elif not self._eof:
+            self._deliver_lost(ConnectionClosed("TCP connection closed"))
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # ByteChannel
+    @property
+    def socket_names(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        """(local, remote) socket addresses."""
+        assert self._transport is not None
+        return (
+            self._transport.get_extra_info("sockname")[:2],
+            self._transport.get_extra_info("peername")[:2],
+        )
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._transport is not None and not self._closing:
+            self._transport.write(data)
+
+    def writelines(self, chunks: list[bytes | memoryview]) -> None:
+        if self._transport is not None and not self._closing:
+            self._transport.writelines(chunks)
+
+    async def drain(self) -> None:
+        while not self._writable.is_set():
+            await self._writable.wait()
+        if self._lost is not None or self._done.done():
+            raise ConnectionClosed(str(self._lost or "TCP connection closed"))
+
+    @property
+    def writable(self) -> bool:
+        return self._writable.is_set()
+
+    def close(self) -> None:
+        if self._closing or self._transport is None:
+            return
+        self._closing = True
+        self._transport.close()  # sends what is queued first
+        if not self._done.done():
+            self._abort_timer = self._loop.call_later(
+                self.close_timeout, self.abort, "close timed out"
+            )
+
+    def abort(self, reason: str = "aborted") -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+        elif not self._done.done():
+            self._done.set_result(None)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._done)
+
+
+# -- the upgrade ----------------------------------------------------------------------------
+
+
+class TcpConnection(YamuxConnection):
+    """A libp2p connection over TCP: Noise-secured, Yamux-multiplexed."""
+
+    transport = "tcp"
+
+
+async def upgrade(
+    channel: ByteChannel,
+    key: KeyPair,
+    is_initiator: bool,
+    expected_peer: PeerId | None = None,
+    config: YamuxConfig | None = None,
+    *,
+    connection_class: type[YamuxConnection] = YamuxConnection,
+    local_addr: Multiaddr | None = None,
+    remote_addr: Multiaddr | None = None,
+    path: str = DIRECT,
+    transport: str | None = None,
+) -> YamuxConnection:
+    """Negotiate `/noise`, authenticate, negotiate `/yamux/1.0.0`: a `Connection` over `channel`.
+
+    Raises `PeerIdMismatch` if the remote is not `expected_peer`, `HandshakeFailed` for any
+    other failure; the channel is aborted on every failure (and on cancellation).
+    """
+    prelude = channel.prelude
+    try:
+        if is_initiator:
+            await select_outbound(prelude, [NOISE_PROTOCOL_ID])
+        else:
+            await select_inbound(prelude, [NOISE_PROTOCOL_ID])
+        handshake = NoiseHandshake(key, is_initiator, expected_peer)
+        await perform_handshake(prelude, handshake)
+        secure = SecureChannel(channel, handshake.transport())
+        if is_initiator:
+            await select_outbound(secure.prelude, [YAMUX_PROTOCOL_ID])
+        else:
+            await select_inbound(secure.prelude, [YAMUX_PROTOCOL_ID])
+    except HandshakeFailed as exc:
+        channel.abort(str(exc))
+        raise
+    except (TransportError, EOFError, ConnectionError) as exc:
+        channel.abort(str(exc))
+        raise HandshakeFailed(f"connection upgrade (/noise, /yamux/1.0.0) failed: {exc}") from exc
+    except BaseException:
+        channel.abort("upgrade cancelled")
+        raise
+    assert handshake.remote_peer is not None
+    if remote_addr is not None and not remote_addr.is_relayed:
+        remote_addr = remote_addr.with_peer_id(handshake.remote_peer)
+    return connection_class(
+        secure,
+        handshake.remote_peer,
+        is_initiator,
+        config,
+        local_addr=local_addr,
+        remote_addr=remote_addr,
+        path=path,
+        transport=transport,
+    )
+
+
+async def secure_and_mux(
+    raw: Stream | ByteChannel,
+    key: KeyPair,
+    is_initiator: bool,
+    expected_peer: PeerId | None = None,
+    *,
+    config: YamuxConfig | None = None,
+    timeout: float | None = 10.0,
+    local_addr: Multiaddr | None = None,
+    remote_addr: Multiaddr | None = None,
+    path: str = RELAYED,
+    transport: str = "relay",
+) -> YamuxConnection:
+    """Turn a raw byte stream (a relayed circuit) into a libp2p `Connection` (Noise + Yamux).
+
+    The roles follow `is_initiator` (the circuit's dialer, or the DCUtR-assigned one). On
+    failure the raw stream is reset. `timeout` bounds the whole upgrade (`DialTimeout`).
+    """
+    channel = raw if isinstance(raw, ByteChannel) else StreamChannel(raw)
+    try:
+        return await asyncio.wait_for(
+            upgrade(
+                channel,
+                key,
+                is_initiator,
+                expected_peer,
+                config,
+                local_addr=local_addr,
+                remote_addr=remote_addr,
+                path=path,
+                transport=transport,
+            ),
+            timeout,
+        )
+    except TimeoutError as exc:
+        raise DialTimeout(f"Noise/Yamux upgrade did not finish within {timeout} s") from exc
+
+
+# -- the transport --------------------------------------------------------------------------
+
+
+class TcpTransport:
+    """Listens for and dials libp2p TCP connections with one identity `key`.
+
+    Inbound connections that complete the upgrade go to `on_connection` (set at construction
+    or with `set_connection_handler`); without a handler they are closed.
+    """
+
+    def __init__(
+        self,
+        key: KeyPair,
+        config: TcpConfig | None = None,
+        on_connection: ConnectionHandler | None = None,
+    ) -> None:
+        self.key = key
+        self.config = config or TcpConfig()
+        self._on_connection = on_connection
+        self._servers: list[tuple[asyncio.Server, Multiaddr]] = []
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._connections: set[TcpConnection] = set()
+        self._closed = False
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.key.peer_id
+
+    def set_connection_handler(self, handler: ConnectionHandler | None) -> None:
+        self._on_connection = handler
+
+    @property
+    def listen_addrs(self) -> list[Multiaddr]:
+        return [address for _, address in self._servers]
+
+    @property
+    def connections(self) -> list[TcpConnection]:
+        return list(self._connections)
+
+    async def listen(self, address: Multiaddr | str) -> Multiaddr:
+        """Listen on `/ip4|ip6/HOST/tcp/PORT` (port 0: any); returns the bound address."""
+        if self._closed:
+            raise TransportError("the TCP transport is closed")
+        address = Multiaddr.parse(address)
+        host, port, _ = tcp_socket_address(address)
+        if address.value_for("ip4") is None and address.value_for("ip6") is None:
+            raise InvalidMultiaddr(f"listen on an IP address, not a DNS name: {address}")
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            self._inbound_channel, host, port, reuse_address=True, backlog=1024
+        )
+        bound = server.sockets[0].getsockname()
+        listen_addr = tcp_multiaddr(bound[0], bound[1])
+        self._servers.append((server, listen_addr))
+        log.info("TCP listening on %s", listen_addr.with_peer_id(self.peer_id))
+        return listen_addr
+
+    def _inbound_channel(self) -> TcpChannel:
+        channel = TcpChannel(self.config)
+        channel.on_made = self._accept
+        return channel
+
+    def _accept(self, channel: TcpChannel) -> None:
+        if self._closed or len(self._handshakes) >= self.config.max_pending_handshakes:
+            log.warning(
+                "dropping inbound TCP connection: %d handshakes pending", len(self._handshakes)
+            )
+            channel.abort("too many pending handshakes")
+            return
+        task = asyncio.get_running_loop().create_task(self._upgrade_inbound(channel))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _upgrade_inbound(self, channel: TcpChannel) -> None:
+        local, remote = channel.socket_names
+        try:
+            connection = await asyncio.wait_for(
+                upgrade(
+                    channel,
+                    self.key,
+                    False,
+                    config=self.config.yamux,
+                    connection_class=TcpConnection,
+                    local_addr=tcp_multiaddr(*local),
+                    remote_addr=tcp_multiaddr(*remote),
+                ),
+                self.config.handshake_timeout,
+            )
+        except (TransportError, TimeoutError) as exc:
+            log.info("inbound TCP connection from %s:%d refused: %s", *remote, exc or "timeout")
+            channel.abort("handshake failed")
+            return
+        assert isinstance(connection, TcpConnection)
+        self._track(connection)
+        if self._on_connection is None:
+            log.info("no handler for inbound connections: closing %r", connection)
+            await connection.close()
+            return
+        try:
+            self._on_connection(connection)
+        except Exception:
+            log.exception("inbound connection handler failed")
+            await connection.close()
+
+    def _track(self, connection: TcpConnection) -> None:
+        self._connections.add(connection)
+        connection.add_close_callback(lambda c: self._connections.discard(c))  # type: ignore[arg-type]
+
+    async def dial(
+        self, address: Multiaddr | str, expected_peer: PeerId | None = None
+    ) -> TcpConnection:
+        """Connect to `address`; the remote must prove `expected_peer` (or the `/p2p/` ID)."""
+        if self._closed:
+            raise TransportError("the TCP transport is closed")
+        address = Multiaddr.parse(address)
+        host, port, family = tcp_socket_address(address)
+        in_address = address.peer_id
+        if expected_peer is not None and in_address is not None and in_address != expected_peer:
+            raise ValueError(f"{address} names peer {in_address}, not the expected {expected_peer}")
+        expected_peer = expected_peer or in_address
+        loop = asyncio.get_running_loop()
+        try:
+            _, channel = await asyncio.wait_for(
+                loop.create_connection(lambda: TcpChannel(self.config), host, port, family=family),
+                self.config.dial_timeout,
+            )
+        except TimeoutError as exc:
+            raise DialTimeout(
+                f"TCP connect to {address} timed out after {self.config.dial_timeout} s"
+            ) from exc
+        except OSError as exc:
+            raise PeerUnreachable(f"cannot reach {address}: {exc.strerror or exc}") from exc
+        local, remote = channel.socket_names
+        try:
+            connection = await asyncio.wait_for(
+                upgrade(
+                    channel,
+                    self.key,
+                    True,
+                    expected_peer,
+                    self.config.yamux,
+                    connection_class=TcpConnection,
+                    local_addr=tcp_multiaddr(*local),
+                    remote_addr=tcp_multiaddr(*remote),
+                ),
+                self.config.handshake_timeout,
+            )
+        except TimeoutError as exc:
+            raise DialTimeout(
+                f"the libp2p handshake with {address} did not finish within "
+                f"{self.config.handshake_timeout} s"
+            ) from exc
+        assert isinstance(connection, TcpConnection)
+        self._track(connection)
+        return connection
+
+    async def close(self) -> None:
+        """Stop listening, abandon pending handshakes, close every connection."""
+        self._closed = True
+        for server, _ in self._servers:
+            server.close()
+        for task in list(self._handshakes):
+            task.cancel()
+        await asyncio.gather(*self._handshakes, return_exceptions=True)
+        await asyncio.gather(
+            *(connection.close() for connection in list(self._connections)),
+            return_exceptions=True,
+        )
+        for server, _ in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+
+def is_tcp_address(address: Multiaddr) -> bool:
+    """True for a direct TCP multiaddr this transport can dial."""
+    try:
+        tcp_socket_address(address)
+    except InvalidMultiaddr:
+        return False
+    return True
