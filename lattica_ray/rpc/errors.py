@@ -59,8 +59,8 @@ class RpcError(Exception):
             short = getattr(self.peer, "short", None)
             where.append(f"peer {short() if callable(short) else self.peer}")
         text = f"{self.message} ({', '.join(where)})" if where else self.message
-        if self.remote_type:
-            text = f"{self.remote_type}: {text}"
+        if self.remote_type and self.remote_type.rpartition(".")[2] != type(self).__name__:
+            text = f"{self.remote_type}: {text}"  # the handler's own exception type
         if self.remote_traceback:
             text += "\n--- remote traceback ---\n" + self.remote_traceback.rstrip()
         return text
