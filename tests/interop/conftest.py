@@ -98,6 +98,8 @@ def run_scenario(lattica_python: Path, tmp_path: Path) -> Callable[..., dict[str
             pytest.fail(
                 f"scenario {name} printed no verdict (exit {result.returncode}): {exc}{tail}"
             )
+        if verdict.get("unsupported"):
+            pytest.skip(f"scenario {name}: {verdict['unsupported']}")
         failed = [check for check in verdict["checks"] if not check["ok"]]
         if verdict["error"] or failed or not verdict["checks"]:
             lines = [f"  FAILED {c['name']}: {c['detail']}" for c in failed]

@@ -3,7 +3,8 @@
 A scenario runs INSIDE a private network namespace (the test starts it with
 `benchmarks.lattica_sdk.run_in_private_netns`), starts the SDK nodes it needs as child processes
 (`LatticaPeer`), and prints one JSON verdict on its last stdout line:
-``{"ok": bool, "checks": [{"name", "ok", "detail"}], "error": str | None}``.
+``{"ok": bool, "checks": [{"name", "ok", "detail"}], "error": str | None,
+"unsupported": str | None}``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Verdict:
     def __init__(self) -> None:
         self.checks: list[dict[str, Any]] = []
         self.error: str | None = None
+        self.unsupported: str | None = None  # set when our side lacks what the scenario needs
 
     def check(self, name: str, ok: bool, **detail: Any) -> bool:
         self.checks.append({"name": name, "ok": bool(ok), "detail": detail})
@@ -39,7 +41,12 @@ class Verdict:
 
     def emit(self) -> None:
         ok = self.error is None and bool(self.checks) and all(c["ok"] for c in self.checks)
-        verdict = {"ok": ok, "checks": self.checks, "error": self.error}
+        verdict = {
+            "ok": ok,
+            "checks": self.checks,
+            "error": self.error,
+            "unsupported": self.unsupported,
+        }
         print(json.dumps(verdict, default=str), flush=True)
 
 
@@ -51,20 +58,25 @@ def bare(addr: str) -> str:
 Part = Callable[[argparse.Namespace, Verdict], Awaitable[None]]
 
 
-def run(*parts: Part) -> None:
-    """Parse the common options, run each part, print the verdict, exit 0 (the verdict judges).
+def run(*parts: Part, options: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Parse the options, run each part, print the verdict, exit 0 (the verdict judges).
 
     A part that raises (or overruns its share of --timeout) becomes a failed check named after
-    it, and the next part still runs.
+    it, and the next part still runs. Once a part sets `verdict.unsupported`, no further part runs.
+    `options` adds the scenario's own command-line options.
     """
     parser = argparse.ArgumentParser()
     parser.add_argument("--lattica-python", required=True)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds for all parts")
+    if options is not None:
+        options(parser)
     args = parser.parse_args()
     verdict = Verdict()
 
     async def main() -> None:
         for part in parts:
+            if verdict.unsupported:
+                break
             try:
                 async with asyncio.timeout(args.timeout / len(parts)):
                     await part(args, verdict)
