@@ -1,0 +1,547 @@
+"""The RPC payload codec: values holding numpy arrays, torch tensors and Arrow data, as Arrow IPC.
+
+`encode(obj)` gives the message as a list of buffers to write in order (array data is never
+copied); `decode(message)` validates the whole message and gives the value back, its arrays and
+tensors as zero-copy views over `message`. Nothing is pickled, ever.
+
+Wire format (all integers little-endian), a header then Arrow IPC streams back to back::
+
+    magic "LRAC" | version u8 | flags u8 | reserved u16 (0) | tree length u32 | stream count u32
+    stream length u64 x count
+    tree: ASCII JSON, zero-padded to a multiple of 8 bytes
+    streams: each a complete Arrow IPC stream (schema, batches, end marker)
+
+The tree is the value in pre-order, flat (so its nesting never recurses in a parser): `null`,
+`true`/`false`, numbers and strings stand for themselves; a container is `["L"|"T"|"D", n]`
+(list, tuple, dict) followed by its n items (n key/value pairs for a dict); a leaf names its
+data. If flag bit 0 is set, stream 0 is the *data stream*: one record batch of one row whose
+columns are `large_binary` blocks, one per numpy array (`["N", block, dtype, shape, strides]`),
+numpy scalar (`"G"`), torch tensor (`["P", block, torch dtype, shape, strides]`) or bytes
+(`["B", block]`, bytearray `"Y"`). An array's block is the memory its view spans, so its strides
+survive exactly (see `codec_layout`). Each pyarrow value is a stream of its own, after the data
+stream: `["A"|"C"|"R"|"W", k]` for Array, ChunkedArray, RecordBatch, Table in stream k.
+
+Python ints travel at any size up to `max_int_digits` decimal digits; floats exactly (also nan,
+inf); dict keys may be str, int, float, bool, None, bytes or tuples of these. Subclasses of the
+containers and scalars arrive as the base type (a namedtuple as a tuple, an IntEnum as an int).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import sys
+import warnings
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from lattica_ray.rpc.codec_errors import (
+    CodecError,
+    LimitExceeded,
+    MalformedMessage,
+    UnsupportedType,
+)
+from lattica_ray.rpc.codec_ipc import Gather, read_stream, write_stream
+from lattica_ray.rpc.codec_layout import (
+    TORCH_DTYPES,
+    array_block,
+    numpy_dtype,
+    numpy_dtype_name,
+    torch_to_numpy,
+    view_block,
+)
+
+__all__ = [
+    "CodecError",
+    "CodecLimits",
+    "LimitExceeded",
+    "MalformedMessage",
+    "UnsupportedType",
+    "decode",
+    "encode",
+]
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"LRAC"
+VERSION = 1
+FLAG_DATA_STREAM = 0x01  # stream 0 carries the data blocks
+_HEADER = struct.Struct("<4sBBHII")
+_LENGTH = struct.Struct("<Q")
+_OFFSETS = struct.Struct("<qq")
+
+_LIST, _TUPLE, _DICT = "L", "T", "D"
+_NDARRAY, _NUMPY_SCALAR, _TORCH, _BYTES, _BYTEARRAY = "N", "G", "P", "B", "Y"
+_ARROW_ARRAY, _ARROW_CHUNKED, _ARROW_BATCH, _ARROW_TABLE = "A", "C", "R", "W"
+_KEY_TYPES = (str, int, float, bool, type(None), bytes, tuple)
+
+
+class CodecLimits(BaseModel):
+    """What a received message may ask of us; everything above is refused with LimitExceeded.
+
+    `encode` applies the same limits, so a sender learns before sending what a receiver with
+    the default limits would refuse.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_message_bytes: int = Field(1 << 30, gt=0, description="whole encoded message")
+    max_depth: int = Field(64, gt=0, description="containers nested in containers")
+    max_nodes: int = Field(1_000_000, gt=0, description="values in the tree, leaves included")
+    max_buffers: int = Field(65_536, gt=0, description="data blocks plus Arrow IPC messages")
+    max_string_length: int = Field(16 << 20, gt=0, description="characters in one str")
+    max_int_digits: int = Field(4300, gt=0, description="decimal digits of one Python int")
+    max_ndim: int = Field(32, gt=0, le=64, description="dimensions of one array or tensor")
+    max_array_elements: int = Field(1 << 36, gt=0, description="elements of one array")
+
+
+DEFAULT_LIMITS = CodecLimits()
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@lru_cache(maxsize=256)
+def _data_schema(columns: int) -> pa.Schema:
+    return pa.schema([pa.field(str(i), pa.large_binary(), nullable=False) for i in range(columns)])
+
+
+class _Encoder:
+    """Flattens a value into tree nodes, data blocks and Arrow streams."""
+
+    def __init__(self, limits: CodecLimits) -> None:
+        self.limits = limits
+        self.blocks: list[pa.Buffer] = []
+        self.streams: list[tuple[pa.Schema, list[pa.RecordBatch]]] = []
+
+    def flatten(self, obj: object) -> list[Any]:
+        limits = self.limits
+        nodes: list[Any] = []
+        append = nodes.append
+        stack: list[tuple[object, int]] = [(obj, 0)]
+        pop = stack.pop
+        push = stack.append
+        while stack:
+            item, depth = pop()
+            kind = type(item)
+            if kind is str:
+                if len(item) > limits.max_string_length:
+                    raise LimitExceeded(
+                        "string length", len(item), limits.max_string_length, "max_string_length"
+                    )
+                append(item)
+            elif item is None or kind is int or kind is float or kind is bool:
+                append(item)
+            elif kind is list or kind is tuple or kind is dict:
+                if depth >= limits.max_depth:
+                    raise LimitExceeded(
+                        "container nesting depth", depth + 1, limits.max_depth, "max_depth"
+                    )
+                if kind is dict:
+                    append([_DICT, len(item)])
+                    for key, value in reversed(item.items()):
+                        if not isinstance(key, _KEY_TYPES):
+                            raise UnsupportedType(
+                                f"dict key of type {type(key).__name__} cannot be sent: keys "
+                                "may be str, int, float, bool, None, bytes or tuples of these"
+                            )
+                        push((value, depth + 1))
+                        push((key, depth + 1))
+                else:
+                    append([_LIST if kind is list else _TUPLE, len(item)])
+                    for value in reversed(item):
+                        push((value, depth + 1))
+            else:
+                normalized = self._leaf_or_base(item)
+                if type(normalized) is list:
+                    append(normalized)
+                else:
+                    push((normalized, depth))
+            if len(nodes) > limits.max_nodes:
+                raise LimitExceeded("value count", len(nodes), limits.max_nodes, "max_nodes")
+        return nodes
+
+    def _leaf_or_base(self, item: object) -> object:
+        """The tree node of a leaf value, or a subclass instance as its base type."""
+        if isinstance(item, np.ndarray):
+            if isinstance(item, np.ma.MaskedArray):
+                raise UnsupportedType("masked arrays cannot be sent (the mask would be lost)")
+            return self._array(_NDARRAY, numpy_dtype_name(item.dtype), item)
+        if isinstance(item, np.generic):
+            return self._array(_NUMPY_SCALAR, numpy_dtype_name(item.dtype), np.asarray(item))
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(item, torch.Tensor):
+            name, array = torch_to_numpy(item)
+            return self._array(_TORCH, name, array)
+        if isinstance(item, bytes | bytearray):
+            self.blocks.append(pa.py_buffer(item))
+            return [_BYTES if isinstance(item, bytes) else _BYTEARRAY, len(self.blocks) - 1]
+        if isinstance(item, pa.Array | pa.ChunkedArray | pa.RecordBatch | pa.Table):
+            return self._arrow(item)
+        for base in (bool, int, float, str, dict, list, tuple):
+            if isinstance(item, base):
+                return base(item)  # type: ignore[call-overload]
+        raise UnsupportedType(
+            f"cannot encode a value of type {type(item).__module__}.{type(item).__qualname__}: "
+            "the codec carries None, bool, int, float, str, bytes, list, tuple, dict, numpy "
+            "arrays and scalars, torch tensors and pyarrow arrays/tables (never pickle)"
+        )
+
+    def _array(self, tag: str, dtype_name: str, array: np.ndarray) -> list[Any]:
+        if array.ndim > self.limits.max_ndim:
+            raise LimitExceeded("array rank", array.ndim, self.limits.max_ndim, "max_ndim")
+        if array.size > self.limits.max_array_elements:
+            raise LimitExceeded(
+                "array element count",
+                array.size,
+                self.limits.max_array_elements,
+                "max_array_elements",
+            )
+        array, block = array_block(array)
+        self.blocks.append(block)
+        return [tag, len(self.blocks) - 1, dtype_name, list(array.shape), list(array.strides)]
+
+    def _arrow(self, value: pa.Array | pa.ChunkedArray | pa.RecordBatch | pa.Table) -> list[Any]:
+        if isinstance(value, pa.RecordBatch | pa.Table):
+            tag = _ARROW_BATCH if isinstance(value, pa.RecordBatch) else _ARROW_TABLE
+            schema = value.schema
+            batches = [value] if tag == _ARROW_BATCH else value.to_batches()
+        else:
+            schema = pa.schema([pa.field("values", value.type)])
+            chunks = [value] if isinstance(value, pa.Array) else value.chunks
+            tag = _ARROW_ARRAY if isinstance(value, pa.Array) else _ARROW_CHUNKED
+            batches = [pa.RecordBatch.from_arrays([chunk], schema=schema) for chunk in chunks]
+        self.streams.append((schema, batches))
+        return [tag, len(self.streams) - 1]
+
+
+def encode(obj: object, limits: CodecLimits | None = None) -> list[memoryview]:
+    """The message for `obj`, as buffers to write in this order (large array data uncopied).
+
+    The first buffer holds the header; `sum(len(b) for b in result)` is the message size. The
+    buffers keep the arrays they view alive; do not modify those arrays until the message is sent.
+    Raises UnsupportedType for values the codec does not carry, LimitExceeded past `limits`.
+    """
+    limits = limits or DEFAULT_LIMITS
+    encoder = _Encoder(limits)
+    nodes = encoder.flatten(obj)
+    blocks = len(encoder.blocks)
+    if blocks > limits.max_buffers:
+        raise LimitExceeded("data block count", blocks, limits.max_buffers, "max_buffers")
+    try:
+        tree = json.dumps(nodes, separators=(",", ":")).encode("ascii")
+    except ValueError as exc:  # an int above the interpreter's digit limit
+        raise UnsupportedType(f"cannot encode the value: {exc}") from exc
+    sink = Gather()
+    lengths: list[int] = []
+    flags = 0
+    if blocks:
+        flags |= FLAG_DATA_STREAM
+        schema = _data_schema(blocks)
+        columns = [
+            pa.Array.from_buffers(
+                pa.large_binary(), 1, [None, pa.py_buffer(_OFFSETS.pack(0, block.size)), block]
+            )
+            for block in encoder.blocks
+        ]
+        lengths.append(
+            write_stream(sink, schema, [pa.RecordBatch.from_arrays(columns, schema=schema)])
+        )
+    for schema, batches in encoder.streams:
+        lengths.append(write_stream(sink, schema, batches))
+    padding = -len(tree) % 8
+    header = b"".join(
+        (
+            _HEADER.pack(MAGIC, VERSION, flags, 0, len(tree), len(lengths)),
+            *(_LENGTH.pack(length) for length in lengths),
+            tree,
+            bytes(padding),
+        )
+    )
+    size = len(header) + sink.size
+    if size > limits.max_message_bytes:
+        raise LimitExceeded("message size", size, limits.max_message_bytes, "max_message_bytes")
+    return sink.buffers(header)
+
+
+# --------------------------------------------------------------------------- decoding
+
+# What a malformed message can make the parsers raise; all become MalformedMessage.
+_PARSE_ERRORS = (
+    pa.ArrowException,
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    OverflowError,
+    struct.error,
+    RecursionError,
+)
+
+
+class _Decoder:
+    """Validates one message and rebuilds its value; used once."""
+
+    def __init__(self, message: memoryview, limits: CodecLimits) -> None:
+        self.message = message
+        self.limits = limits
+        self.blocks: list[tuple[int, int]] = []  # (start, end) in message
+        self.streams: list[tuple[pa.Schema, list[pa.RecordBatch]]] = []
+        self.used_blocks: set[int] = set()
+        self.used_streams: set[int] = set()
+
+    def run(self) -> object:
+        limits = self.limits
+        message = self.message
+        size = len(message)
+        if size > limits.max_message_bytes:
+            raise LimitExceeded("message size", size, limits.max_message_bytes, "max_message_bytes")
+        if size < _HEADER.size:
+            raise MalformedMessage(f"message of {size} bytes is shorter than the codec header")
+        magic, version, flags, reserved, tree_length, count = _HEADER.unpack_from(message)
+        if magic != MAGIC:
+            raise MalformedMessage(f"not a codec message (magic {bytes(magic)!r})")
+        if version != VERSION:
+            raise MalformedMessage(f"codec version {version} is not supported (this is {VERSION})")
+        if flags & ~FLAG_DATA_STREAM or reserved:
+            raise MalformedMessage("unknown flags or non-zero reserved header bits")
+        if count > limits.max_buffers:
+            raise LimitExceeded("Arrow stream count", count, limits.max_buffers, "max_buffers")
+        tree_start = _HEADER.size + _LENGTH.size * count
+        tree_end = tree_start + tree_length
+        body = tree_end + (-tree_length % 8)
+        if body > size:
+            raise MalformedMessage("message is truncated inside its header")
+        if any(message[tree_end:body]):
+            raise MalformedMessage("header padding is not zero")
+        lengths = struct.unpack_from(f"<{count}Q", message, _HEADER.size)
+        if sum(lengths) != size - body:
+            raise MalformedMessage(
+                f"header announces {sum(lengths)} bytes of Arrow streams, message has {size - body}"
+            )
+        nodes = self._parse_tree(message[tree_start:tree_end])
+        self._read_streams(body, lengths, bool(flags & FLAG_DATA_STREAM))
+        value = self._build(nodes)
+        if len(self.used_blocks) != len(self.blocks) or len(self.used_streams) != len(self.streams):
+            raise MalformedMessage("message carries data that its tree does not use")
+        return value
+
+    def _parse_tree(self, text: memoryview) -> list[Any]:
+        max_digits = self.limits.max_int_digits
+
+        def parse_int(digits: str) -> int:
+            if len(digits) - digits.startswith("-") > max_digits:
+                raise LimitExceeded("int digit count", len(digits), max_digits, "max_int_digits")
+            return int(digits)
+
+        nodes = json.loads(bytes(text).decode("ascii"), parse_int=parse_int)
+        if type(nodes) is not list:
+            raise MalformedMessage("the value tree is not a list of nodes")
+        if len(nodes) > self.limits.max_nodes:
+            raise LimitExceeded("value count", len(nodes), self.limits.max_nodes, "max_nodes")
+        return nodes
+
+    def _read_streams(self, position: int, lengths: tuple[int, ...], has_data: bool) -> None:
+        whole = pa.py_buffer(self.message)
+        budget = self.limits.max_buffers
+        for index, length in enumerate(lengths):
+            schema, batches, messages = read_stream(whole.slice(position, length), budget)
+            budget -= messages
+            if index == 0 and has_data:
+                self._take_data_stream(schema, batches, whole.address, position, position + length)
+            else:
+                self.streams.append((schema, batches))
+            position += length
+
+    def _take_data_stream(
+        self, schema: pa.Schema, batches: list[pa.RecordBatch], base: int, start: int, end: int
+    ) -> None:
+        if len(batches) != 1 or batches[0].num_rows != 1 or not schema.names:
+            raise MalformedMessage("the data stream must hold one batch of one row")
+        if any(field.type != pa.large_binary() for field in schema):
+            raise MalformedMessage("data stream columns must be large_binary")
+        if len(schema) > self.limits.max_buffers:
+            count = len(schema)
+            raise LimitExceeded("data block count", count, self.limits.max_buffers, "max_buffers")
+        for column in batches[0].columns:
+            if column.null_count:
+                raise MalformedMessage("a data block is null")
+            _, offsets, data = column.buffers()  # validated: offsets lie within data
+            first, last = _OFFSETS.unpack_from(offsets, column.offset * 8)
+            if last == first:  # Arrow may stand in its own empty buffer: nothing to read
+                self.blocks.append((start, start))
+                continue
+            block_start = data.address + first - base
+            block_end = block_start + last - first
+            if not start <= block_start <= block_end <= end:
+                raise MalformedMessage("a data block does not lie inside its stream")
+            self.blocks.append((block_start, block_end))
+
+    def _take(self, index: object, pool: list[Any], used: set[int], what: str) -> Any:
+        if type(index) is not int or not 0 <= index < len(pool):
+            raise MalformedMessage(f"tree refers to {what} {index!r:.20}, which does not exist")
+        if index in used:
+            raise MalformedMessage(f"tree refers to {what} {index} twice")
+        used.add(index)
+        return pool[index]
+
+    def _build(self, nodes: list[Any]) -> object:
+        """The value from its pre-order nodes, with an explicit stack (no recursion)."""
+        limits = self.limits
+        max_string = limits.max_string_length
+        stack: list[list[Any]] = []  # [tag, items still expected, items]
+        for position, node in enumerate(nodes):
+            kind = type(node)
+            if kind is list:
+                tag = node[0] if node else None
+                if tag == _LIST or tag == _TUPLE or tag == _DICT:
+                    if len(stack) >= limits.max_depth:
+                        raise LimitExceeded(
+                            "container nesting depth", len(stack) + 1, limits.max_depth, "max_depth"
+                        )
+                    if len(node) != 2 or type(node[1]) is not int or node[1] < 0:
+                        raise MalformedMessage(f"bad container node {node!r:.80}")
+                    expected = node[1] * 2 if tag == _DICT else node[1]
+                    if expected:
+                        stack.append([tag, expected, []])
+                        continue
+                    value = _container(tag, [])
+                else:
+                    value = self._leaf(node)
+            elif kind is str:
+                if len(node) > max_string:
+                    raise LimitExceeded("string length", len(node), max_string, "max_string_length")
+                value = node
+            elif node is None or kind is bool or kind is int or kind is float:
+                value = node
+            else:
+                raise MalformedMessage(f"unexpected node {node!r:.80} in the value tree")
+            while stack:
+                frame = stack[-1]
+                frame[2].append(value)
+                frame[1] -= 1
+                if frame[1]:
+                    break
+                stack.pop()
+                value = _container(frame[0], frame[2])
+            else:
+                if position != len(nodes) - 1:
+                    raise MalformedMessage("the value tree has nodes after its root")
+                return value
+        raise MalformedMessage("the value tree is incomplete")
+
+    def _leaf(self, node: list[Any]) -> object:
+        tag = node[0]
+        if tag in (_NDARRAY, _NUMPY_SCALAR, _TORCH):
+            if len(node) != 5:
+                raise MalformedMessage(f"bad array node {node!r:.80}")
+            _, index, dtype_name, shape, strides = node
+            start, end = self._take(index, self.blocks, self.used_blocks, "data block")
+            if tag == _TORCH:
+                return self._tensor(start, end, dtype_name, shape, strides)
+            array = self._view(start, end, numpy_dtype(dtype_name), shape, strides)
+            if tag == _NUMPY_SCALAR:
+                if array.ndim:
+                    raise MalformedMessage("a numpy scalar must have shape ()")
+                return array[()]
+            return array
+        if tag in (_BYTES, _BYTEARRAY):
+            if len(node) != 2:
+                raise MalformedMessage(f"bad bytes node {node!r:.80}")
+            start, end = self._take(node[1], self.blocks, self.used_blocks, "data block")
+            data = self.message[start:end]
+            return bytes(data) if tag == _BYTES else bytearray(data)
+        if tag in (_ARROW_ARRAY, _ARROW_CHUNKED, _ARROW_BATCH, _ARROW_TABLE):
+            if len(node) != 2:
+                raise MalformedMessage(f"bad Arrow node {node!r:.80}")
+            schema, batches = self._take(node[1], self.streams, self.used_streams, "Arrow stream")
+            return _arrow_value(tag, schema, batches)
+        raise MalformedMessage(f"unknown node {node!r:.80} in the value tree")
+
+    def _view(
+        self, start: int, end: int, dtype: np.dtype, shape: object, strides: object
+    ) -> np.ndarray:
+        return view_block(
+            self.message,
+            start,
+            end,
+            dtype,
+            shape,
+            strides,
+            max_ndim=self.limits.max_ndim,
+            max_elements=self.limits.max_array_elements,
+        )
+
+    def _tensor(self, start: int, end: int, name: object, shape: object, strides: object) -> Any:
+        spec = TORCH_DTYPES.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise MalformedMessage(f"torch dtype {name!r:.40} is not one the codec sends")
+        array = self._view(start, end, spec.storage, shape, strides)
+        if any(stride < 0 or stride % array.itemsize for stride in array.strides):
+            raise MalformedMessage(f"torch strides {array.strides} are not whole elements")
+        try:
+            import torch
+        except ImportError as exc:
+            raise UnsupportedType(
+                "the message holds torch tensors but torch is not installed"
+            ) from exc
+        if array.flags.writeable:
+            tensor = torch.from_numpy(array)
+        else:  # a read-only receive buffer: torch warns that writing is undefined; it is ours
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                tensor = torch.from_numpy(array)
+        return tensor.view(getattr(torch, spec.name)) if spec.needs_view else tensor
+
+
+def _container(tag: str, items: list[Any]) -> object:
+    if tag == _LIST:
+        return items
+    if tag == _TUPLE:
+        return tuple(items)
+    keys = items[0::2]
+    if not all(isinstance(key, _KEY_TYPES) for key in keys):
+        raise MalformedMessage("a dict key is not a str, int, float, bool, None, bytes or tuple")
+    result = dict(zip(keys, items[1::2], strict=True))
+    if len(result) != len(keys):
+        raise MalformedMessage("a dict has duplicate keys")
+    return result
+
+
+def _arrow_value(tag: str, schema: pa.Schema, batches: list[pa.RecordBatch]) -> object:
+    if tag == _ARROW_TABLE:
+        return pa.Table.from_batches(batches, schema=schema)
+    if tag == _ARROW_BATCH:
+        if len(batches) != 1:
+            raise MalformedMessage("a RecordBatch stream must hold exactly one batch")
+        return batches[0]
+    if len(schema) != 1:
+        raise MalformedMessage("an Arrow array stream must have exactly one column")
+    if tag == _ARROW_ARRAY:
+        if len(batches) != 1:
+            raise MalformedMessage("an Arrow array stream must hold exactly one batch")
+        return batches[0].column(0)
+    return pa.chunked_array([batch.column(0) for batch in batches], type=schema.field(0).type)
+
+
+def decode(message: bytes | bytearray | memoryview, limits: CodecLimits | None = None) -> object:
+    """The value in `message`, validated in full before anything of it is returned.
+
+    Arrays and tensors are zero-copy views over `message` (writable only if it is), so keep it
+    unchanged while they are in use; bytes values are copies. Raises a CodecError subclass for
+    any malformed or over-limit message, and never reads outside `message`.
+    """
+    view = memoryview(message)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    try:
+        return _Decoder(view, limits or DEFAULT_LIMITS).run()
+    except CodecError:
+        raise
+    except _PARSE_ERRORS as exc:
+        raise MalformedMessage(f"malformed codec message: {type(exc).__name__}: {exc}") from exc

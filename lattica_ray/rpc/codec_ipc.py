@@ -1,0 +1,167 @@
+"""Arrow IPC streams for the codec: written as a list of buffers without copying the data, and
+read back from untrusted bytes only after checking what Arrow itself does not.
+
+Arrow's IPC reader checks framing and flatbuffer structure, and `validate(full=True)` checks
+offsets, lengths and indices of every array. Two things it would still do on request of the
+sender, and which we refuse before reading: decompress a body (an lz4/zstd bomb of a few KiB can
+ask for gigabytes) and byte-swap a big-endian stream (a copy). With both refused, every array read
+is a view over the received bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+from lattica_ray.rpc.codec_errors import LimitExceeded, MalformedMessage
+
+# Segments smaller than this are copied into a neighbouring header segment; larger buffers are
+# handed to the writer as they are.
+INLINE_MAX = 64 * 1024
+
+_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # Arrow IPC end-of-stream marker
+
+# MessageHeader union tags (Arrow format/Message.fbs)
+_SCHEMA, _DICTIONARY_BATCH, _RECORD_BATCH = 1, 2, 3
+# Field slots in the Arrow flatbuffer tables we inspect (format/Message.fbs, Schema.fbs)
+_MESSAGE_HEADER_TYPE, _MESSAGE_HEADER = 1, 2
+_SCHEMA_ENDIANNESS = 0
+_RECORD_BATCH_COMPRESSION = 3
+_DICTIONARY_BATCH_DATA = 1
+
+_READ_OPTIONS = pa.ipc.IpcReadOptions(use_threads=False)
+
+
+class Gather:
+    """A write-only sink that keeps what pyarrow writes as segments, big buffers uncopied."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.segments: list[bytes | pa.Buffer | memoryview] = []
+        self.size = 0
+
+    def write(self, data: bytes | pa.Buffer) -> int:
+        size = len(data)
+        self.segments.append(memoryview(data) if size >= INLINE_MAX else data)
+        self.size += size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def buffers(self, header: bytes) -> list[memoryview]:
+        """`header` then everything written, with runs of small segments joined into one."""
+        out: list[memoryview] = []
+        run: list[bytes | pa.Buffer] = [header]
+        for segment in self.segments:
+            if isinstance(segment, memoryview):
+                if run:
+                    out.append(memoryview(b"".join(run)))
+                    run = []
+                out.append(segment)
+            else:
+                run.append(segment)
+        if run:
+            out.append(memoryview(b"".join(run)))
+        return out
+
+
+def write_stream(sink: Gather, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
+    """Append one IPC stream (schema, batches, end marker) to `sink`; returns its length."""
+    before = sink.size
+    with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return sink.size - before
+
+
+def _u(fmt: str, buf: bytes, pos: int) -> int:
+    if pos < 0 or pos + struct.calcsize(fmt) > len(buf):
+        raise MalformedMessage("Arrow message metadata points outside itself")
+    return struct.unpack_from(fmt, buf, pos)[0]
+
+
+class _FlatTable:
+    """Just enough of a flatbuffers table reader to look at three fields, bounds-checked."""
+
+    def __init__(self, buf: bytes, pos: int) -> None:
+        self.buf = buf
+        self.pos = pos
+        self.vtable = pos - _u("<i", buf, pos)
+        self.vtable_size = _u("<H", buf, self.vtable)
+
+    def field(self, slot: int) -> int:
+        """Absolute position of a field, or 0 if the table does not have it."""
+        entry = 4 + 2 * slot
+        if entry + 2 > self.vtable_size:
+            return 0
+        offset = _u("<H", self.buf, self.vtable + entry)
+        return self.pos + offset if offset else 0
+
+    def scalar(self, slot: int, fmt: str, default: int) -> int:
+        where = self.field(slot)
+        return _u(fmt, self.buf, where) if where else default
+
+    def table(self, slot: int) -> _FlatTable | None:
+        where = self.field(slot)
+        return _FlatTable(self.buf, where + _u("<I", self.buf, where)) if where else None
+
+
+def message_kind(metadata: bytes) -> int:
+    """The header type of an IPC message, after refusing compression and big-endian schemas."""
+    message = _FlatTable(metadata, _u("<I", metadata, 0))
+    kind = message.scalar(_MESSAGE_HEADER_TYPE, "<B", 0)
+    header = message.table(_MESSAGE_HEADER)
+    if header is None or kind not in (_SCHEMA, _DICTIONARY_BATCH, _RECORD_BATCH):
+        raise MalformedMessage(f"Arrow IPC message of type {kind} is not allowed in a codec stream")
+    if kind == _SCHEMA and header.scalar(_SCHEMA_ENDIANNESS, "<h", 0) != 0:
+        raise MalformedMessage(
+            "big-endian Arrow streams are refused (the codec sends little-endian)"
+        )
+    batch = header.table(_DICTIONARY_BATCH_DATA) if kind == _DICTIONARY_BATCH else header
+    if batch is not None and batch.field(_RECORD_BATCH_COMPRESSION):
+        raise MalformedMessage("compressed Arrow record batches are refused (decompression bomb)")
+    return kind
+
+
+def read_stream(
+    stream: pa.Buffer, max_messages: int
+) -> tuple[pa.Schema, list[pa.RecordBatch], int]:
+    """Schema and fully validated batches of one IPC stream, and how many messages it held."""
+    if stream.size < len(_EOS) or stream.slice(stream.size - len(_EOS)).to_pybytes() != _EOS:
+        raise MalformedMessage("an Arrow stream does not end with the end-of-stream marker")
+    source = pa.BufferReader(stream)
+    reader = pa.ipc.MessageReader.open_stream(source)
+    messages: list[pa.ipc.Message] = []
+    kinds: list[int] = []
+    while True:
+        try:
+            message = reader.read_next_message()
+        except StopIteration:
+            break
+        if len(messages) >= max_messages:
+            raise LimitExceeded(
+                "Arrow IPC message count", len(messages) + 1, max_messages, "max_buffers"
+            )
+        kinds.append(message_kind(message.metadata.to_pybytes()))
+        messages.append(message)
+    if source.tell() != stream.size:
+        raise MalformedMessage("an Arrow stream has bytes after its end-of-stream marker")
+    if not kinds or kinds[0] != _SCHEMA or _SCHEMA in kinds[1:]:
+        raise MalformedMessage("an Arrow stream must hold exactly one schema, first")
+    if _DICTIONARY_BATCH in kinds:
+        with pa.ipc.open_stream(stream, options=_READ_OPTIONS) as dictionary_reader:
+            schema = dictionary_reader.schema
+            batches = list(dictionary_reader)
+    else:
+        schema = pa.ipc.read_schema(messages[0])
+        batches = [pa.ipc.read_record_batch(message, schema) for message in messages[1:]]
+    for batch in batches:
+        batch.validate(full=True)
+    return schema, batches, len(messages)
