@@ -1,0 +1,1 @@
+"""NAT traversal: circuit relay v2, hole punching (DCUtR), reachability (AutoNAT)."""
