@@ -454,43 +454,62 @@ class NoiseTransport:
         return out
 
     def decrypt(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        """The plaintext of every message completed by `data`; a partial one is kept."""
-        if self._inbox:
-            self._inbox += data
-            buffer: bytes | bytearray | memoryview = self._inbox
-        else:
-            buffer = data
+        """The plaintext of every message completed by `data`; a partial one is kept.
+
+        `data` is only read during the call (it may be a reused receive buffer); only the
+        bytes of an incomplete message are copied.
+        """
         plaintexts: list[bytes] = []
-        size = len(buffer)
-        position = 0
-        view = memoryview(buffer)
+        view = memoryview(data)
         try:
+            position = self._complete_pending(view, plaintexts)
+            size = len(view)
             while size - position >= FRAME_HEADER_LENGTH:
                 length = (view[position] << 8) | view[position + 1]
                 body = position + FRAME_HEADER_LENGTH
                 if size - body < length:
                     break
-                if length < TAG_LENGTH:
-                    raise NoiseError(
-                        f"Noise transport message of {length} bytes has no room for the tag"
-                    )
-                try:
-                    plaintexts.append(
-                        self._receiver.decrypt_with_ad(None, view[body : body + length])
-                    )
-                except InvalidTag as exc:
-                    raise NoiseError(
-                        "a Noise transport message failed authentication: the connection was "
-                        "corrupted or tampered with"
-                    ) from exc
+                plaintexts.append(self._open(view[body : body + length]))
                 position = body + length
+            if position < size:
+                self._inbox += view[position:]
         finally:
             view.release()
-        if buffer is self._inbox:
-            del self._inbox[:position]
-        elif position < size:
-            self._inbox = bytearray(memoryview(buffer)[position:])
         return plaintexts
+
+    def _complete_pending(self, view: memoryview, plaintexts: list[bytes]) -> int:
+        """Finish the message whose start is in the inbox; returns how much of `view` it took."""
+        inbox = self._inbox
+        if not inbox:
+            return 0
+        taken = 0
+        if len(inbox) < FRAME_HEADER_LENGTH:
+            taken = min(FRAME_HEADER_LENGTH - len(inbox), len(view))
+            inbox += view[:taken]
+            if len(inbox) < FRAME_HEADER_LENGTH:
+                return taken
+        needed = FRAME_HEADER_LENGTH + ((inbox[0] << 8) | inbox[1]) - len(inbox)
+        more = min(needed, len(view) - taken)
+        inbox += view[taken : taken + more]
+        taken += more
+        if more == needed:
+            with memoryview(inbox) as message:
+                plaintexts.append(self._open(message[FRAME_HEADER_LENGTH:]))
+            inbox.clear()
+        return taken
+
+    def _open(self, message: bytes | memoryview) -> bytes:
+        if len(message) < TAG_LENGTH:
+            raise NoiseError(
+                f"Noise transport message of {len(message)} bytes is shorter than its tag"
+            )
+        try:
+            return self._receiver.decrypt_with_ad(None, message)
+        except InvalidTag as exc:
+            raise NoiseError(
+                "a Noise transport message failed authentication: the connection was "
+                "corrupted or tampered with"
+            ) from exc
 
     @property
     def pending(self) -> int:

@@ -1,0 +1,208 @@
+"""libp2p TCP (Noise + Yamux) on loopback against plain asyncio TCP, measured in the same run.
+
+    python benchmarks/tcp.py [--size-mib 64] [--rounds 2000] [--repeat 3] [--json]
+
+Prints the 64 B round trip (p50/p99) over one Yamux stream and the bulk throughput of one
+Yamux stream (best of `--repeat`), next to asyncio TCP streams doing the same, and the ratios
+(libp2p TCP / asyncio TCP). The machines are noisy: read the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+# Run as a script, this directory heads sys.path and this file would shadow the package.
+if pathlib.Path(sys.path[0]).resolve() == pathlib.Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+from transport.identity import KeyPair
+from transport.stream import Stream
+from transport.tcp import TcpConfig, TcpConnection, TcpTransport
+
+MESSAGE = b"x" * 64
+CHUNK = 1024 * 1024
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+# -- libp2p TCP -------------------------------------------------------------------------------
+async def _libp2p_pair(
+    config: TcpConfig,
+) -> tuple[TcpTransport, TcpTransport, TcpConnection, asyncio.Queue[Stream]]:
+    inbound: asyncio.Queue[Stream] = asyncio.Queue()
+
+    def on_connection(connection: TcpConnection) -> None:
+        connection.set_inbound_stream_callback(inbound.put_nowait)
+
+    client = TcpTransport(KeyPair.generate(), config)
+    server = TcpTransport(KeyPair.generate(), config, on_connection)
+    address = await server.listen("/ip4/127.0.0.1/tcp/0")
+    connection = await client.dial(address, server.peer_id)
+    return client, server, connection, inbound
+
+
+async def libp2p_rtt(config: TcpConfig, rounds: int) -> list[float]:
+    client, server, connection, inbound = await _libp2p_pair(config)
+    try:
+        stream = await connection.open_stream()
+        await stream.write(MESSAGE)
+        remote = await inbound.get()
+
+        async def echo() -> None:
+            while data := await remote.read(65536):
+                await remote.write(data)
+
+        echo_task = asyncio.ensure_future(echo())
+        await stream.readexactly(len(MESSAGE))
+        samples = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            await stream.write(MESSAGE)
+            await stream.readexactly(len(MESSAGE))
+            samples.append(time.perf_counter() - started)
+        echo_task.cancel()
+        return samples
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def libp2p_throughput(config: TcpConfig, size: int) -> float:
+    client, server, connection, inbound = await _libp2p_pair(config)
+    try:
+        stream = await connection.open_stream()
+        block = bytes(CHUNK)
+        started = time.perf_counter()
+
+        async def send() -> None:
+            for _ in range(size // CHUNK):
+                await stream.write(block)
+            await stream.close()
+
+        sender = asyncio.ensure_future(send())
+        remote = await inbound.get()
+        received = 0
+        while data := await remote.read(CHUNK):
+            received += len(data)
+        await sender
+        elapsed = time.perf_counter() - started
+        assert received == size, (received, size)
+        return size / elapsed
+    finally:
+        await client.close()
+        await server.close()
+
+
+# -- asyncio TCP baseline ---------------------------------------------------------------------
+async def tcp_rtt(rounds: int) -> list[float]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        writer.write(MESSAGE)
+        await writer.drain()
+        await reader.readexactly(len(MESSAGE))
+        samples.append(time.perf_counter() - started)
+    writer.close()
+    server.close()
+    await server.wait_closed()
+    return samples
+
+
+async def tcp_throughput(size: int) -> float:
+    done = asyncio.get_running_loop().create_future()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received = 0
+        while data := await reader.read(CHUNK):
+            received += len(data)
+        done.set_result(received)
+        writer.close()
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    block = bytes(CHUNK)
+    started = time.perf_counter()
+    for _ in range(size // CHUNK):
+        writer.write(block)
+        await writer.drain()
+    writer.write_eof()
+    received = await done
+    elapsed = time.perf_counter() - started
+    writer.close()
+    server.close()
+    assert received == size
+    return size / elapsed
+
+
+async def run(size: int, rounds: int, repeat: int) -> dict:
+    config = TcpConfig()
+    libp2p_samples = await libp2p_rtt(config, rounds)
+    tcp_samples = await tcp_rtt(rounds)
+    libp2p_rates, tcp_rates = [], []
+    for _ in range(repeat):  # interleaved, so both see the same machine load
+        libp2p_rates.append(await libp2p_throughput(config, size))
+        tcp_rates.append(await tcp_throughput(size))
+    libp2p_p50, libp2p_p99 = _percentiles(libp2p_samples)
+    tcp_p50, tcp_p99 = _percentiles(tcp_samples)
+    libp2p_rate, tcp_rate = max(libp2p_rates), max(tcp_rates)
+    return {
+        "rtt_p50_us": {
+            "libp2p_tcp": libp2p_p50 * 1e6,
+            "asyncio_tcp": tcp_p50 * 1e6,
+            "ratio": libp2p_p50 / tcp_p50,
+        },
+        "rtt_p99_us": {
+            "libp2p_tcp": libp2p_p99 * 1e6,
+            "asyncio_tcp": tcp_p99 * 1e6,
+            "ratio": libp2p_p99 / tcp_p99,
+        },
+        "throughput_mb_s": {
+            "size_mib": size // 2**20,
+            "libp2p_tcp": libp2p_rate / 1e6,
+            "asyncio_tcp": tcp_rate / 1e6,
+            "ratio": libp2p_rate / tcp_rate,
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3, help="throughput runs; best is shown")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = asyncio.run(run(args.size_mib * 2**20, args.rounds, args.repeat))
+    if args.json:
+        print(json.dumps(result))
+        return
+    rtt50, rtt99, rate = result["rtt_p50_us"], result["rtt_p99_us"], result["throughput_mb_s"]
+    print("one connection on loopback: libp2p TCP (Noise + Yamux) vs asyncio TCP")
+    print(f"{'':28}{'libp2p TCP':>12}{'asyncio TCP':>14}{'ratio':>10}")
+    for label, row in (("64 B round trip p50 (us)", rtt50), ("64 B round trip p99 (us)", rtt99)):
+        print(f"{label:28}{row['libp2p_tcp']:12.1f}{row['asyncio_tcp']:14.1f}{row['ratio']:10.2f}")
+    label = f"{rate['size_mib']} MiB one stream (MB/s)"
+    print(f"{label:28}{rate['libp2p_tcp']:12.1f}{rate['asyncio_tcp']:14.1f}{rate['ratio']:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
