@@ -46,11 +46,11 @@ class RpcConfig(BaseModel):
     header_timeout: float = Field(
         10.0, gt=0, description="Seconds an inbound stream may take to send its call header."
     )
-    drain_timeout: float = Field(
-        2.0,
-        ge=0,
-        description="After refusing a call mid-request, how long the server reads and drops "
-        "what the caller still sends (so it sees the status, not a reset).",
+    status_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="How long the server tries to deliver a call's final status to a caller "
+        "that does not read, before resetting the stream.",
     )
     read_size: int = Field(
         1024 * 1024, gt=0, description="Largest single read from a stream (bytes)."

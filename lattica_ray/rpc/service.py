@@ -15,6 +15,7 @@ import inspect
 import logging
 import re
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -78,7 +79,7 @@ class CallContext:
     peer: PeerId
     method: str
     metadata: dict[str, str]
-    deadline: float | None  # in `loop.time()` seconds; None = no deadline
+    deadline: float | None  # in `time.monotonic()` seconds; None = no deadline
     cancelled: threading.Event = field(default_factory=threading.Event)
     """Set when the call is cancelled or its deadline passes: plain `def` handlers, which
     cannot be interrupted, should poll or wait on it."""
@@ -86,7 +87,7 @@ class CallContext:
     def time_remaining(self) -> float | None:
         if self.deadline is None:
             return None
-        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+        return max(0.0, self.deadline - time.monotonic())
 
 
 _current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("rpc_current_call")
@@ -163,7 +164,7 @@ def make_method(name: str, handler: Callable[..., Any], kind: CallKind | None = 
     if kind is None:
         kind = inferred
     elif kind.server_streams != produces_stream:
-        need = "a generator function" if kind.server_streams else "a function that returns"
+        need = "a generator" if kind.server_streams else "a function or coroutine, not a generator"
         raise ValueError(f"{name!r}: kind {kind.name} needs {need}; got {handler!r}")
     if kind.client_streams and requests_param is None:
         by_name = [p for p in params if p.name == "requests"]
@@ -337,9 +338,8 @@ class _InboundCall:
         config = service.config
         self.writer = _FrameWriter(stream, config.coalesce_below)
         self.requests = _Channel(config.stream_buffer_messages)
-        loop = asyncio.get_running_loop()
-        self.arguments: asyncio.Future[bytearray] = loop.create_future()
-        deadline = loop.time() + header.timeout if header.timeout is not None else None
+        self.arguments: asyncio.Future[bytearray] = asyncio.get_running_loop().create_future()
+        deadline = None if header.timeout is None else time.monotonic() + header.timeout
         assert self.peer is not None
         self.context = CallContext(self.peer, method.name, dict(header.metadata), deadline)
         self.handler_task: asyncio.Task[list[Buffer] | None] | None = None
@@ -352,8 +352,8 @@ class _InboundCall:
         self.handler_task = loop.create_task(self._invoke(), name=f"rpc {self.method.name}")
         reader = loop.create_task(self._read_requests(), name=f"rpc {self.method.name} reader")
         timer = None
-        if self.context.deadline is not None:
-            timer = loop.call_at(self.context.deadline, self._on_deadline)
+        if self.header.timeout is not None:
+            timer = loop.call_later(self.header.timeout, self._on_deadline)
         try:
             await asyncio.wait([self.handler_task])
         except asyncio.CancelledError:  # the service or the node is stopping
@@ -393,11 +393,12 @@ class _InboundCall:
         task = self.handler_task
         assert task is not None
         response: list[Buffer] = []
+        exc = None if task.cancelled() else task.exception()  # always retrieved, never "lost"
         if self.cause is not None:
             status = self.cause
         elif task.cancelled():
             status = Status(StatusCode.CANCELLED, "the handler was cancelled")
-        elif (exc := task.exception()) is not None:
+        elif exc is not None:
             status = _error_status(exc)
             if status.code == StatusCode.UNKNOWN:
                 logger.info("rpc %s from %s raised %r", self.method.name, self.peer, exc)
@@ -408,7 +409,7 @@ class _InboundCall:
             self.stream.reset("rpc call aborted")
             return
         try:
-            async with asyncio.timeout(self.service.config.header_timeout):
+            async with asyncio.timeout(self.service.config.status_timeout):
                 await self.writer.write([*response, self.proto.send_status(status)])
                 await self.stream.close()
         except (TimeoutError, TransportError, ConnectionError) as exc:
@@ -583,7 +584,11 @@ class _OutboundCall:
         config = service.config
         header = Header(method, kind, timeout, dict(metadata or {}))
         self.proto = ClientCall(header, config.max_message_size)
-        self._first = self.proto.send_message(arguments)  # MessageTooLarge before dialing
+        try:  # bad names or metadata, oversized arguments: refused before dialing
+            self._first: list[Buffer] = [self.proto.start()]
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(f"cannot send this call: {exc}") from exc
+        self._first += self.proto.send_message(arguments)
         self._requests = requests
         loop = asyncio.get_running_loop()
         self.expiry = None if timeout is None else loop.time() + timeout + config.deadline_grace
@@ -605,7 +610,7 @@ class _OutboundCall:
         except (TransportError, ConnectionError, OSError) as exc:
             raise self._error(PeerUnavailable(f"cannot reach the peer: {exc}")) from exc
         self.writer = _FrameWriter(self.stream, service.config.coalesce_below)
-        first: list[Buffer] = [self.proto.start(), *self._first]
+        first = self._first
         if self._requests is None:
             first.append(self.proto.send_end())
         size = sum(memoryview(chunk).nbytes for chunk in first)
@@ -787,7 +792,10 @@ class ResponseStream:
 
     def __del__(self) -> None:
         if self._call is not None and not self._call.done:
-            self._call.abort("response stream dropped")
+            try:
+                self._call.abort("response stream dropped")
+            except RuntimeError:  # the event loop is already closed
+                pass
 
 
 # -- the service ------------------------------------------------------------------------------
@@ -914,7 +922,7 @@ class RpcService:
             raise InvalidArgument(f"could not encode the arguments: {exc}", method=method) from exc
         try:
             call = _OutboundCall(self, peer, method, kind, arguments, requests, timeout, metadata)
-        except RpcError as exc:  # the arguments alone exceed max_message_size
+        except RpcError as exc:  # a bad header, or arguments over max_message_size
             exc.method, exc.peer = method, peer
             raise
         self._outbound.add(call)
@@ -1022,10 +1030,10 @@ class RpcService:
 
     def _admission(self, peer: PeerId | None, header: Header) -> Status | None:
         """Why this call cannot be served now, or None to serve it."""
+        if self._stopping:
+            return Status(StatusCode.UNAVAILABLE, "the server is stopping")
         method = self._methods.get(header.method)
-        if method is None or self._stopping:
-            if self._stopping:
-                return Status(StatusCode.UNAVAILABLE, "the server is stopping")
+        if method is None:
             known = ", ".join(self.methods[:20]) or "none"
             return Status(
                 StatusCode.NOT_FOUND,
@@ -1058,7 +1066,7 @@ class RpcService:
     async def _refuse(self, stream: Stream, proto: ServerCall, status: Status) -> None:
         """Answer with `status` only (no handler ran), then close our side."""
         try:
-            async with asyncio.timeout(self.config.header_timeout):
+            async with asyncio.timeout(self.config.status_timeout):
                 await stream.write(proto.send_status(status))
                 await stream.close()
         except (TimeoutError, TransportError, ConnectionError) as exc:

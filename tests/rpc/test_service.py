@@ -337,7 +337,7 @@ def test_explicit_kind_and_bad_registrations(pair: Pair) -> None:
         return 0
 
     assert make_method("m", untyped, CallKind.CLIENT_STREAM).requests_param == "requests"
-    with pytest.raises(ValueError, match="needs a generator function"):
+    with pytest.raises(ValueError, match="needs a generator"):
         make_method("m", untyped, CallKind.SERVER_STREAM)
     with pytest.raises(TypeError, match="not callable"):
         make_method("m", 42)  # type: ignore[arg-type]
@@ -407,6 +407,10 @@ async def test_bad_arguments_are_invalid_argument(pair: Pair) -> None:
     assert info.value.remote_type == "TypeError"
     with pytest.raises(InvalidArgument, match="could not encode the arguments"):
         await pair.client.call(pair.peer, "one", object())
+    with pytest.raises(InvalidArgument, match="method name"):
+        await pair.client.call(pair.peer, "x" * 300)
+    with pytest.raises(InvalidArgument, match="cannot send this call"):
+        await pair.client.call(pair.peer, "one", 1, metadata={"key": 7})  # type: ignore[dict-item]
     assert pair.client.active_outbound_calls == 0
 
 
@@ -769,18 +773,17 @@ async def test_peer_killed_mid_call(pair: Pair) -> None:
 async def test_peer_killed_mid_stream(pair: Pair) -> None:
     @pair.server.method()
     async def ticks() -> AsyncIterator[int]:
-        i = 0
-        while True:
+        for i in range(4):
             yield i
-            i += 1
+        await asyncio.Event().wait()
 
     received = []
-    with pytest.raises(PeerUnavailable):
+    with pytest.raises(PeerUnavailable, match="stream broke mid-call"):
         async for x in pair.client.stream(pair.peer, "ticks"):
             received.append(x)
             if x == 3:
                 pair.network.kill(pair.peer)
-    assert received[:4] == [0, 1, 2, 3]
+    assert received == [0, 1, 2, 3]
 
 
 async def test_peer_without_rpc_service(pair: Pair) -> None:
