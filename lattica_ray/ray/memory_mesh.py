@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from lattica_ray.ray.mesh import StreamHandler, UnaryHandler
 from lattica_ray.ray.protocol import ActorRecord
-from transport.identity import KeyPair
+from transport.identity import KeyPair, load_or_create_key
 
 
 class MemoryRemoteError(Exception):
@@ -50,10 +50,16 @@ class MemoryMeshNetwork:
 class MemoryMesh:
     """A `Mesh` on a `MemoryMeshNetwork`."""
 
-    def __init__(self, cluster: str, network: MemoryMeshNetwork | None = None) -> None:
+    def __init__(
+        self,
+        cluster: str,
+        network: MemoryMeshNetwork | None = None,
+        key_file: str | None = None,
+    ) -> None:
         self.cluster = cluster
         self.network = network or MemoryMeshNetwork.default()
-        self._peer_id = str(KeyPair.generate().peer_id)
+        key = load_or_create_key(key_file) if key_file else KeyPair.generate()
+        self._peer_id = str(key.peer_id)
         self._unary: dict[str, UnaryHandler] = {}
         self._streams: dict[str, StreamHandler] = {}
         self.alive = False

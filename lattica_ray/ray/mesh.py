@@ -80,7 +80,7 @@ def create_mesh(config: LatticaConfig, key_file: str | None) -> Mesh:
     if config.mesh == "memory":
         from lattica_ray.ray.memory_mesh import MemoryMesh
 
-        return MemoryMesh(config.cluster)
+        return MemoryMesh(config.cluster, key_file=key_file)
     return NodeMesh(config, key_file)
 
 

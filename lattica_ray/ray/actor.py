@@ -1,0 +1,297 @@
+"""`LatticaActor`: one per machine, a detached, named async Ray actor that owns the Node.
+
+It is pinned to its node (hard node affinity), takes no CPU, and Ray restarts it if it dies
+(it comes back with the same peer ID, key file in the Ray session dir, and re-exports the named
+actors it served). Its methods fall in two concurrency groups, "control" (lookups, small calls)
+and "bulk" (large arguments, object transfers), so a transfer never starves control traffic.
+The Node runs on a loop of its own (`LoopThread`): Ray gives each group its own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from lattica_ray.ray.config import LatticaConfig
+from lattica_ray.ray.loop_thread import LoopThread
+from lattica_ray.ray.mesh import create_mesh
+from lattica_ray.ray.protocol import ActorRecord, GlobalRef, MethodKind
+from lattica_ray.ray.service import LatticaService, MethodFailed
+
+logger = logging.getLogger(__name__)
+
+CONTROL = "control"
+BULK = "bulk"
+ACTOR_NAME_PREFIX = "lattica:"
+
+
+def actor_name(node_id: str) -> str:
+    """The Ray name of the LatticaActor on node `node_id`."""
+    return ACTOR_NAME_PREFIX + node_id
+
+
+class RayInvoker:
+    """Runs a method of a local Ray actor from the Node's loop: `await` its ObjectRef, cancel
+    the Ray task if our caller is cancelled, and turn the method's error into `MethodFailed`."""
+
+    async def call(self, target: Any, method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        ref = getattr(target, method).remote(*args, **kwargs)
+        try:
+            return await ref
+        except asyncio.CancelledError:
+            ray.cancel(ref)
+            raise
+        except Exception as exc:
+            raise _method_failed(exc) from None
+
+    async def stream(
+        self, target: Any, method: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        generator = getattr(target, method).remote(*args, **kwargs)
+        try:
+            async for ref in generator:
+                yield await ref
+        except asyncio.CancelledError:
+            ray.cancel(generator)
+            raise
+        except Exception as exc:
+            raise _method_failed(exc) from None
+
+
+def _method_failed(exc: Exception) -> MethodFailed:
+    if isinstance(exc, RayTaskError):
+        cause = getattr(exc, "cause", None)
+        remote_type = type(cause).__name__ if cause is not None else type(exc).__name__
+        message = str(cause) if cause is not None else str(exc)
+        return MethodFailed(message, remote_type=remote_type, remote_traceback=exc.traceback_str)
+    return MethodFailed(str(exc), remote_type=type(exc).__name__, remote_traceback="")
+
+
+def _state_dir() -> Path:
+    """Where the LatticaActor keeps its key and exports: the Ray session dir (so a restart
+    finds them and the cluster's teardown removes them)."""
+    try:
+        session = Path(ray._private.worker._global_node.get_session_dir_path())
+    except Exception:
+        session = Path(tempfile.gettempdir()) / ray.get_runtime_context().get_session_name()
+    path = session / "lattica_ray"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+async def _resolve_refs(value: Any) -> Any:
+    """`value` with every Ray ObjectRef inside lists, tuples and dicts replaced by its value:
+    Ray ObjectRefs never leave the cluster."""
+    if isinstance(value, ray.ObjectRef):
+        return await value
+    if isinstance(value, list):
+        return [await _resolve_refs(v) for v in value]
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple([await _resolve_refs(v) for v in value])
+    if isinstance(value, dict):
+        return {k: await _resolve_refs(v) for k, v in value.items()}
+    return value
+
+
+class LatticaActor:
+    """The per-machine actor (created by `lattica_ray.init`, see `actor_options`)."""
+
+    def __init__(self, config_json: str) -> None:
+        self.config = LatticaConfig.model_validate_json(config_json)
+        context = ray.get_runtime_context()
+        self.node_id = context.get_node_id()
+        self.restarted = context.was_current_actor_reconstructed
+        self.started_at = time.time()
+        self.state_dir = _state_dir()
+        self._exports_file = self.state_dir / f"exports-{self.node_id}.json"
+        self.loop = LoopThread(f"lattica-node-{self.node_id[:8]}")
+        mesh = create_mesh(self.config, str(self.state_dir / f"node-{self.node_id}.key"))
+        self.service = LatticaService(mesh, self.config, RayInvoker())
+        try:
+            self.loop.run_sync(self.service.start(), self.config.start_timeout)
+        except BaseException:
+            self.loop.stop()
+            raise
+        self._restore_exports()
+        logger.info(
+            "LatticaActor up on node %s as peer %s (cluster %r, restarted=%s)",
+            self.node_id[:8],
+            self.service.peer_id,
+            self.config.cluster,
+            self.restarted,
+        )
+
+    # -- lifecycle and state ------------------------------------------------------------------
+    @ray.method(concurrency_group=CONTROL)
+    async def info(self) -> dict[str, Any]:
+        info = await self.loop.run(_call(self.service.info))
+        info.update(
+            node_id=self.node_id,
+            pid=os.getpid(),
+            restarted=self.restarted,
+            started_at=self.started_at,
+            namespace=self.config.namespace,
+        )
+        return info
+
+    @ray.method(concurrency_group=CONTROL)
+    async def members(self) -> list[dict[str, Any]]:
+        return await self.loop.run(_call(self.service.mesh.members))
+
+    @ray.method(concurrency_group=CONTROL)
+    async def shutdown(self) -> None:
+        """Leave the mesh (withdraw exports) and stop the Node; the caller then kills us."""
+        if self.loop.running:
+            await self.loop.run(self.service.stop())
+            self.loop.stop()
+
+    # -- exports ------------------------------------------------------------------------------
+    @ray.method(concurrency_group=CONTROL)
+    async def export(
+        self,
+        name: str,
+        handle: Any,
+        methods: dict[str, MethodKind],
+        restore: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        record = await self.loop.run(self.service.export(name, handle, methods, restore))
+        self._save_exports()
+        return record.to_wire()
+
+    @ray.method(concurrency_group=CONTROL)
+    async def unexport(self, name: str) -> None:
+        await self.loop.run(self.service.unexport(name))
+        self._save_exports()
+
+    @ray.method(concurrency_group=CONTROL)
+    async def find_actor(self, name: str, cluster: str | None = None) -> dict[str, Any]:
+        record = await self.loop.run(_call(self.service.find_actor, name, cluster))
+        return record.to_wire()
+
+    def _save_exports(self) -> None:
+        """Remember the named actors we export, so a restarted LatticaActor serves them again."""
+        restorable = [
+            {"name": e.name, "methods": e.methods, **e.restore}
+            for e in self.service.exports.values()
+            if e.restore.get("ray_name")
+        ]
+        tmp = self._exports_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(restorable))
+        tmp.replace(self._exports_file)
+
+    def _restore_exports(self) -> None:
+        if not self._exports_file.exists():
+            return
+        try:
+            entries = json.loads(self._exports_file.read_text())
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot read saved exports %s: %s", self._exports_file, exc)
+            return
+        for entry in entries:
+            try:
+                handle = ray.get_actor(entry["ray_name"], namespace=entry.get("ray_namespace"))
+            except ValueError:
+                logger.info("exported actor %r is gone; not re-exporting it", entry["name"])
+                continue
+            restore = {"ray_name": entry["ray_name"], "ray_namespace": entry.get("ray_namespace")}
+            self.loop.run_sync(
+                self.service.export(entry["name"], handle, entry["methods"], restore),
+                self.config.start_timeout,
+            )
+        self._save_exports()
+
+    # -- calls to other clusters' actors ------------------------------------------------------
+    @ray.method(concurrency_group=CONTROL)
+    async def call_remote(
+        self,
+        record: dict[str, Any],
+        method: str,
+        timeout: float | None,
+        kwargs: dict[str, Any],
+        *args: Any,
+    ) -> Any:
+        """Call an exported actor's method; the proxy picks the concurrency group per call.
+
+        Top-level ObjectRef arguments arrive resolved by Ray; nested ones are resolved here.
+        """
+        call_args = await _resolve_refs(list(args))
+        call_kwargs = await _resolve_refs(kwargs)
+        target = ActorRecord.from_wire(record)
+        return await self.loop.run(
+            self.service.call(target, method, call_args, call_kwargs, timeout)
+        )
+
+    @ray.method(concurrency_group=CONTROL)
+    async def stream_remote(
+        self,
+        record: dict[str, Any],
+        method: str,
+        timeout: float | None,
+        kwargs: dict[str, Any],
+        *args: Any,
+    ) -> AsyncIterator[Any]:
+        """Stream an exported generator method's items (an ObjectRefGenerator to the caller)."""
+        call_args = await _resolve_refs(list(args))
+        call_kwargs = await _resolve_refs(kwargs)
+        target = ActorRecord.from_wire(record)
+        items = self.service.stream(target, method, call_args, call_kwargs, timeout)
+        async for item in self.loop.iterate(items):
+            yield item
+
+    # -- global objects -----------------------------------------------------------------------
+    @ray.method(concurrency_group=BULK)
+    async def put_object(self, value: Any) -> GlobalRef:
+        value = await _resolve_refs(value)
+        return await self.loop.run(self.service.put(value))
+
+    @ray.method(concurrency_group=BULK)
+    async def get_object(self, ref: GlobalRef, timeout: float | None = None) -> Any:
+        return await self.loop.run(self.service.get(ref, timeout))
+
+    @ray.method(concurrency_group=CONTROL)
+    async def ping(self) -> str:
+        return self.service.peer_id
+
+
+async def _call(fn: Any, *args: Any) -> Any:
+    """Run a plain function on the Node's loop (it touches loop-owned state)."""
+    return fn(*args)
+
+
+def actor_options(config: LatticaConfig, node_id: str) -> dict[str, Any]:
+    """Ray options of the LatticaActor on `node_id`."""
+    return {
+        "name": actor_name(node_id),
+        "namespace": config.namespace,
+        "lifetime": "detached",
+        "get_if_exists": True,
+        "num_cpus": 0,
+        "max_restarts": -1,
+        "max_task_retries": 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+        "concurrency_groups": {
+            CONTROL: config.control_concurrency,
+            BULK: config.bulk_concurrency,
+        },
+    }
+
+
+RemoteLatticaActor = ray.remote(LatticaActor)
+
+
+def start_actor(config: LatticaConfig, node_id: str) -> Any:
+    """The LatticaActor on `node_id`: the running one, or a new one with `config`."""
+    return RemoteLatticaActor.options(**actor_options(config, node_id)).remote(
+        config.model_dump_json()
+    )
