@@ -1,13 +1,18 @@
-"""Peak memory of a large RPC transfer: bounded by chunk size and stream windows, not by the total.
+"""RPC over the in-memory network: peak memory of a 1 GiB transfer, and small-call latency.
 
-Streams `--total-mib` of numpy chunks (`--chunk-mib` each) over an in-memory network, server-
-streamed and client-streamed, each in a fresh subprocess that reports its resident memory just
+Memory: streams `--total-mib` of numpy chunks (`--chunk-mib` each) over an in-memory network,
+server- and client-streamed, each in a fresh subprocess that reports its resident memory just
 before the transfer and its peak during it (VmHWM from /proc/self/status, reset through
 /proc/self/clear_refs after warm-up). The process holds both peers, so the peak covers the
 sender and the receiver together. The baseline beside it: the same total held in memory at once.
 
+Latency (`--latency`): 100-byte unary calls, idle and while another handler (async, then plain
+`def`) is blocked, beside the bare transport round trip (open a stream, echo 100 bytes) measured
+in the same run.
+
     python benchmarks/rpc_memory.py                       # 1 GiB each way, 4 MiB chunks
     python benchmarks/rpc_memory.py --total-mib 256 --json
+    python benchmarks/rpc_memory.py --latency
 """
 
 from __future__ import annotations
@@ -121,6 +126,84 @@ async def aenumerate(items: AsyncIterator[object]) -> AsyncIterator[tuple[int, o
         i += 1
 
 
+async def latency(calls: int) -> None:
+    import threading
+
+    from lattica_ray.rpc import RpcService
+    from transport.memory_host import MemoryNetwork
+
+    network = MemoryNetwork()
+    client_host, server_host = network.add_host(), network.add_host()
+    client, server = RpcService(client_host), RpcService(server_host)
+    await client.start()
+    await server.start()
+    peer = server_host.peer_id
+    payload = b"x" * 100
+    release_async, release_sync = asyncio.Event(), threading.Event()
+    entered_async, entered_sync = asyncio.Event(), threading.Event()
+
+    async def echo_stream(stream: object) -> None:
+        await stream.write_message(await stream.read_message())  # type: ignore[attr-defined]
+        await stream.close()  # type: ignore[attr-defined]
+
+    server_host.set_stream_handler("/bench/echo/1", echo_stream)
+
+    @server.method()
+    async def echo(data: bytes) -> bytes:
+        return data
+
+    @server.method()
+    async def block_async() -> None:
+        entered_async.set()
+        await release_async.wait()
+
+    @server.method()
+    def block_sync() -> None:
+        entered_sync.set()
+        release_sync.wait(60)
+
+    async def measure(one_call: object) -> tuple[float, float]:
+        samples = []
+        for _ in range(calls):
+            began = time.perf_counter()
+            await one_call()  # type: ignore[operator]
+            samples.append(time.perf_counter() - began)
+        samples.sort()
+        return samples[len(samples) // 2] * 1e3, samples[int(len(samples) * 0.99)] * 1e3
+
+    async def bare_round_trip() -> None:
+        stream = await client_host.open_stream(peer, ["/bench/echo/1"])
+        await stream.write_message(payload)
+        await stream.read_message()
+        await stream.close()
+
+    async def rpc_call() -> None:
+        await client.call(peer, "echo", payload)
+
+    try:
+        await measure(rpc_call)  # warm up
+        rows = [("bare stream round trip (baseline)", await measure(bare_round_trip))]
+        rows.append(("rpc unary call", await measure(rpc_call)))
+        blocked = asyncio.create_task(client.call(peer, "block_async"))
+        await entered_async.wait()
+        rows.append(("rpc unary, an async handler blocked", await measure(rpc_call)))
+        release_async.set()
+        await blocked
+        blocked = asyncio.create_task(client.call(peer, "block_sync"))
+        await asyncio.to_thread(entered_sync.wait, 10)
+        rows.append(("rpc unary, a def handler blocked", await measure(rpc_call)))
+        release_sync.set()
+        await blocked
+    finally:
+        await client.stop()
+        await server.stop()
+        await client_host.aclose()
+        await server_host.aclose()
+    print(f"100-byte calls over MemoryNetwork, {calls} each:")
+    for name, (p50, p99) in rows:
+        print(f"  {name:<38} p50 {p50:.3f} ms   p99 {p99:.3f} ms")
+
+
 def run_child(direction: str, total_mib: int, chunk_mib: int) -> dict[str, object]:
     """One transfer in a fresh interpreter, so earlier runs do not raise its peak."""
     command = [
@@ -145,12 +228,18 @@ def main() -> None:
     parser.add_argument("--chunk-mib", type=int, default=4)
     parser.add_argument("--direction", choices=["server", "client", "both"], default="both")
     parser.add_argument("--json", action="store_true", help="print one JSON object per run")
+    parser.add_argument("--latency", action="store_true", help="measure small-call latency")
+    parser.add_argument("--calls", type=int, default=2000, help="calls per latency row")
     parser.add_argument("--child", choices=["server", "client"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         sys.path.insert(0, str(ROOT))
         result = asyncio.run(transfer(args.child, args.total_mib * MIB, args.chunk_mib * MIB))
         print(json.dumps(result))
+        return
+    if args.latency:
+        sys.path.insert(0, str(ROOT))
+        asyncio.run(latency(args.calls))
         return
     directions = ["server", "client"] if args.direction == "both" else [args.direction]
     for direction in directions:

@@ -32,6 +32,7 @@ from lattica_ray.rpc import (
     RpcService,
     StatusCode,
     WrongCallKind,
+    codec,
     current_call,
 )
 from lattica_ray.rpc.protocol import (
@@ -43,74 +44,6 @@ from lattica_ray.rpc.protocol import (
 )
 from lattica_ray.rpc.service import make_method
 from transport.memory_host import MemoryHost, MemoryNetwork
-
-try:  # the Arrow codec; until it round-trips arrays, a JSON + raw-buffer stand-in (tests only)
-    from lattica_ray.rpc import codec as arrow_codec
-
-    _probe = np.arange(3, dtype=np.float32)
-    arrow_codec.decode(bytearray(b"".join(arrow_codec.encode(((_probe, _probe), {})))))
-    CODEC: Any = arrow_codec
-except Exception:  # pragma: no cover - depends on the codec's progress
-    import json
-    import struct
-
-    class _StandInCodec:
-        """Nested lists/tuples/dicts/scalars as JSON, numpy arrays as raw trailing buffers."""
-
-        def encode(self, obj: object) -> list[memoryview]:
-            buffers: list[memoryview] = []
-
-            def walk(o: Any) -> Any:
-                if isinstance(o, np.ndarray):
-                    a = np.ascontiguousarray(o)
-                    buffers.append(memoryview(a.reshape(-1).view(np.uint8)))
-                    return {"nd": [a.dtype.str, list(a.shape), a.nbytes]}
-                if isinstance(o, bytes):
-                    buffers.append(memoryview(o))
-                    return {"b": len(o)}
-                if isinstance(o, tuple):
-                    return {"t": [walk(x) for x in o]}
-                if isinstance(o, list):
-                    return [walk(x) for x in o]
-                if isinstance(o, dict):
-                    return {"d": [[k, walk(v)] for k, v in o.items()]}
-                if o is None or isinstance(o, bool | int | float | str):
-                    return o
-                raise TypeError(f"cannot encode {type(o).__name__}")
-
-            tree = json.dumps(walk(obj)).encode()
-            return [memoryview(struct.pack("<I", len(tree)) + tree), *buffers]
-
-        def decode(self, message: Any, limits: Any = None) -> object:
-            view = memoryview(message)
-            try:
-                (n,) = struct.unpack_from("<I", view)
-                tree = json.loads(bytes(view[4 : 4 + n]))
-            except Exception as exc:
-                raise ValueError(f"malformed message: {exc}") from exc
-            pos = 4 + n
-
-            def walk(o: Any) -> Any:
-                nonlocal pos
-                if isinstance(o, list):
-                    return [walk(x) for x in o]
-                if not isinstance(o, dict):
-                    return o
-                if "nd" in o:
-                    dtype, shape, nbytes = o["nd"]
-                    a = np.frombuffer(view[pos : pos + nbytes], dtype=np.dtype(dtype))
-                    pos += nbytes
-                    return a.reshape(shape)
-                if "b" in o:
-                    pos += o["b"]
-                    return bytes(view[pos - o["b"] : pos])
-                if "t" in o:
-                    return tuple(walk(x) for x in o["t"])
-                return {k: walk(v) for k, v in o["d"]}
-
-            return walk(tree)
-
-    CODEC = _StandInCodec()
 
 WAIT = 5.0  # seconds any awaited event may take before the test fails
 
@@ -151,8 +84,8 @@ async def make_pair() -> AsyncIterator[PairFactory]:
     ) -> Pair:
         network = MemoryNetwork()
         client_host, server_host = network.add_host(), network.add_host()
-        client = RpcService(client_host, client_config, codec=CODEC)
-        server = RpcService(server_host, server_config, codec=CODEC)
+        client = RpcService(client_host, client_config)
+        server = RpcService(server_host, server_config)
         pair = Pair(network, client, server, client_host, server_host)
         created.append(pair)
         await client.start()
@@ -561,7 +494,7 @@ async def test_cancel_frame_from_a_raw_client(pair: Pair) -> None:
 
     call = ClientCall(Header("work", CallKind.UNARY), 1 << 20)
     stream = await pair.client_host.open_stream(pair.peer, [PROTOCOL_ID])
-    args = b"".join(bytes(b) for b in call.send_message(CODEC.encode(((), {}))))
+    args = b"".join(bytes(b) for b in call.send_message(codec.encode(((), {}))))
     await stream.write(call.start() + args + call.send_end())
     await wait_for(started, "the handler starts")
     await stream.write(call.send_cancel())
@@ -644,7 +577,7 @@ async def test_concurrent_calls_per_peer_limit(make_pair: PairFactory) -> None:
         await pair.client.call(pair.peer, "hold")
     # another peer is not affected by this peer's calls
     other_host = pair.network.add_host()
-    other = RpcService(other_host, codec=CODEC)
+    other = RpcService(other_host)
     await other.start()
     try:
         third = asyncio.create_task(other.call(pair.peer, "hold"))
@@ -676,7 +609,7 @@ async def test_total_concurrent_calls_and_outbound_limits(make_pair: PairFactory
     with pytest.raises(ResourceExhausted, match="max_outbound_calls"):
         await pair.client.call(pair.peer, "hold")  # refused locally: 2 already in flight
     other_host = pair.network.add_host()
-    other = RpcService(other_host, codec=CODEC)
+    other = RpcService(other_host)
     await other.start()
     try:
         with pytest.raises(ResourceExhausted, match="max_concurrent_calls"):
@@ -831,7 +764,7 @@ async def test_stopping_the_client_cancels_its_calls(pair: Pair) -> None:
 async def test_undecodable_response_is_a_protocol_error(pair: Pair) -> None:
     class BadResponses:
         def encode(self, obj: object) -> list[memoryview]:
-            return CODEC.encode(obj)
+            return codec.encode(obj)
 
         def decode(self, message: Any, limits: Any = None) -> object:
             raise ValueError("garbage")
@@ -845,6 +778,6 @@ async def test_undecodable_response_is_a_protocol_error(pair: Pair) -> None:
     with pytest.raises(InvalidArgument, match="could not decode the call's arguments"):
         pair.server.codec = BadResponses()
         await pair.client.call(pair.peer, "fine")
-    pair.server.codec = CODEC
+    pair.server.codec = codec
     with pytest.raises(ProtocolError, match="could not decode the response: garbage"):
         await pair.client.call(pair.peer, "fine")
