@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from lattica_ray.rpc.errors import (
@@ -57,7 +58,10 @@ MAX_METHOD_NAME_LENGTH = 256
 MAX_TRACEBACK_LENGTH = 16 * 1024  # a longer remote traceback is cut (it is diagnostics)
 _MAX_PREFIX = 1 + 9  # type byte + the longest varint
 
+LAZY_ALLOCATION_FROM = 1024 * 1024  # bodies this large get memory the OS commits as it fills
+
 Buffer = bytes | bytearray | memoryview
+ReceiveBuffer = bytearray | memoryview  # a received body: writable, one piece, exact length
 
 
 class FrameType(IntEnum):
@@ -100,7 +104,7 @@ class Header:
 class Message:
     """One whole message; `payload` is the receive buffer itself, ready for zero-copy decode."""
 
-    payload: bytearray
+    payload: ReceiveBuffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +215,10 @@ def decode_status(body: Buffer) -> Status:
 class FrameDecoder:
     """Splits bytes into (type, body) frames, checking each length before buffering the body.
 
-    A body is received into a bytearray allocated at its announced length, so a message is
-    copied exactly once (from the transport into its final buffer).
+    A body is received into a buffer allocated at its announced length, so a message is copied
+    exactly once (from the transport into its final buffer). Large bodies use memory that is
+    committed page by page as bytes arrive, so a peer that announces a big message and sends
+    little of it costs little.
     """
 
     def __init__(self, max_message_size: int, max_control_size: int = MAX_CONTROL_FRAME_SIZE):
@@ -220,7 +226,7 @@ class FrameDecoder:
         self.max_control_size = max_control_size
         self._prefix = bytearray()
         self._type: FrameType | None = None
-        self._body: bytearray | None = None
+        self._body: ReceiveBuffer | None = None
         self._filled = 0
 
     @property
@@ -232,8 +238,8 @@ class FrameDecoder:
     def mid_frame(self) -> bool:
         return bool(self._prefix) or self._body is not None
 
-    def feed(self, data: Buffer) -> list[tuple[FrameType, bytearray]]:
-        frames: list[tuple[FrameType, bytearray]] = []
+    def feed(self, data: Buffer) -> list[tuple[FrameType, ReceiveBuffer]]:
+        frames: list[tuple[FrameType, ReceiveBuffer]] = []
         view = memoryview(data).cast("B")
         pos, end = 0, len(view)
         while pos < end:
@@ -284,9 +290,16 @@ class FrameDecoder:
             )
         self._prefix.clear()
         self._type = frame_type
-        self._body = bytearray(length)
+        self._body = allocate(length)
         self._filled = 0
         return pos + body_start - had
+
+
+def allocate(length: int) -> ReceiveBuffer:
+    """A writable buffer of `length` bytes; large ones uninitialised (pages committed on write)."""
+    if length < LAZY_ALLOCATION_FROM:
+        return bytearray(length)
+    return memoryview(np.empty(length, dtype=np.uint8)).cast("B")
 
 
 def message_frame(buffers: Sequence[Buffer], max_message_size: int) -> list[Buffer]:
@@ -336,7 +349,7 @@ class ServerCall:
         self._phase = _Phase.CANCELLED
         return [Cancel("the caller closed its side before the end of its requests")]
 
-    def _on_frame(self, frame_type: FrameType, body: bytearray) -> Event:
+    def _on_frame(self, frame_type: FrameType, body: ReceiveBuffer) -> Event:
         phase = self._phase
         if frame_type == FrameType.CANCEL and phase != _Phase.AWAIT_HEADER:
             self._phase = _Phase.CANCELLED
@@ -419,7 +432,7 @@ class ClientCall:
             raise ProtocolError("the server closed the stream without a status")
         return []
 
-    def _on_frame(self, frame_type: FrameType, body: bytearray) -> Event:
+    def _on_frame(self, frame_type: FrameType, body: ReceiveBuffer) -> Event:
         if self.status is not None:
             raise ProtocolError(f"{frame_type.name} frame after the call's status")
         single_response = not self.header.kind.server_streams

@@ -43,6 +43,7 @@ from lattica_ray.rpc.protocol import (
     Event,
     Header,
     Message,
+    ReceiveBuffer,
     ServerCall,
     Status,
 )
@@ -284,7 +285,9 @@ def _encode_arguments(codec: Codec, args: tuple[Any, ...], kwargs: dict[str, Any
     return codec.encode((tuple(args), dict(kwargs)))
 
 
-def _decode_arguments(codec: Codec, payload: bytearray) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _decode_arguments(
+    codec: Codec, payload: ReceiveBuffer
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     try:
         decoded = codec.decode(payload)
     except (ValueError, TypeError) as exc:  # CodecError is a ValueError
@@ -338,7 +341,7 @@ class _InboundCall:
         config = service.config
         self.writer = _FrameWriter(stream, config.coalesce_below)
         self.requests = _Channel(config.stream_buffer_messages)
-        self.arguments: asyncio.Future[bytearray] = asyncio.get_running_loop().create_future()
+        self.arguments: asyncio.Future[ReceiveBuffer] = asyncio.get_running_loop().create_future()
         deadline = None if header.timeout is None else time.monotonic() + header.timeout
         assert self.peer is not None
         self.context = CallContext(self.peer, method.name, dict(header.metadata), deadline)
@@ -677,7 +680,7 @@ class _OutboundCall:
             )
         )
 
-    def decode(self, payload: bytearray) -> object:
+    def decode(self, payload: ReceiveBuffer) -> object:
         try:
             return self.service.codec.decode(payload)
         except (ValueError, TypeError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -84,6 +85,26 @@ def test_message_body_lands_in_one_buffer_of_the_announced_length() -> None:
     (frame_type, body), *rest = decoder.feed(wire[4:])
     assert frame_type == FrameType.MESSAGE and not rest
     assert isinstance(body, bytearray) and len(body) == 200 and body == bytes(range(200))
+
+
+def test_large_body_costs_memory_only_as_bytes_arrive() -> None:
+    """A peer announcing 256 MiB and sending 1 KiB does not make us commit 256 MiB."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("needs Linux /proc/self/status")
+
+    def rss() -> int:
+        line = next(x for x in status.read_text().splitlines() if x.startswith("VmRSS"))
+        return int(line.split()[1]) * 1024
+
+    decoder = FrameDecoder(max_message_size=1 << 30)
+    before = rss()
+    decoder.feed(frame_prefix(FrameType.MESSAGE, 256 << 20) + b"x" * 1024)
+    assert decoder.body_remaining == (256 << 20) - 1024
+    assert rss() - before < 16 << 20
+    [(_, body)] = decoder.feed(b"y" * decoder.body_remaining)
+    assert len(body) == 256 << 20 and body[:1] == b"x" and body[-1:] == b"y"
+    assert not memoryview(body).readonly  # decoded arrays over it are ordinary writable views
 
 
 def test_oversized_message_refused_from_its_prefix_alone() -> None:
