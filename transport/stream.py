@@ -49,6 +49,13 @@ class Stream:
     def _on_consumed(self, nbytes: int) -> None:
         """Hook for transports that give flow-control credit as the application reads."""
 
+    def _on_waiting(self, needed: int) -> None:
+        """Hook: a reader waits until `needed` bytes are buffered, more than may be in flight.
+
+        A transport whose window is smaller must grant enough credit here, or the reader and
+        the remote writer wait for each other forever (readexactly of more than the window).
+        """
+
     # -- reading ----------------------------------------------------------------------------
     async def _wait_readable(self) -> None:
         while not self._buffer and not self._eof and self._reset_reason is None:
@@ -89,6 +96,7 @@ class Stream:
                 raise StreamReset(self._reset_reason)
             if self._eof:
                 raise asyncio.IncompleteReadError(bytes(self._buffer), nbytes)
+            self._on_waiting(nbytes)
             self._readable.clear()
             await self._readable.wait()
         chunk = bytes(self._buffer[:nbytes])
@@ -118,6 +126,7 @@ class Stream:
                     del self._buffer[: start + length]
                     self._on_consumed(start + length)
                     return body
+                self._on_waiting(start + length)
             if self._reset_reason is not None:
                 raise StreamReset(self._reset_reason)
             if self._eof:
