@@ -548,7 +548,11 @@ class ByteChannel(abc.ABC):
 
     @abc.abstractmethod
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue `data` (never blocks; call `drain()` for backpressure)."""
+        """Queue `data` (never blocks; call `drain()` for backpressure); do not modify it after."""
+
+    def writelines(self, chunks: list[bytes | memoryview]) -> None:
+        """Queue the chunks as one write (they are copied: views of caller buffers are fine)."""
+        self.write(b"".join(chunks))
 
     @abc.abstractmethod
     async def drain(self) -> None:
@@ -747,7 +751,7 @@ class SecureChannel(BufferedChannel):
         self.raw.write(frames)
 
     def writelines(self, chunks: list[bytes | memoryview]) -> None:
-        self.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        self.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))  # encrypt() copies
 
     async def drain(self) -> None:
         if self._lost is not None:

@@ -178,10 +178,6 @@ class TcpChannel(asyncio.Protocol, BufferedChannel):
         if self._transport is not None and not self._closing:
             self._transport.write(data)
 
-    def writelines(self, chunks: list[bytes | memoryview]) -> None:
-        if self._transport is not None and not self._closing:
-            self._transport.writelines(chunks)
-
     async def drain(self) -> None:
         while not self._writable.is_set():
             await self._writable.wait()

@@ -418,6 +418,27 @@ class YamuxSession:
         state.recv_credit += grant
         self._frame(TYPE_WINDOW_UPDATE, 0, stream_id, grant)
 
+    def reader_needs(self, stream_id: int, needed: int) -> None:
+        """The application waits for `needed` bytes at once: let the remote send that much.
+
+        Without this, a read of more than the window (readexactly, a large message) waits for
+        credit that only consuming would release. The window stays grown: the local reader
+        chose the size, not the remote.
+        """
+        state = self._streams.get(stream_id)
+        if state is None or state.remote_closed:
+            return
+        if needed <= state.buffered + state.recv_credit:
+            return  # the remote may already send enough
+        needed = min(needed, MAX_WINDOW)
+        if needed > state.recv_window:
+            self._window_growth += needed - state.recv_window
+            state.recv_window = needed
+        grant = state.recv_window - state.recv_credit - state.buffered
+        if grant > 0:
+            state.recv_credit += grant
+            self._frame(TYPE_WINDOW_UPDATE, 0, stream_id, grant)
+
     def _grow_window(self, state: _StreamState) -> int:
         """Double the stream's window within the stream and connection limits."""
         budget = self.config.max_connection_window - self._window_growth
@@ -687,6 +708,9 @@ class YamuxStream(Stream):
     def _on_consumed(self, nbytes: int) -> None:
         self.connection._consumed(self, nbytes)
 
+    def _on_waiting(self, needed: int) -> None:
+        self.connection._reader_needs(self, needed)
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._reset_reason is not None:
             raise StreamReset(self._reset_reason)
@@ -877,7 +901,7 @@ class YamuxConnection(Connection):
     def _flush(self) -> None:
         out = self._session.data_to_send()
         if out:
-            self._channel.writelines(out)  # type: ignore[attr-defined]
+            self._channel.writelines(out)
         timer_at = self._session.get_timer()
         if timer_at != self._timer_at and not self.is_closed:
             if self._timer is not None:
@@ -910,9 +934,6 @@ class YamuxConnection(Connection):
         self._backlog_open.set()
         self._mark_closed(reason)
 
-    def _closed_error(self) -> ConnectionClosed:
-        return ConnectionClosed(f"connection to {self.remote_peer} closed: {self.closed.result()}")
-
     async def _write(self, stream: YamuxStream, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
@@ -923,14 +944,12 @@ class YamuxConnection(Connection):
         stream_id = stream.stream_id
         while view:
             if stream._reset_reason is not None:
-                if self.is_closed:
-                    raise self._closed_error()
-                raise StreamReset(stream._reset_reason)
+                raise StreamReset(stream._reset_reason)  # "connection closed: ..." if it died
             if not channel.writable:
                 try:
                     await channel.drain()
-                except ConnectionClosed:
-                    raise self._closed_error() from None
+                except ConnectionClosed as exc:
+                    raise StreamReset(f"connection closed: {exc}") from None
                 continue
             if not session.send_credit(stream_id):
                 stream._send_ready.clear()
@@ -945,6 +964,11 @@ class YamuxConnection(Connection):
             return
         self._session.stream_consumed(stream.stream_id, nbytes, self._loop.time())
         self._flush()
+
+    def _reader_needs(self, stream: YamuxStream, needed: int) -> None:
+        if not self.is_closed:
+            self._session.reader_needs(stream.stream_id, needed)
+            self._flush()
 
     def _close_stream(self, stream: YamuxStream) -> None:
         if self.is_closed:

@@ -392,3 +392,18 @@ def test_many_streams_interleaved_arrive_intact(sizes: list[int], cut: int) -> N
             ended.add(event.stream_id)
     assert {k: bytes(v) for k, v in got.items()} == payloads
     assert ended == set(payloads)
+
+
+def test_a_reader_waiting_for_more_than_the_window_gets_credit() -> None:
+    client, server = pair()
+    stream_id = client.open_stream()
+    exchange(client, server)
+    client.send_data(stream_id, bytes(200_000))
+    server.receive_data(wire(client))
+    server.reader_needs(stream_id, 100_000)  # already reachable: nothing to send
+    assert wire(server) == b""
+    server.reader_needs(stream_id, 1_000_000)  # readexactly(1 MB) with 200 kB buffered
+    update = wire(server)
+    assert frames(update) == [(TYPE_WINDOW_UPDATE, 0, stream_id, 1_000_000 - INITIAL_WINDOW)]
+    client.receive_data(update)
+    assert client.send_credit(stream_id) == 1_000_000 - 200_000
