@@ -578,9 +578,15 @@ class Lab:
         script = flush_mappings_script(node.kind)
         if script:
             ns.run_in(node.netns, ["nft", "-f", "-"], input=script)
-        entries = ns.run_in(node.netns, ["conntrack", "-L"], check=False).stdout.strip()
+        entries = self.mappings(router)
         if entries:
-            raise LabError(f"conntrack table of {router} not empty after flush:\n{entries}")
+            raise LabError(f"conntrack table of {router} not empty after flush: {entries}")
+
+    def mappings(self, router: str) -> list[str]:
+        """The router's conntrack entries, one ``conntrack -L`` line each: its live NAT state."""
+        node = self._router(router)
+        listed = ns.run_in(node.netns, ["conntrack", "-L"], check=False).stdout
+        return [line for line in listed.splitlines() if line.strip()]
 
     def cut_link(self, name: str) -> None:
         """Silently drop everything on ``name``'s uplink, both ways, until restore_link."""

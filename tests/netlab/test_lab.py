@@ -180,8 +180,8 @@ def test_router_maps_and_filters_as_named(internet: Lab, kind: NatKind) -> None:
             assert seen1 == seen2 == (lab.address(host), local_port)
         elif behaviour.mapping == Mapping.ENDPOINT_INDEPENDENT:
             assert seen1 == seen2, "endpoint-independent mapping: one port for all destinations"
-        else:
-            assert seen1[1] != seen2[1], "endpoint-dependent mapping: a port per destination"
+        # (endpoint-dependent: checked below over three destinations; two may share a port by
+        # chance, one time in ~60000)
 
         probe = Probe(lab, router, client)
         same_address_passes = probe.passes(echo1_other, seen1, control=echo1)
@@ -201,7 +201,7 @@ def test_router_maps_and_filters_as_named(internet: Lab, kind: NatKind) -> None:
         # entry would hand out a new port here, which breaks hole punching.
         seen3 = ask_mapping(client, stranger, (lab.address("pub3"), ECHO_PORT))
         if behaviour.mapping == Mapping.ENDPOINT_DEPENDENT:
-            assert len({seen1[1], seen2[1], seen3[1]}) > 1
+            assert len({seen1[1], seen2[1], seen3[1]}) > 1, "a new port per destination"
         else:
             assert seen3 == seen1
     finally:
@@ -346,11 +346,13 @@ def test_delay_and_jitter_show_in_round_trip_times(internet: Lab) -> None:
         f"2x(30+-10 + 10) {min(jittered):.1f}..{max(jittered):.1f}; "
         f"50 one way {min(one_way):.1f}..{max(one_way):.1f}; cleared {after:.2f}"
     )
+    # A delay is never shorter than asked (hard lower bounds); upper bounds are on the median,
+    # since a busy machine can always make one sample late.
     assert base < 5
-    assert all(80 <= rtt < 80 + 20 for rtt in fixed), fixed
-    assert all(60 - 1 <= rtt < 100 + 20 for rtt in jittered), jittered
-    assert max(jittered) - min(jittered) > 5, f"no jitter visible: {jittered}"
-    assert all(50 <= rtt < 50 + 20 for rtt in one_way), one_way
+    assert min(fixed) >= 80 and statistics.median(fixed) < 80 + 15, fixed
+    assert min(jittered) >= 60 and 70 <= statistics.median(jittered) < 90 + 15, jittered
+    assert statistics.stdev(jittered) > 2, f"no jitter visible: {jittered}"  # expected ~8 ms
+    assert min(one_way) >= 50 and statistics.median(one_way) < 50 + 15, one_way
     assert after < 5
 
 
@@ -481,3 +483,23 @@ def test_cli_up_exec_set_link_down() -> None:
         down = cli("down", lab["id"])
     assert down.returncode == 0, down.stderr
     assert not list_namespaces(f"netlab-{lab['id']}-")
+
+
+def test_idle_mappings_expire_after_mapping_timeout(netlab: Callable[[], Lab]) -> None:
+    lab = netlab()
+    lab.add_public_host("stun")
+    lab.add_nat("nat", NatKind.PORT_RESTRICTED, mapping_timeout_s=1)
+    lab.add_host("inside", behind="nat")
+    lab.start()
+    with udp(lab, "stun", ECHO_PORT) as echo, udp(lab, "inside") as client:
+        mapped = ask_mapping(client, echo, (lab.address("stun"), ECHO_PORT))
+        assert len(lab.mappings("nat")) == 1
+        began = time.monotonic()
+        wait_for(lambda: not lab.mappings("nat"), "the idle mapping to expire", timeout=5)
+        idle = time.monotonic() - began
+        before = lab.router_drops("nat").inbound
+        echo.sendto(b"too late", mapped)
+        wait_for(lambda: lab.router_drops("nat").inbound > before, "drop at the expired mapping")
+        assert_nothing_pending(client, "after the mapping expired")
+    print(f"\nmapping with a 1 s timeout expired after {idle:.2f} s idle")
+    assert idle < 3
