@@ -64,9 +64,11 @@ def pick_lab(lab_id: str | None) -> Lab:
     if lab_id:
         return Lab.attach(lab_id)
     records = list_records()
-    if len(records) != 1:
-        ids = ", ".join(r.id for r in records) or "none"
-        raise LabError(f"{len(records)} labs running ({ids}): say which with --lab ID")
+    if not records:
+        raise LabError("no lab is running (start one with: python -m tests.netlab up)")
+    if len(records) > 1:
+        ids = ", ".join(r.id for r in records)
+        raise LabError(f"{len(records)} labs are running ({ids}): say which with --lab ID")
     return Lab.attach(records[0].id)
 
 
@@ -172,7 +174,9 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
-        prog="python -m tests.netlab", description=__doc__.split("\n\n")[0]
+        prog="python -m tests.netlab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = top.add_subparsers(dest="command", required=True)
 
