@@ -10,9 +10,11 @@ The Node runs on a loop of its own (`LoopThread`): Ray gives each group its own 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -69,12 +71,18 @@ class RayInvoker:
             raise _method_failed(exc) from None
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _method_failed(exc: Exception) -> MethodFailed:
+    """The error of a Ray actor method as text: the cause's type and message, and Ray's
+    formatted remote traceback (str of a RayTaskError; its colour codes removed)."""
     if isinstance(exc, RayTaskError):
         cause = getattr(exc, "cause", None)
         remote_type = type(cause).__name__ if cause is not None else type(exc).__name__
-        message = str(cause) if cause is not None else str(exc)
-        return MethodFailed(message, remote_type=remote_type, remote_traceback=exc.traceback_str)
+        message = str(cause) if cause is not None else ""
+        text = _ANSI_ESCAPE.sub("", str(exc))
+        return MethodFailed(message, remote_type=remote_type, remote_traceback=text)
     return MethodFailed(str(exc), remote_type=type(exc).__name__, remote_traceback="")
 
 
@@ -280,18 +288,16 @@ def actor_options(config: LatticaConfig, node_id: str) -> dict[str, Any]:
         "max_restarts": -1,
         "max_task_retries": 0,
         "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-        "concurrency_groups": {
-            CONTROL: config.control_concurrency,
-            BULK: config.bulk_concurrency,
-        },
     }
 
 
-RemoteLatticaActor = ray.remote(LatticaActor)
+@functools.cache
+def _remote_class(control: int, bulk: int) -> Any:
+    # Concurrency groups can only be given to ray.remote, not to .options().
+    return ray.remote(concurrency_groups={CONTROL: control, BULK: bulk})(LatticaActor)
 
 
 def start_actor(config: LatticaConfig, node_id: str) -> Any:
     """The LatticaActor on `node_id`: the running one, or a new one with `config`."""
-    return RemoteLatticaActor.options(**actor_options(config, node_id)).remote(
-        config.model_dump_json()
-    )
+    remote_class = _remote_class(config.control_concurrency, config.bulk_concurrency)
+    return remote_class.options(**actor_options(config, node_id)).remote(config.model_dump_json())

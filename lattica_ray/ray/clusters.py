@@ -184,7 +184,7 @@ class LocalRayCluster:
         except FileNotFoundError:
             return ""
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """End every process of this cluster: SIGTERM to `ray start` (it drains and stops its
         children), then SIGKILL to whatever is left in its process group or still names our
         temp dir (workers the raylet spawned)."""
@@ -194,8 +194,10 @@ class LocalRayCluster:
                 process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("cluster %s ignored SIGTERM; killing it", self.name)
+            except subprocess.TimeoutExpired:  # it drains actors for up to 30 s
+                logger.info(
+                    "cluster %s still draining after %.0f s: killing it", self.name, timeout
+                )
             _kill_group(process.pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(5)

@@ -75,9 +75,7 @@ def test_cluster_requires_its_token_and_stops_completely():
         assert "CONNECTED 1" in allowed.stdout, allowed.stdout + allowed.stderr
 
         head_pid = cluster.pid
-        members = [
-            int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == head_pid
-        ]
+        members = [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == head_pid]
         assert len(members) > 3  # gcs_server, raylet, agents...
     assert not _alive(head_pid)
     assert [pid for pid in members if _alive(pid)] == []
