@@ -352,25 +352,29 @@ class _InboundCall:
     # -- lifecycle ----------------------------------------------------------------------
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.pending and isinstance(self.pending[0], Message):  # came with the header
+            self.arguments.set_result(self.pending.popleft().payload)
         self.handler_task = loop.create_task(self._invoke(), name=f"rpc {self.method.name}")
         reader = loop.create_task(self._read_requests(), name=f"rpc {self.method.name} reader")
         timer = None
         if self.header.timeout is not None:
             timer = loop.call_later(self.header.timeout, self._on_deadline)
         try:
-            await asyncio.wait([self.handler_task])
-        except asyncio.CancelledError:  # the service or the node is stopping
-            self.cancel(Status(StatusCode.UNAVAILABLE, "the server is stopping"))
-            await asyncio.wait([self.handler_task])
-            raise
+            try:
+                await asyncio.wait([self.handler_task])
+            except asyncio.CancelledError:  # the service or the node is stopping
+                self.cancel(Status(StatusCode.UNAVAILABLE, "the server is stopping"))
+                await asyncio.wait([self.handler_task])
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            await self._finish()  # the reader still watches for a reset meanwhile
         finally:
-            if timer is not None:
-                timer.cancel()
+            if not self.handler_task.done():  # cancelled twice while stopping
+                self.handler_task.cancel()
             reader.cancel()
             await asyncio.wait([reader])
-            if not self.handler_task.done():
-                self.handler_task.cancel()
-        await self._finish()
 
     def cancel(self, status: Status, reset: bool = False) -> None:
         """Stop the handler; `status` is what the caller will be told."""
@@ -408,6 +412,7 @@ class _InboundCall:
         else:
             response = task.result() or []
             status = Status(StatusCode.OK)
+        self.service._release(self)  # before the status: the caller may call again at once
         if self.reset_by_caller or self.writer.mid_frame:
             self.stream.reset("rpc call aborted")
             return
@@ -1020,16 +1025,20 @@ class RpcService:
             return
         method = self._methods[header.method]
         call = _InboundCall(self, stream, proto, pending, method, header)
-        peer = call.peer
         self._inbound.add(call)
-        self._inbound_per_peer[peer] += 1
+        self._inbound_per_peer[call.peer] += 1
         try:
             await call.run()
         finally:
+            self._release(call)
+
+    def _release(self, call: _InboundCall) -> None:
+        """Free the call's place under the concurrency limits (once)."""
+        if call in self._inbound:
             self._inbound.discard(call)
-            self._inbound_per_peer[peer] -= 1
-            if not self._inbound_per_peer[peer]:
-                del self._inbound_per_peer[peer]
+            self._inbound_per_peer[call.peer] -= 1
+            if not self._inbound_per_peer[call.peer]:
+                del self._inbound_per_peer[call.peer]
 
     def _admission(self, peer: PeerId | None, header: Header) -> Status | None:
         """Why this call cannot be served now, or None to serve it."""

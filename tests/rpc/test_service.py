@@ -589,6 +589,25 @@ async def test_concurrent_calls_per_peer_limit(make_pair: PairFactory) -> None:
     assert pair.server.active_inbound_calls == 0
 
 
+async def test_a_finished_call_frees_its_slot_before_the_caller_sees_the_result(
+    make_pair: PairFactory,
+) -> None:
+    pair = await make_pair(server_config=RpcConfig(max_concurrent_calls_per_peer=1))
+
+    @pair.server.method()
+    async def ping() -> int:
+        return 1
+
+    @pair.server.method()
+    async def pings(n: int) -> AsyncIterator[int]:
+        for _ in range(n):
+            yield 1
+
+    for _ in range(50):  # back to back, at the limit of one: never refused
+        assert await pair.client.call(pair.peer, "ping") == 1
+        assert [x async for x in pair.client.stream(pair.peer, "pings", 2)] == [1, 1]
+
+
 async def test_total_concurrent_calls_and_outbound_limits(make_pair: PairFactory) -> None:
     pair = await make_pair(
         client_config=RpcConfig(max_outbound_calls=2),
