@@ -12,7 +12,8 @@ Wire format (all integers little-endian), a header then Arrow IPC streams back t
     streams: each a complete Arrow IPC stream (schema, batches, end marker)
 
 The tree is the value in pre-order, flat (so its nesting never recurses in a parser): `null`,
-`true`/`false`, numbers and strings stand for themselves; a container is `["L"|"T"|"D", n]`
+`true`/`false`, numbers and strings stand for themselves (a nan is `["F", its 64 bits]`, so
+that sign and payload survive); a container is `["L"|"T"|"D", n]`
 (list, tuple, dict) followed by its n items (n key/value pairs for a dict); a leaf names its
 data. If flag bit 0 is set, stream 0 is the *data stream*: one record batch of one row whose
 columns are `large_binary` blocks, one per numpy array (`["N", block, dtype, shape, strides]`),
@@ -33,7 +34,6 @@ import logging
 import struct
 import sys
 import warnings
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,7 @@ from lattica_ray.rpc.codec_errors import (
     MalformedMessage,
     UnsupportedType,
 )
-from lattica_ray.rpc.codec_ipc import Gather, read_stream, write_stream
+from lattica_ray.rpc.codec_ipc import Gather, data_batch, is_data_schema, read_stream, write_stream
 from lattica_ray.rpc.codec_layout import (
     TORCH_DTYPES,
     array_block,
@@ -73,9 +73,11 @@ VERSION = 1
 FLAG_DATA_STREAM = 0x01  # stream 0 carries the data blocks
 _HEADER = struct.Struct("<4sBBHII")
 _LENGTH = struct.Struct("<Q")
-_OFFSETS = struct.Struct("<qq")
+_OFFSETS = struct.Struct("<qq")  # offsets buffer of a one-row large_binary column
+_FLOAT, _FLOAT_BITS = struct.Struct("<d"), struct.Struct("<Q")
 
 _LIST, _TUPLE, _DICT = "L", "T", "D"
+_NAN = "F"  # ["F", bits]: a float nan, bit for bit
 _NDARRAY, _NUMPY_SCALAR, _TORCH, _BYTES, _BYTEARRAY = "N", "G", "P", "B", "Y"
 _ARROW_ARRAY, _ARROW_CHUNKED, _ARROW_BATCH, _ARROW_TABLE = "A", "C", "R", "W"
 _KEY_TYPES = (str, int, float, bool, type(None), bytes, tuple)
@@ -106,11 +108,6 @@ DEFAULT_LIMITS = CodecLimits()
 # --------------------------------------------------------------------------- encoding
 
 
-@lru_cache(maxsize=256)
-def _data_schema(columns: int) -> pa.Schema:
-    return pa.schema([pa.field(str(i), pa.large_binary(), nullable=False) for i in range(columns)])
-
-
 class _Encoder:
     """Flattens a value into tree nodes, data blocks and Arrow streams."""
 
@@ -135,6 +132,8 @@ class _Encoder:
                         "string length", len(item), limits.max_string_length, "max_string_length"
                     )
                 append(item)
+            elif kind is float and item != item:  # nan: JSON would lose its sign and payload
+                append([_NAN, _FLOAT_BITS.unpack(_FLOAT.pack(item))[0]])
             elif item is None or kind is int or kind is float or kind is bool:
                 append(item)
             elif kind is list or kind is tuple or kind is dict:
@@ -173,7 +172,8 @@ class _Encoder:
                 raise UnsupportedType("masked arrays cannot be sent (the mask would be lost)")
             return self._array(_NDARRAY, numpy_dtype_name(item.dtype), item)
         if isinstance(item, np.generic):
-            return self._array(_NUMPY_SCALAR, numpy_dtype_name(item.dtype), np.asarray(item))
+            array = np.asarray(item)  # b'' is an S0 scalar but an S1 array
+            return self._array(_NUMPY_SCALAR, numpy_dtype_name(array.dtype), array)
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(item, torch.Tensor):
             name, array = torch_to_numpy(item)
@@ -237,24 +237,18 @@ def encode(obj: object, limits: CodecLimits | None = None) -> list[memoryview]:
         tree = json.dumps(nodes, separators=(",", ":")).encode("ascii")
     except ValueError as exc:  # an int above the interpreter's digit limit
         raise UnsupportedType(f"cannot encode the value: {exc}") from exc
+    streams = len(encoder.streams) + bool(blocks)
+    padding = -len(tree) % 8
+    header_size = _HEADER.size + _LENGTH.size * streams + len(tree) + padding
     sink = Gather()
     lengths: list[int] = []
     flags = 0
     if blocks:
         flags |= FLAG_DATA_STREAM
-        schema = _data_schema(blocks)
-        columns = [
-            pa.Array.from_buffers(
-                pa.large_binary(), 1, [None, pa.py_buffer(_OFFSETS.pack(0, block.size)), block]
-            )
-            for block in encoder.blocks
-        ]
-        lengths.append(
-            write_stream(sink, schema, [pa.RecordBatch.from_arrays(columns, schema=schema)])
-        )
+        schema, batch = data_batch(encoder.blocks, header_size)
+        lengths.append(write_stream(sink, schema, [batch]))
     for schema, batches in encoder.streams:
         lengths.append(write_stream(sink, schema, batches))
-    padding = -len(tree) % 8
     header = b"".join(
         (
             _HEADER.pack(MAGIC, VERSION, flags, 0, len(tree), len(lengths)),
@@ -289,6 +283,7 @@ class _Decoder:
 
     def __init__(self, message: memoryview, limits: CodecLimits) -> None:
         self.message = message
+        self.address = 0  # of message[0] in memory
         self.limits = limits
         self.blocks: list[tuple[int, int]] = []  # (start, end) in message
         self.streams: list[tuple[pa.Schema, list[pa.RecordBatch]]] = []
@@ -348,6 +343,7 @@ class _Decoder:
 
     def _read_streams(self, position: int, lengths: tuple[int, ...], has_data: bool) -> None:
         whole = pa.py_buffer(self.message)
+        self.address = whole.address
         budget = self.limits.max_buffers
         for index, length in enumerate(lengths):
             schema, batches, messages = read_stream(whole.slice(position, length), budget)
@@ -363,12 +359,12 @@ class _Decoder:
     ) -> None:
         if len(batches) != 1 or batches[0].num_rows != 1 or not schema.names:
             raise MalformedMessage("the data stream must hold one batch of one row")
-        if any(field.type != pa.large_binary() for field in schema):
-            raise MalformedMessage("data stream columns must be large_binary")
-        if len(schema) > self.limits.max_buffers:
-            count = len(schema)
+        if len(schema) // 2 > self.limits.max_buffers:
+            count = len(schema) // 2
             raise LimitExceeded("data block count", count, self.limits.max_buffers, "max_buffers")
-        for column in batches[0].columns:
+        if not is_data_schema(schema):
+            raise MalformedMessage("data stream columns must be large_binary pads and blocks")
+        for column in batches[0].columns[1::2]:
             if column.null_count:
                 raise MalformedMessage("a data block is null")
             _, offsets, data = column.buffers()  # validated: offsets lie within data
@@ -450,6 +446,10 @@ class _Decoder:
                     raise MalformedMessage("a numpy scalar must have shape ()")
                 return array[()]
             return array
+        if tag == _NAN:
+            if len(node) != 2 or type(node[1]) is not int or not 0 <= node[1] < 2**64:
+                raise MalformedMessage(f"bad float node {node!r:.80}")
+            return _FLOAT.unpack(_FLOAT_BITS.pack(node[1]))[0]
         if tag in (_BYTES, _BYTEARRAY):
             if len(node) != 2:
                 raise MalformedMessage(f"bad bytes node {node!r:.80}")
@@ -468,6 +468,7 @@ class _Decoder:
     ) -> np.ndarray:
         return view_block(
             self.message,
+            self.address,
             start,
             end,
             dtype,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from functools import lru_cache
 
 import pyarrow as pa
 
@@ -32,6 +33,12 @@ _RECORD_BATCH_COMPRESSION = 3
 _DICTIONARY_BATCH_DATA = 1
 
 _READ_OPTIONS = pa.ipc.IpcReadOptions(use_threads=False)
+
+# Data blocks start at multiples of this from the message start, so that arrays over a receive
+# buffer from malloc (16-byte aligned) are aligned for every dtype (torch needs 16 for complex128).
+BLOCK_ALIGNMENT = 64
+_OFFSETS = struct.Struct("<qq")  # a one-row large_binary column's offsets buffer: 0, length
+_ZEROS = pa.py_buffer(bytes(BLOCK_ALIGNMENT))
 
 
 class Gather:
@@ -165,3 +172,56 @@ def read_stream(
     for batch in batches:
         batch.validate(full=True)
     return schema, batches, len(messages)
+
+
+def _one_row_binary(data: pa.Buffer) -> pa.Array:
+    offsets = pa.py_buffer(_OFFSETS.pack(0, data.size))
+    return pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, data])
+
+
+@lru_cache(maxsize=64)
+def data_schema(blocks: int) -> pa.Schema:
+    """The data stream's columns: per block an alignment pad named "", then the block "<i>"."""
+    fields = []
+    for index in range(blocks):
+        fields.append(pa.field("", pa.large_binary(), nullable=False))
+        fields.append(pa.field(str(index), pa.large_binary(), nullable=False))
+    return pa.schema(fields)
+
+
+def is_data_schema(schema: pa.Schema) -> bool:
+    """Whether a received schema is `data_schema(n)`, checked without building one for n."""
+    if len(schema) % 2:
+        return False
+    binary = pa.large_binary()
+    return all(
+        field.type == binary and field.name == ("" if index % 2 == 0 else str(index // 2))
+        for index, field in enumerate(schema)
+    )
+
+
+@lru_cache(maxsize=64)
+def _data_body_offset(blocks: int) -> int:
+    """Where the batch body starts in a data stream: its metadata size depends only on the
+    number of columns (flatbuffer structs of fixed width), so one dry run with empty blocks
+    tells it for every message with that many blocks."""
+    sink = Gather()
+    schema = data_schema(blocks)
+    empty = _one_row_binary(pa.py_buffer(b""))
+    write_stream(sink, schema, [pa.RecordBatch.from_arrays([empty] * len(schema), schema=schema)])
+    return sink.size - len(_EOS) - len(schema) * _OFFSETS.size
+
+
+def data_batch(blocks: list[pa.Buffer], stream_start: int) -> tuple[pa.Schema, pa.RecordBatch]:
+    """The data stream's schema and batch for a stream written at `stream_start` in the message,
+    each block preceded by the zero pad that puts it at a multiple of BLOCK_ALIGNMENT."""
+    schema = data_schema(len(blocks))
+    position = stream_start + _data_body_offset(len(blocks))
+    columns = []
+    for block in blocks:
+        # body order: pad offsets (16), pad bytes, block offsets (16), block bytes (to 8)
+        pad = -(position + 2 * _OFFSETS.size) % BLOCK_ALIGNMENT
+        columns.append(_one_row_binary(_ZEROS.slice(0, pad)))
+        columns.append(_one_row_binary(block))
+        position += 2 * _OFFSETS.size + pad + block.size + (-block.size % 8)
+    return schema, pa.RecordBatch.from_arrays(columns, schema=schema)

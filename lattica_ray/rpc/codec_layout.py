@@ -11,6 +11,7 @@ order, reversed axes and broadcast axes, so only the sizes of its strides change
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ _NUMPY_DTYPE = re.compile(
     r"\|(b1|i1|u1|S[1-9]\d{0,8})"
     r"|[<>](i2|i4|i8|u2|u4|u8|f2|f4|f8|c8|c16|U[1-9]\d{0,7}|[Mm]8" + _DATETIME_UNIT + r")"
 )
+logger = logging.getLogger(__name__)
+
 _LITTLE = "<" if sys.byteorder == "little" else ">"
 
 _MAX_INDEX = 2**62  # shapes and strides beyond this cannot describe memory that exists
@@ -127,6 +130,9 @@ def torch_to_numpy(tensor: Any) -> tuple[str, np.ndarray]:
         tensor = tensor.resolve_neg()
     if spec.needs_view:
         tensor = tensor.view(getattr(torch, str(spec.storage)))  # e.g. bfloat16 -> int16
+    if tensor.numel() == 0:  # .numpy() would zero the strides of an empty tensor
+        strides = tuple(stride * tensor.element_size() for stride in tensor.stride())
+        return name, np.ndarray(tuple(tensor.shape), spec.storage, buffer=b"", strides=strides)
     return name, tensor.numpy()
 
 
@@ -211,8 +217,14 @@ def _int_list(value: object, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def alignment(dtype: np.dtype) -> int:
+    """The address alignment an array of `dtype` needs (16 for complex128: torch's kernels)."""
+    return min(dtype.itemsize & -dtype.itemsize, 16)
+
+
 def view_block(
     message: memoryview,
+    address: int,
     start: int,
     end: int,
     dtype: np.dtype,
@@ -222,7 +234,11 @@ def view_block(
     max_ndim: int,
     max_elements: int,
 ) -> np.ndarray:
-    """A zero-copy array over `message[start:end]`, after checking that it stays inside it."""
+    """A zero-copy array over `message[start:end]`, after checking that it stays inside it.
+
+    `address` is where `message` lies in memory; a block it leaves misaligned for `dtype` (a
+    message received at an odd offset) is copied to aligned memory, strides unchanged.
+    """
     shape = _int_list(shape_field, "shape")
     strides = _int_list(strides_field, "strides")
     if len(shape) > max_ndim:
@@ -244,4 +260,12 @@ def view_block(
             f"array of shape {shape}, strides {strides}, dtype {dtype.str} spans {where.size} "
             f"bytes but its block holds {end - start}"
         )
-    return np.ndarray(shape, dtype, buffer=message, offset=start - where.low, strides=strides)
+    need = alignment(dtype)
+    if (address + start) % need == 0:
+        return np.ndarray(shape, dtype, buffer=message, offset=start - where.low, strides=strides)
+    logger.debug("copying a %d-byte block that the message leaves misaligned", end - start)
+    spare = np.empty(end - start + need, np.uint8)
+    shift = -spare.ctypes.data % need
+    block = spare[shift : shift + end - start]
+    block[:] = message[start:end]
+    return np.ndarray(shape, dtype, buffer=block, offset=-where.low, strides=strides)

@@ -53,9 +53,12 @@ def arrow_stream(schema: pa.Schema, batches: list[pa.RecordBatch], **options: ob
 
 
 def data_stream(*blocks: bytes) -> bytes:
-    """The data stream the codec writes: one row, one large_binary column per block."""
-    columns = [pa.array([block], pa.large_binary()) for block in blocks]
-    batch = pa.record_batch(columns, names=[str(i) for i in range(len(blocks))])
+    """The data stream the codec writes: one row; per block a pad column "" and the block "<i>"."""
+    columns, names = [], []
+    for index, block in enumerate(blocks):
+        columns += [pa.array([b""], pa.large_binary()), pa.array([block], pa.large_binary())]
+        names += ["", str(index)]
+    batch = pa.record_batch(columns, names=names)
     return arrow_stream(batch.schema, [batch])
 
 
@@ -241,6 +244,41 @@ def test_64_mib_array_is_sent_and_received_without_a_copy() -> None:
     assert out.flags.writeable
     out[0] = 5  # writes land in the receive buffer
     assert decode(message)[0] == 5
+
+
+def test_every_block_starts_64_byte_aligned_in_the_message() -> None:
+    value = [np.arange(n, dtype=np.uint8) for n in (1, 7, 13, 64, 65, 1000)]
+    value += [np.zeros(3, np.complex128), b"xyz", np.arange(5, dtype=np.float32)[::-1]]
+    message = bytearray(b"".join(encode(value)))
+    start = np.frombuffer(message, np.uint8).ctypes.data
+    out = decode(message)
+    for array in [*out[:-2], out[-1]]:  # all but the bytes
+        low, _ = np.lib.array_utils.byte_bounds(array)
+        assert (low - start) % 64 == 0
+
+
+@pytest.mark.parametrize("misalignment", [1, 4, 8])
+def test_a_misaligned_message_still_gives_aligned_arrays(misalignment: int) -> None:
+    value = {"c": np.arange(6, dtype=np.complex128).reshape(2, 3).T, "f": np.arange(4.0)}
+    message = b"".join(encode(value))
+    buffer = bytearray(len(message) + misalignment)
+    buffer[misalignment:] = message
+    out = decode(memoryview(buffer)[misalignment:])
+    for key, array in value.items():
+        assert out[key].strides == array.strides and np.array_equal(out[key], array)
+        assert out[key].ctypes.data % out[key].dtype.alignment == 0
+        assert out[key].ctypes.data % min(out[key].itemsize, 16) == 0
+
+
+@needs_torch
+def test_a_misaligned_message_gives_torch_tensors_safe_to_compute_with() -> None:
+    value = torch.arange(6, dtype=torch.float64).reshape(2, 3).to(torch.complex128)
+    message = b"".join(encode(value))
+    buffer = bytearray(len(message) + 8)
+    buffer[8:] = message
+    out = decode(memoryview(buffer)[8:])
+    assert out.data_ptr() % 16 == 0
+    assert torch.equal(out.clone(), value)  # copying a misaligned complex128 tensor segfaults
 
 
 def test_arrays_over_read_only_messages_are_read_only() -> None:
