@@ -75,6 +75,7 @@ CORE = "core"
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,12}$")  # "l-" + name must fit IFNAMSIZ (15)
 MAX_ROUTERS = 200
 KILL_GRACE_S = 3.0
+DEFAULT_CONE_TIMEOUT_S = 120  # like conntrack's UDP stream timeout
 LINKEMU_READY_TIMEOUT_S = 10.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,6 +92,7 @@ class NodeInfo:
     upstream: str  # "core" or the router a host is behind
     kind: NatKind | None  # routers: their kind; hosts: the kind of router they are behind
     lan: IPv4Network | None = None  # routers only
+    mapping_timeout_s: int | None = None  # routers only; None: kernel defaults
 
     @property
     def uplink_iface(self) -> str:
@@ -184,7 +186,9 @@ class Lab:
                 raise LabError(f"at most {len(subnets)} public/firewall routers per lab")
             network = subnets[self._public_lan_index]
             self._public_lan_index += 1
-        node = NodeInfo(name, "router", self._netns_name(name), wan, wan, CORE, kind, network)
+        node = NodeInfo(
+            name, "router", self._netns_name(name), wan, wan, CORE, kind, network, mapping_timeout_s
+        )
         self._host_index[name] = 0
         entry: dict[str, object] = {"role": "router", "name": name, "kind": str(kind), "lan": lan}
         entry["mapping_timeout_s"] = mapping_timeout_s
@@ -306,7 +310,7 @@ class Lab:
         self.stop()
 
     def start(self) -> Lab:
-        """Create every namespace, link, address, route and router rule. Takes about a second."""
+        """Create every namespace, link, address, route and router rule (0.1-0.3 s for 20 nodes)."""
         if self._started:
             raise LabError("lab already started (a Lab object runs once)")
         if not self._nodes:
@@ -324,6 +328,8 @@ class Lab:
                 logger.info("removed stale labs %s", removed)
         except LabError as exc:
             logger.warning("stale lab cleanup failed: %s", exc)
+        if (STATE_DIR / f"{self.id}.json").exists() or ns.list_namespaces(self.netns_prefix):
+            raise LabError(f"lab id {self.id} is in use by another lab; pick another id")
         self._started = True
         self._owner = True
         pid = os.getpid()
@@ -412,9 +418,8 @@ class Lab:
 
     def _configure_router(self, router: NodeInfo) -> None:
         assert router.kind is not None
-        entry = next(e for e in self._topology if e["name"] == router.name)
-        timeout = entry.get("mapping_timeout_s")
-        ruleset = router_ruleset(router.kind, mapping_timeout_s=int(timeout or 120))  # type: ignore[call-overload]
+        timeout = router.mapping_timeout_s
+        ruleset = router_ruleset(router.kind, mapping_timeout_s=timeout or DEFAULT_CONE_TIMEOUT_S)
         ns.run_in(router.netns, ["nft", "-f", "-"], input=ruleset)
         if timeout is not None:
             ns.write_sysctls(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.netlab import BEHAVIOUR, Filtering, Lab, Mapping, NatKind, cleanup_stale
+from tests.netlab import BEHAVIOUR, Filtering, Lab, LabError, Mapping, NatKind, cleanup_stale
 from tests.netlab.echo import observed, parse_observed
 from tests.netlab.netns import list_namespaces, process_running, unavailable_reason
 from tests.netlab.state import STATE_DIR
@@ -503,3 +503,14 @@ def test_idle_mappings_expire_after_mapping_timeout(netlab: Callable[[], Lab]) -
         assert_nothing_pending(client, "after the mapping expired")
     print(f"\nmapping with a 1 s timeout expired after {idle:.2f} s idle")
     assert idle < 3
+
+
+def test_a_lab_id_in_use_is_refused(netlab: Callable[[], Lab]) -> None:
+    first = netlab()
+    first.add_public_host("p")
+    first.start()
+    second = Lab(lab_id=first.id)
+    second.add_public_host("p")
+    with pytest.raises(LabError, match="in use"):
+        second.start()
+    assert list_namespaces(first.netns_prefix)  # the refused lab did not touch the first one
