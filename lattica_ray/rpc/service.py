@@ -276,6 +276,12 @@ class _FrameWriter:
         self.mid_frame = False
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a background task's outcome as seen (it is reported another way)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _byte_view(buffer: Buffer) -> memoryview:
     view = memoryview(buffer)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
@@ -631,6 +637,7 @@ class _OutboundCall:
             self.writer_task = asyncio.get_running_loop().create_task(
                 self._send(first), name=f"rpc {self.method} requests"
             )
+            self.writer_task.add_done_callback(_retrieve)  # its error surfaces via the reader
 
     async def _send(self, first: list[Buffer]) -> None:
         assert self.writer is not None and self.stream is not None
@@ -641,9 +648,9 @@ class _OutboundCall:
                 async for item in self._requests:
                     await self.writer.write(self.proto.send_message(encode(item)))
                 await self.writer.write([self.proto.send_end()])
-        except (TransportError, ConnectionError):
+        except (TransportError, ConnectionError, asyncio.CancelledError):
             raise  # the reader sees the same failure, with the server's status if it sent one
-        except BaseException:
+        except BaseException:  # the caller's requests failed: abort, the reader raises this
             self.stream.reset("request stream failed")
             raise
 

@@ -6,6 +6,7 @@ Every test tears down its services and hosts, and the fixture checks no task was
 from __future__ import annotations
 
 import asyncio
+import gc
 import statistics
 import threading
 import time
@@ -78,6 +79,9 @@ PairFactory = Callable[..., Awaitable[Pair]]
 @pytest.fixture
 async def make_pair() -> AsyncIterator[PairFactory]:
     created: list[Pair] = []
+    loop_errors: list[dict[str, Any]] = []  # "Task exception was never retrieved" and the like
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: loop_errors.append(context))
 
     async def make(
         client_config: RpcConfig | None = None, server_config: RpcConfig | None = None
@@ -100,6 +104,9 @@ async def make_pair() -> AsyncIterator[PairFactory]:
         await pair.server_host.aclose()
     leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert not leftover, f"tasks left running: {leftover}"
+    gc.collect()  # unretrieved task exceptions are reported when the task is collected
+    loop.set_exception_handler(None)
+    assert not loop_errors, f"errors nobody handled: {loop_errors}"
 
 
 @pytest.fixture
