@@ -72,6 +72,9 @@ class FrameType(IntEnum):
     CANCEL = 0x05
 
 
+_FRAME_TYPES = {int(t): t for t in FrameType}
+
+
 class CallKind(IntEnum):
     """The shape of a call: who sends a stream of messages."""
 
@@ -240,21 +243,33 @@ class FrameDecoder:
 
     def feed(self, data: Buffer) -> list[tuple[FrameType, ReceiveBuffer]]:
         frames: list[tuple[FrameType, ReceiveBuffer]] = []
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
         pos, end = 0, len(view)
         while pos < end:
             if self._body is None:
-                pos = self._take_prefix(view, pos)
-                if self._body is None:
-                    break  # the prefix is still incomplete
-            take = min(len(self._body) - self._filled, end - pos)
+                prefix = None if self._prefix else self._parse_prefix(view, pos)
+                if prefix is None:  # split across reads: collect it byte-exactly
+                    pos = self._take_prefix(view, pos)
+                    if self._body is None:
+                        break
+                else:
+                    frame_type, length, pos = prefix
+                    if length <= end - pos and length < LAZY_ALLOCATION_FROM:  # whole and small
+                        frames.append((frame_type, bytearray(view[pos : pos + length])))
+                        pos += length
+                        continue
+                    self._type, self._body, self._filled = frame_type, allocate(length), 0
+            body = self._body
+            take = min(len(body) - self._filled, end - pos)
             if take:
-                self._body[self._filled : self._filled + take] = view[pos : pos + take]
+                body[self._filled : self._filled + take] = view[pos : pos + take]
                 self._filled += take
                 pos += take
-            if self._filled == len(self._body):
+            if self._filled == len(body):
                 assert self._type is not None
-                frames.append((self._type, self._body))
+                frames.append((self._type, body))
                 self._body, self._type, self._filled = None, None, 0
         if self._body is not None and self._filled == len(self._body):  # zero-length frame
             assert self._type is not None
@@ -262,22 +277,18 @@ class FrameDecoder:
             self._body, self._type, self._filled = None, None, 0
         return frames
 
-    def _take_prefix(self, view: memoryview, pos: int) -> int:
-        """Consume prefix bytes from `view[pos:]`; set up the body once the prefix is whole."""
-        had = len(self._prefix)
-        self._prefix += view[pos : pos + _MAX_PREFIX - had]
+    def _parse_prefix(self, data: Buffer, pos: int) -> tuple[FrameType, int, int] | None:
+        """(type, checked body length, body start) of the frame at `pos`; None if truncated."""
+        frame_type = _FRAME_TYPES.get(data[pos])
+        if frame_type is None:
+            raise ProtocolError(f"unknown frame type 0x{data[pos]:02x}")
         try:
-            frame_type = FrameType(self._prefix[0])
-        except ValueError:
-            raise ProtocolError(f"unknown frame type 0x{self._prefix[0]:02x}") from None
-        try:
-            decoded = try_decode_varint(self._prefix, 1)
+            decoded = try_decode_varint(data, pos + 1)
         except VarintError as exc:
             raise ProtocolError(f"bad frame length: {exc}") from exc
         if decoded is None:
-            consumed = len(self._prefix) - had
-            return pos + consumed
-        length, body_start = decoded
+            return None
+        length, start = decoded
         if frame_type == FrameType.MESSAGE:
             if length > self.max_message_size:
                 raise MessageTooLarge(length, self.max_message_size, "received message")
@@ -288,10 +299,18 @@ class FrameDecoder:
             raise ProtocolError(
                 f"{frame_type.name} frame of {length} bytes exceeds {self.max_control_size}"
             )
+        return frame_type, length, start
+
+    def _take_prefix(self, view: memoryview, pos: int) -> int:
+        """Consume prefix bytes from `view[pos:]`; set up the body once the prefix is whole."""
+        had = len(self._prefix)
+        self._prefix += view[pos : pos + _MAX_PREFIX - had]
+        prefix = self._parse_prefix(self._prefix, 0)
+        if prefix is None:
+            return pos + len(self._prefix) - had
+        frame_type, length, body_start = prefix
         self._prefix.clear()
-        self._type = frame_type
-        self._body = allocate(length)
-        self._filled = 0
+        self._type, self._body, self._filled = frame_type, allocate(length), 0
         return pos + body_start - had
 
 
