@@ -87,8 +87,9 @@ def create_mesh(config: LatticaConfig, key_file: str | None) -> Mesh:
 class NodeMesh:
     """`Mesh` on a real `lattica_ray.Node` (QUIC, NAT traversal, DHT, RPC, view).
 
-    Written against the service interfaces announced for `node.rpc`, `node.dht` and
-    `node.view`; the adaptations live here and only here.
+    Uses the Node's `rpc`, `dht` and `view` services; a service the Node does not carry yet
+    is attached here (RpcService, DHT, ClusterView on the Node as Host), so the Ray face runs
+    on whatever the Node provides. The adaptations to those services live here and only here.
     """
 
     def __init__(self, config: LatticaConfig, key_file: str | None) -> None:
@@ -98,6 +99,8 @@ class NodeMesh:
         self.node = Node(
             listen=list(config.listen), bootstrap=list(config.bootstrap), key_file=key_file
         )
+        self._unary: dict[str, UnaryHandler] = {}
+        self._streams: dict[str, StreamHandler] = {}
 
     @property
     def peer_id(self) -> str:
@@ -109,21 +112,45 @@ class NodeMesh:
 
     async def start(self) -> None:
         await self.node.start()
-        missing = [s for s in ("rpc", "dht", "view") if getattr(self.node, s, None) is None]
-        if missing:
-            raise RuntimeError(
-                f"this Node has no {', '.join(missing)} service yet; use mesh='memory' meanwhile"
-            )
-        await self.node.view.set_local_member({"cluster": self.config.cluster})
+        try:
+            await self._attach_services()
+            for method, handler in self._unary.items():
+                self.node.rpc.register(method, _unary_adapter(handler))
+            for method, handler in self._streams.items():
+                self.node.rpc.register(method, _stream_adapter(handler))
+        except BaseException:
+            await self.node.stop()
+            raise
+
+    async def _attach_services(self) -> None:
+        node = self.node
+        if node.rpc is None:
+            from lattica_ray.rpc import RpcService
+
+            node.rpc = RpcService(node)
+            await node.rpc.start()
+        if node.dht is None:
+            from lattica_ray.dht import DHT
+
+            node.dht = DHT(node, node.key)
+            await node.dht.start()
+            if self.config.bootstrap:
+                await node.dht.bootstrap(list(self.config.bootstrap))
+        if node.view is None:
+            from lattica_ray.view import ClusterView
+
+            node.view = ClusterView(node, node.key, cluster_name=self.config.cluster)
+            await node.view.start()
+            await node.view.join(node.connected_peers())
 
     async def stop(self) -> None:
         await self.node.stop()
 
     def serve(self, method: str, handler: UnaryHandler) -> None:
-        self.node.rpc.register(method, handler)
+        self._unary[method] = handler
 
     def serve_stream(self, method: str, handler: StreamHandler) -> None:
-        self.node.rpc.register(method, handler)
+        self._streams[method] = handler
 
     async def call(self, peer: str, method: str, *args: Any, timeout: float | None = None) -> Any:
         return await self.node.rpc.call(_peer(peer), method, *args, timeout=timeout)
@@ -136,7 +163,7 @@ class NodeMesh:
     def encode(self, value: Any) -> bytes:
         from lattica_ray.rpc import codec
 
-        return codec.encode(value)
+        return b"".join(codec.encode(value))
 
     def decode(self, data: bytes) -> Any:
         from lattica_ray.rpc import codec
@@ -144,28 +171,74 @@ class NodeMesh:
         return codec.decode(data)
 
     async def announce_actor(self, record: ActorRecord) -> None:
-        await self.node.view.export_actor(record.name, record.to_wire())
+        kinds = {
+            m: ("async_generator" if k == "stream" else "async") for m, k in record.methods.items()
+        }
+        self.node.view.export_actor(record.name, record.name, kinds)
 
     async def withdraw_actor(self, name: str) -> None:
-        await self.node.view.unexport_actor(name)
+        self.node.view.unexport_actor(name)
 
     def actors(self) -> list[ActorRecord]:
         records = []
-        for entry in self.node.view.actors():
+        for actor in self.node.view.actors():
+            methods = {
+                m.name: ("stream" if m.kind in ("generator", "async_generator") else "unary")
+                for m in actor.methods
+            }
             try:
-                records.append(ActorRecord.from_wire(entry))
+                records.append(
+                    ActorRecord.from_wire(
+                        {
+                            "name": actor.name,
+                            "cluster": actor.cluster_name,
+                            "owner": actor.owner,
+                            "methods": methods,
+                        }
+                    )
+                )
             except ValueError as exc:
                 logger.warning("skipping a malformed actor record in the view: %s", exc)
         return records
 
     def members(self) -> list[dict[str, Any]]:
-        return list(self.node.view.members())
+        return [m.model_dump(mode="json") for m in self.node.view.members()]
 
     async def provide(self, cid: str) -> None:
-        await self.node.dht.provide(cid)
+        from lattica_ray.dht import ContentId
+
+        await self.node.dht.provide(ContentId.parse(cid))
 
     async def find_providers(self, cid: str) -> list[str]:
-        return [str(p) for p in await self.node.dht.find_providers(cid)]
+        from lattica_ray.dht import ContentId
+
+        return [
+            str(info.peer_id) for info in await self.node.dht.find_providers(ContentId.parse(cid))
+        ]
+
+
+def _unary_adapter(handler: UnaryHandler) -> UnaryHandler:
+    """An RPC handler that passes the caller's peer ID first, as `Mesh` handlers expect."""
+    from lattica_ray.rpc import current_call
+
+    async def unary(*args: Any) -> Any:
+        return await handler(str(current_call().peer), *args)
+
+    return unary
+
+
+def _stream_adapter(handler: StreamHandler) -> StreamHandler:
+    from lattica_ray.rpc import current_call
+
+    async def streaming(*args: Any) -> AsyncIterator[Any]:
+        items = handler(str(current_call().peer), *args)
+        try:
+            async for item in items:
+                yield item
+        finally:
+            await items.aclose()
+
+    return streaming
 
 
 def _peer(peer: str) -> Any:

@@ -133,8 +133,12 @@ class LatticaService:
         await self.mesh.start()
 
     async def stop(self) -> None:
+        """Withdraw our exports (best effort: the mesh may be gone already) and stop."""
         for name in list(self.exports):
-            await self.unexport(name)
+            try:
+                await self.unexport(name)
+            except Exception as exc:
+                logger.info("could not withdraw %r while stopping: %s", name, exc)
         await self.mesh.stop()
 
     def info(self) -> dict[str, Any]:
