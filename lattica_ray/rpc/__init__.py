@@ -1,15 +1,15 @@
 """Tensor RPC between peers on `/lattica-ray/rpc/1`: unary and streaming calls, Arrow-encoded.
 
-    rpc = RpcService(host)            # the node exposes one as `node.rpc`
-    await rpc.start()
+rpc = RpcService(host)            # the node exposes one as `node.rpc`
+await rpc.start()
 
-    @rpc.method("add")
-    async def add(a: int, b: int) -> int:
-        return a + b
+@rpc.method("add")
+async def add(a: int, b: int) -> int:
+    return a + b
 
-    await rpc.call(peer_id, "add", 1, 2, timeout=5.0)          # -> 3
-    async for chunk in rpc.stream(peer_id, "weights", timeout=60.0):
-        ...
+await rpc.call(peer_id, "add", 1, 2, timeout=5.0)          # -> 3
+async for chunk in rpc.stream(peer_id, "weights", timeout=60.0):
+    ...
 """
 
 from lattica_ray.rpc.config import RpcConfig
@@ -28,7 +28,8 @@ from lattica_ray.rpc.errors import (
     WrongCallKind,
 )
 from lattica_ray.rpc.protocol import PROTOCOL_ID, CallKind
-from lattica_ray.rpc.service import CallContext, ResponseStream, RpcService, current_call
+from lattica_ray.rpc.registry import CallContext, current_call
+from lattica_ray.rpc.service import ResponseStream, RpcService
 
 __all__ = [
     "PROTOCOL_ID",

@@ -11,16 +11,13 @@ import asyncio
 import collections
 import contextvars
 import functools
-import inspect
 import logging
-import re
 import threading
 import time
 import traceback
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, get_type_hints
+from typing import Any, Protocol, TypeVar
 
 from lattica_ray.rpc.config import RpcConfig
 from lattica_ray.rpc.errors import (
@@ -47,6 +44,7 @@ from lattica_ray.rpc.protocol import (
     ServerCall,
     Status,
 )
+from lattica_ray.rpc.registry import CallContext, Method, bind_call, make_method
 from transport.errors import ProtocolNotSupported, StreamError, TransportError
 from transport.host import Host
 from transport.identity import PeerId
@@ -70,124 +68,6 @@ def _default_codec() -> Codec:
     from lattica_ray.rpc import codec  # the Arrow codec; imported late so a stand-in can be used
 
     return codec  # type: ignore[return-value]
-
-
-# -- handler context --------------------------------------------------------------------------
-@dataclass
-class CallContext:
-    """What a handler may want to know about the call it serves (see `current_call()`)."""
-
-    peer: PeerId
-    method: str
-    metadata: dict[str, str]
-    deadline: float | None  # in `time.monotonic()` seconds; None = no deadline
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    """Set when the call is cancelled or its deadline passes: plain `def` handlers, which
-    cannot be interrupted, should poll or wait on it."""
-
-    def time_remaining(self) -> float | None:
-        if self.deadline is None:
-            return None
-        return max(0.0, self.deadline - time.monotonic())
-
-
-_current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("rpc_current_call")
-
-
-def current_call() -> CallContext:
-    """The call being served by this handler (async or in the thread pool)."""
-    try:
-        return _current_call.get()
-    except LookupError:
-        raise RuntimeError("current_call() is only available inside an RPC handler") from None
-
-
-# -- the registry -----------------------------------------------------------------------------
-_ASYNC_ITER = re.compile(r"^(typing\.|collections\.abc\.|abc\.)?Async(Iterator|Iterable)\b")
-_SYNC_ITER = re.compile(r"^(typing\.|collections\.abc\.|abc\.)?Iterator\b")
-
-
-@dataclass(frozen=True)
-class Method:
-    """A registered handler and how to call it."""
-
-    name: str
-    handler: Callable[..., Any]
-    kind: CallKind
-    is_async: bool
-    requests_param: str | None = None  # where the request iterator goes (client-streaming)
-    requests_positional: bool = False
-
-
-def _is_request_annotation(annotation: object, is_async: bool) -> bool:
-    if annotation is inspect.Parameter.empty:
-        return False
-    pattern = _ASYNC_ITER if is_async else _SYNC_ITER
-    if isinstance(annotation, str):
-        return bool(pattern.match(annotation))
-    origin = getattr(annotation, "__origin__", annotation)
-    if is_async:
-        return origin in (AsyncIterator, AsyncIterable)
-    return origin is Iterator
-
-
-def make_method(name: str, handler: Callable[..., Any], kind: CallKind | None = None) -> Method:
-    """Inspect `handler`: async or not, generator or not, and which parameter takes requests.
-
-    `async def` -> unary; async generator -> server-streaming; a parameter annotated
-    `AsyncIterator[...]` makes it client-streaming (or bidirectional for a generator). Plain
-    `def` and generators run in the thread pool; their request parameter is an `Iterator[...]`.
-    """
-    if not callable(handler):
-        raise TypeError(f"handler for {name!r} is not callable")
-    target: Any = handler
-    if not (inspect.isroutine(handler) or isinstance(handler, functools.partial)):
-        target = type(handler).__call__  # a callable object
-    is_agen = inspect.isasyncgenfunction(target)
-    is_gen = inspect.isgeneratorfunction(target)
-    is_async = is_agen or inspect.iscoroutinefunction(target)
-    try:
-        hints = get_type_hints(target)
-    except Exception:  # unresolvable string annotations: fall back to their text
-        hints = {}
-    params = list(inspect.signature(handler).parameters.values())
-    requests_param = None
-    for param in params:
-        if _is_request_annotation(hints.get(param.name, param.annotation), is_async):
-            requests_param = param
-            break
-    produces_stream = is_agen or is_gen
-    inferred = (
-        (CallKind.BIDI_STREAM if produces_stream else CallKind.CLIENT_STREAM)
-        if requests_param is not None
-        else (CallKind.SERVER_STREAM if produces_stream else CallKind.UNARY)
-    )
-    if kind is None:
-        kind = inferred
-    elif kind.server_streams != produces_stream:
-        need = "a generator" if kind.server_streams else "a function or coroutine, not a generator"
-        raise ValueError(f"{name!r}: kind {kind.name} needs {need}; got {handler!r}")
-    if kind.client_streams and requests_param is None:
-        by_name = [p for p in params if p.name == "requests"]
-        if not (by_name or params):
-            raise ValueError(f"{name!r}: a {kind.name} handler needs a parameter for requests")
-        requests_param = by_name[0] if by_name else params[0]
-    if not kind.client_streams:
-        requests_param = None
-    positional = (
-        requests_param is not None
-        and params.index(requests_param) == 0
-        and requests_param.kind
-        in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    )
-    return Method(
-        name,
-        handler,
-        kind,
-        is_async,
-        requests_param.name if requests_param is not None else None,
-        positional,
-    )
 
 
 # -- small building blocks --------------------------------------------------------------------
@@ -454,7 +334,7 @@ class _InboundCall:
 
     # -- running the handler ------------------------------------------------------------
     async def _invoke(self) -> list[Buffer] | None:
-        _current_call.set(self.context)
+        bind_call(self.context)
         codec = self.service.codec
         args, kwargs = _decode_arguments(codec, await self.arguments)
         method = self.method

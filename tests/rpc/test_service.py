@@ -43,7 +43,7 @@ from lattica_ray.rpc.protocol import (
     Status,
     encode_frame,
 )
-from lattica_ray.rpc.service import make_method
+from lattica_ray.rpc.registry import make_method
 from transport.memory_host import MemoryHost, MemoryNetwork
 
 WAIT = 5.0  # seconds any awaited event may take before the test fails
