@@ -485,7 +485,8 @@ class _OutboundCall:
         self._first += self.proto.send_message(arguments)
         self._requests = requests
         loop = asyncio.get_running_loop()
-        self.expiry = None if timeout is None else loop.time() + timeout + config.deadline_grace
+        self.deadline = None if timeout is None else loop.time() + timeout
+        self.expiry = None if self.deadline is None else self.deadline + config.deadline_grace
         self.timeout = timeout
         self.stream: Stream | None = None
         self.writer: _FrameWriter | None = None
@@ -565,6 +566,8 @@ class _OutboundCall:
                 return error
         if self.service._stopping:
             return self._error(Cancelled("the local RPC service stopped"))
+        if self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline:
+            return self.deadline_error()  # the server reset a stream it was writing to
         return self._error(
             PeerUnavailable(
                 f"the stream broke mid-call ({exc}): the peer stopped, crashed or lost the "
@@ -620,8 +623,10 @@ class _OutboundCall:
 class ResponseStream:
     """The responses of a server-streaming or bidirectional call, as an async iterator.
 
-    The call starts on the first `__anext__` (or `async with`). Leaving early (break, an error,
-    `aclose()`) resets the stream, which cancels the remote handler.
+    The call starts on the first `__anext__` (or `async with`). Leaving early (an error,
+    `aclose()`, leaving the `async with`, cancelling a pending `__anext__`) resets the stream,
+    which cancels the remote handler; after a plain `break`, that happens when the iterator is
+    collected, so prefer `async with` or `aclose()`.
     """
 
     def __init__(self, service: RpcService, make_call: Callable[[], _OutboundCall]) -> None:

@@ -428,6 +428,28 @@ async def test_stream_deadline(make_pair: PairFactory) -> None:
     assert received == [1]
 
 
+async def test_deadline_while_the_server_is_blocked_writing(make_pair: PairFactory) -> None:
+    """The server can only reset a stream it is mid-way writing to; the caller still sees the
+    deadline, not a broken connection."""
+    pair = await make_pair(client_config=RpcConfig(deadline_grace=WAIT))
+    closed = asyncio.Event()
+
+    @pair.server.method()
+    async def flood() -> AsyncIterator[np.ndarray]:
+        try:
+            while True:
+                yield np.zeros(1 << 20, dtype=np.uint8)
+        finally:
+            closed.set()
+
+    with pytest.raises(DeadlineExceeded):
+        async with pair.client.stream(pair.peer, "flood", timeout=0.2) as responses:
+            await anext(responses)  # then stop reading: the server blocks on flow control
+            await wait_for(closed, "the server gives up at its deadline")
+            async for _ in responses:
+                pass
+
+
 async def test_cancelling_the_caller_cancels_the_remote_handler(pair: Pair) -> None:
     started, cancelled = asyncio.Event(), asyncio.Event()
 
