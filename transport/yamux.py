@@ -843,7 +843,10 @@ class YamuxConnection(Connection):
         self._flush()
 
     def eof_received(self) -> None:
-        self._terminate("the remote closed the connection")
+        if self._session.remote_go_away:
+            self._terminate("the remote closed the connection")
+        else:
+            self._terminate("the remote closed the connection with no GoAway (did it crash?)")
         self._channel.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
