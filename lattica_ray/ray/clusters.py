@@ -305,9 +305,13 @@ class RayDriver:
 
         if self._conn is None:
             raise ClusterError("driver is not started")
-        module = sys.modules.get(fn.__module__)
-        if module is not None and fn.__module__.split(".")[0] not in ("lattica_ray", "transport"):
-            cloudpickle.register_pickle_by_value(module)
+        # The function's package (a test suite, a script) may not be importable in the
+        # driver: ship its modules by value. Installed packages go by reference.
+        top = fn.__module__.split(".")[0]
+        if top not in ("lattica_ray", "transport", "ray"):
+            for name, module in list(sys.modules.items()):
+                if module is not None and (name == top or name.startswith(top + ".")):
+                    cloudpickle.register_pickle_by_value(module)
         self._conn.send_bytes(cloudpickle.dumps((fn, args, kwargs)))
         try:
             return self._receive(timeout, getattr(fn, "__name__", "call"))
