@@ -1,15 +1,17 @@
 """Tensor RPC between peers on `/lattica-ray/rpc/1`: unary and streaming calls, Arrow-encoded.
 
-rpc = RpcService(host)            # the node exposes one as `node.rpc`
-await rpc.start()
+Usage (the node exposes a started service as `node.rpc`)::
 
-@rpc.method("add")
-async def add(a: int, b: int) -> int:
-    return a + b
+    rpc = RpcService(host)
+    await rpc.start()
 
-await rpc.call(peer_id, "add", 1, 2, timeout=5.0)          # -> 3
-async for chunk in rpc.stream(peer_id, "weights", timeout=60.0):
-    ...
+    @rpc.method("add")
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    await rpc.call(peer_id, "add", 1, 2, timeout=5.0)  # -> 3
+    async for chunk in rpc.stream(peer_id, "weights", timeout=60.0):
+        ...
 """
 
 from lattica_ray.rpc.config import RpcConfig
