@@ -19,18 +19,13 @@ from transport.handlers import StreamHandler
 from transport.host import ConnectionEvent, ConnectionListener, PeerConnected
 from transport.identity import KeyPair, PeerId, load_or_create_key
 from transport.multiaddr import Multiaddr
-from transport.nat.relay import (
-    HOP_PROTOCOL,
-    RelayClient,
-    RelayClientConfig,
-    RelayConfig,
-    RelayServer,
-)
+from transport.nat.manager import NatManager
+from transport.nat.reachability import Reachability
+from transport.nat.relay import RelayClientConfig, RelayConfig
 from transport.protocols import identify, ping
 from transport.quic import QuicConfig
 from transport.stream import Stream
 from transport.swarm import Swarm
-from transport.tcp import secure_and_mux
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +65,10 @@ class Node:
         self.protocol_version = protocol_version
         self.agent_version = agent_version
         self.swarm = Swarm(self.key, quic_config)
-        # Every node can relay for others (limits in RelayConfig) and use relays itself.
-        self.relay_server = RelayServer(self.swarm, relay, public_addrs=lambda: self.addrs)
-        self.relay_client = RelayClient(
-            self.swarm, self._secure_circuit, relay_client, self._refresh_addrs
-        )
-        # None: reserve relay slots when identify shows we are behind a NAT.
-        self.use_relays = use_relays
         self.identify_infos: dict[PeerId, identify.IdentifyInfo] = {}
+        # Every node relays for others (limits in RelayConfig), uses relays when NAT'd
+        # (use_relays=None decides from AutoNAT and observations) and punches holes.
+        self.nat = NatManager(self.swarm, self.identify_infos.get, relay, relay_client, use_relays)
         self.observed_addrs: dict[PeerId, Multiaddr] = {}
         self._identified: dict[PeerId, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -101,8 +92,7 @@ class Node:
         self.swarm.set_stream_handler(ping.PROTOCOL, ping.serve_ping)
         self.swarm.set_stream_handler(identify.PROTOCOL, self._serve_identify)
         self.swarm.add_connection_listener(self._on_connection_event)
-        self.relay_server.start()
-        self.relay_client.start()
+        self.nat.start()
         log.info("node %s listening on %s", self.peer_id, [str(a) for a in self.addrs])
         if self.bootstrap_addrs:
             await self.bootstrap()
@@ -123,8 +113,7 @@ class Node:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.relay_client.stop()
-        self.relay_server.stop()
+        await self.nat.stop()
         await self.swarm.close()
         log.info("node %s stopped", self.peer_id)
 
@@ -147,41 +136,33 @@ class Node:
 
         reached = await asyncio.gather(*(reach(addr) for addr in self.bootstrap_addrs))
         peers = [peer for peer in reached if peer is not None]
-        self._maybe_use_relays(peers)
+        if peers:
+            await self.nat.check_reachability(peers)
+            self.nat.use_relays_among(peers)
         return peers
 
-    # -- relays -----------------------------------------------------------------------------
-    async def _secure_circuit(self, stream: Stream, is_initiator: bool, peer: PeerId):
-        return await secure_and_mux(stream, self.key, is_initiator, peer)
+    # -- NAT traversal ----------------------------------------------------------------------
+    @property
+    def relay_client(self):
+        return self.nat.relay_client
 
-    def behind_nat(self) -> bool | None:
-        """Whether peers see us at an address we do not listen on (None: nobody told us)."""
-        if not self.observed_addrs:
-            return None
-        ours = {addr.without_peer_id() for addr in self.addrs}
-        return any(addr.without_peer_id() not in ours for addr in self.observed_addrs.values())
+    @property
+    def relay_server(self):
+        return self.nat.relay_server
 
-    def _maybe_use_relays(self, candidates: list[PeerId]) -> None:
-        wanted = self.use_relays if self.use_relays is not None else bool(self.behind_nat())
-        if not wanted:
-            return
-        relays = [
-            peer
-            for peer in candidates
-            if HOP_PROTOCOL in (getattr(self.identify_infos.get(peer), "protocols", None) or [])
-        ]
-        for relay in relays[: self.relay_client.config.wanted_reservations]:
-            self.relay_client.keep_reservation(relay)
+    @property
+    def reachability(self) -> Reachability:
+        return self.nat.reachability
 
     async def reserve_relay(self, relay: str | Multiaddr | PeerId) -> None:
-        """Hold a relay slot on `relay` from now on (explicitly, whatever our reachability)."""
+        """Hold a relay slot on `relay` from now on, whatever our reachability."""
         peer = await self.connect(relay)
-        await self.relay_client.reserve(peer)
-        self.relay_client.keep_reservation(peer)
+        await self.nat.relay_client.reserve(peer)
+        self.nat.relay_client.keep_reservation(peer)
 
-    def _refresh_addrs(self) -> None:
-        direct = [addr.without_peer_id() for addr in self.swarm.listen_addrs]
-        self.swarm.set_advertised_addrs(direct + self.relay_client.circuit_addrs)
+    async def wait_direct(self, peer: PeerId, timeout: float = 10.0) -> str:
+        """Give hole punching up to `timeout` s; the path kind we end up with."""
+        return await self.nat.wait_direct(peer, timeout)
 
     # -- identity and addresses -------------------------------------------------------------
     @property
@@ -258,6 +239,7 @@ class Node:
             self.swarm.add_peer_addrs(peer, info.listen_addrs)
             if info.observed_addr is not None:
                 self.observed_addrs[peer] = info.observed_addr
+            self.nat.on_identified(info)
             log.debug("identified %s: %s %s", peer, info.agent_version, info.protocol_version)
         self._identified.setdefault(peer, asyncio.Event()).set()
 

@@ -2,4 +2,7 @@
 
 import logging
 
+# The NAT lab's `netlab` fixture and `root` marker handling (skips with a reason without root).
+pytest_plugins = ["tests.netlab.plugin"]
+
 logging.getLogger("aioquic").setLevel(logging.WARNING)

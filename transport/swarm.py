@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from transport.connection import DIRECT, RELAYED, Connection
+from transport.connection import DIRECT, HOLEPUNCHED, RELAYED, Connection
 from transport.errors import DialError, PeerUnreachable
 from transport.handlers import StreamHandler, StreamHandlers
 from transport.host import ConnectionListener, PeerConnected, PeerDisconnected
@@ -44,6 +44,8 @@ class Swarm:
         self._pending_dials: dict[PeerId, asyncio.Future[Connection]] = {}
         self._advertised: list[Multiaddr] = []
         self._closing = False
+        self._punching: set[PeerId] = set()
+        self._adopted: list[QuicEndpoint] = []
 
     # -- lifecycle ------------------------------------------------------------------------
     async def listen(self, addr: Multiaddr) -> Multiaddr:
@@ -62,9 +64,28 @@ class Swarm:
         for future in self._pending_dials.values():
             future.cancel()
         await self.handlers.aclose()
-        for endpoint in self.endpoints:
+        for endpoint in self.endpoints + self._adopted:
             await endpoint.close()
         self.endpoints.clear()
+        self._adopted.clear()
+
+    # -- hole punching support --------------------------------------------------------------
+    def expect_holepunch(self, peer: PeerId) -> None:
+        """Direct connections with `peer` made from now on are hole-punched ones."""
+        self._punching.add(peer)
+
+    def end_holepunch(self, peer: PeerId) -> None:
+        self._punching.discard(peer)
+
+    def adopt_endpoint(self, endpoint: QuicEndpoint) -> None:
+        """Own an extra endpoint (a punched socket): its connections join the swarm."""
+        endpoint.on_connection = self._add_connection
+        self._adopted.append(endpoint)
+
+    def main_endpoint(self, want_v6: bool = False) -> QuicEndpoint:
+        return self._endpoint_for(
+            Multiaddr.parse("/ip6/::1/udp/1/quic-v1" if want_v6 else "/ip4/127.0.0.1/udp/1/quic-v1")
+        )
 
     @property
     def listen_addrs(self) -> list[Multiaddr]:
@@ -126,7 +147,7 @@ class Swarm:
 
     def _preference(self, connection: Connection) -> tuple[int, int]:
         """Lower is better; both ends of a duplicate pair compute the same order."""
-        relayed = 1 if connection.path == RELAYED else 0
+        relayed = 1 if connection.path == RELAYED or connection.is_closed else 0
         dialed_by_smaller = (connection.is_initiator) == (self.peer_id < connection.remote_peer)
         return (relayed, 0 if dialed_by_smaller else 1)
 
@@ -217,6 +238,8 @@ class Swarm:
             asyncio.get_running_loop().create_task(connection.close("node stopping"))
             return
         peer = connection.remote_peer
+        if connection.path == DIRECT and peer in self._punching:
+            connection.path = HOLEPUNCHED
         connection.set_inbound_stream_callback(self.handlers.accept)
         connection.add_close_callback(self._connection_closed)
         first = not self.connections_to(peer)
@@ -234,12 +257,21 @@ class Swarm:
             asyncio.get_running_loop().call_later(DUPLICATE_GRACE, self._prune, peer)
 
     def _prune(self, peer: PeerId) -> None:
-        """Close redundant connections we dialed once their streams are done."""
+        """Close redundant connections once their streams are done.
+
+        A relayed connection goes once a direct one exists (either side may close it); of two
+        direct ones, the side that dialed the loser closes it.
+        """
         keep = self.connection_to(peer)
+        if keep is None:
+            return
         for connection in self.connections_to(peer):
-            if connection is keep or not connection.is_initiator:
+            if connection is keep:
                 continue
-            if keep is not None and keep.path == RELAYED and connection.path != RELAYED:
+            if connection.path == RELAYED:
+                if keep.path == RELAYED:
+                    continue  # two relays: keep both paths
+            elif not connection.is_initiator:
                 continue
             if getattr(connection, "stream_count", 0) == 0:
                 asyncio.get_running_loop().create_task(connection.close("duplicate connection"))

@@ -22,7 +22,8 @@ IMPATIENT = QuicConfig(handshake_timeout=0.5)  # for dials that must fail
 async def test_bootstrap_identify_and_ping_both_ways() -> None:
     async with Node(listen=LOOPBACK) as first:
         async with Node(listen=LOOPBACK, bootstrap=[first.addrs[0]]) as second:
-            assert second.connected_peers() == [first.peer_id]
+            # (AutoNAT's dial-back comes from a throwaway identity and closes at once.)
+            assert first.peer_id in second.connected_peers()
             info = second.identify_info(first.peer_id)
             assert info is not None
             assert info.protocol_version == "/lattica/1.0.0"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -72,6 +73,13 @@ class QuicEndpoint:
                 "pick another port or address"
             ) from exc
         log.debug("QUIC endpoint listening on %s", self.listen_multiaddr)
+        return self.local_address
+
+    def listen_on_socket(self, sock: socket.socket) -> Address:
+        """Serve an already bound UDP socket (one whose NAT mapping hole punching opened)."""
+        if self._socket.is_open:
+            raise RuntimeError("endpoint already bound")
+        self.local_address = self._socket.adopt(sock)
         return self.local_address
 
     async def close(self) -> None:

@@ -51,6 +51,11 @@ class UdpSocket:
         except OSError:
             sock.close()
             raise
+        return self.adopt(sock)
+
+    def adopt(self, sock: socket.socket) -> Address:
+        """Serve an already bound socket (hole punching finds the one whose mapping works)."""
+        sock.setblocking(False)
         self._socket = sock
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._read_ready)

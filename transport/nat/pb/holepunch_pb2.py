@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n transport/nat/pb/holepunch.proto\x12\x1atransport.nat.pb.holepunch\"w\n\tHolePunch\x12\x38\n\x04type\x18\x01 \x02(\x0e\x32*.transport.nat.pb.holepunch.HolePunch.Type\x12\x10\n\x08ObsAddrs\x18\x02 \x03(\x0c\"\x1e\n\x04Type\x12\x0b\n\x07\x43ONNECT\x10\x64\x12\t\n\x04SYNC\x10\xac\x02')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n transport/nat/pb/holepunch.proto\x12\x1atransport.nat.pb.holepunch\"\x88\x01\n\tHolePunch\x12\x38\n\x04type\x18\x01 \x02(\x0e\x32*.transport.nat.pb.holepunch.HolePunch.Type\x12\x10\n\x08ObsAddrs\x18\x02 \x03(\x0c\x12\x0f\n\x07mapping\x18\n \x01(\t\"\x1e\n\x04Type\x12\x0b\n\x07\x43ONNECT\x10\x64\x12\t\n\x04SYNC\x10\xac\x02')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'transport.nat.pb.holepunch_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HOLEPUNCH']._serialized_start=64
-  _globals['_HOLEPUNCH']._serialized_end=183
-  _globals['_HOLEPUNCH_TYPE']._serialized_start=153
-  _globals['_HOLEPUNCH_TYPE']._serialized_end=183
+  _globals['_HOLEPUNCH']._serialized_start=65
+  _globals['_HOLEPUNCH']._serialized_end=201
+  _globals['_HOLEPUNCH_TYPE']._serialized_start=171
+  _globals['_HOLEPUNCH_TYPE']._serialized_end=201
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HolePunch(_message.Message):
-    __slots__ = ("type", "ObsAddrs")
+    __slots__ = ("type", "ObsAddrs", "mapping")
     class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CONNECT: _ClassVar[HolePunch.Type]
@@ -17,6 +17,8 @@ class HolePunch(_message.Message):
     SYNC: HolePunch.Type
     TYPE_FIELD_NUMBER: _ClassVar[int]
     OBSADDRS_FIELD_NUMBER: _ClassVar[int]
+    MAPPING_FIELD_NUMBER: _ClassVar[int]
     type: HolePunch.Type
     ObsAddrs: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, type: _Optional[_Union[HolePunch.Type, str]] = ..., ObsAddrs: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    mapping: str
+    def __init__(self, type: _Optional[_Union[HolePunch.Type, str]] = ..., ObsAddrs: _Optional[_Iterable[bytes]] = ..., mapping: _Optional[str] = ...) -> None: ...
