@@ -172,10 +172,10 @@ def _encode_arguments(codec: Codec, args: tuple[Any, ...], kwargs: dict[str, Any
 
 
 def _decode_arguments(
-    codec: Codec, payload: ReceiveBuffer
+    decode: Callable[[ReceiveBuffer], object], payload: ReceiveBuffer
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     try:
-        decoded = codec.decode(payload)
+        decoded = decode(payload)
     except (ValueError, TypeError) as exc:  # CodecError is a ValueError
         raise InvalidArgument(f"could not decode the call's arguments: {exc}") from exc
     if (
@@ -335,12 +335,11 @@ class _InboundCall:
     # -- running the handler ------------------------------------------------------------
     async def _invoke(self) -> list[Buffer] | None:
         bind_call(self.context)
-        codec = self.service.codec
-        args, kwargs = _decode_arguments(codec, await self.arguments)
+        args, kwargs = _decode_arguments(self.service.decode, await self.arguments)
         method = self.method
         if method.kind.client_streams:
             assert method.requests_param is not None
-            requests: Any = _RequestIterator(self.requests, codec)
+            requests: Any = _RequestIterator(self.requests, self.service.decode)
             if not method.is_async:
                 requests = _SyncRequestIterator(requests, asyncio.get_running_loop())
             if method.requests_positional:
@@ -421,9 +420,9 @@ class _InboundCall:
 class _RequestIterator:
     """The requests of a client-streaming call, decoded one by one as the handler asks."""
 
-    def __init__(self, channel: _Channel, codec: Codec) -> None:
+    def __init__(self, channel: _Channel, decode: Callable[[ReceiveBuffer], object]) -> None:
         self._channel = channel
-        self._codec = codec
+        self._decode = decode
 
     def __aiter__(self) -> _RequestIterator:
         return self
@@ -434,7 +433,7 @@ class _RequestIterator:
         except _Closed:
             raise StopAsyncIteration from None
         try:
-            return self._codec.decode(payload)
+            return self._decode(payload)
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(f"could not decode a request message: {exc}") from exc
 
@@ -577,7 +576,7 @@ class _OutboundCall:
 
     def decode(self, payload: ReceiveBuffer) -> object:
         try:
-            return self.service.codec.decode(payload)
+            return self.service.decode(payload)
         except (ValueError, TypeError) as exc:
             assert self.stream is not None
             self.stream.reset("undecodable response")
@@ -703,11 +702,19 @@ class RpcService:
     """Serves registered methods to peers and calls methods on peers, over a `Host`."""
 
     def __init__(
-        self, host: Host, config: RpcConfig | None = None, *, codec: Codec | None = None
+        self,
+        host: Host,
+        config: RpcConfig | None = None,
+        *,
+        codec: Codec | None = None,
+        codec_limits: Any = None,
     ) -> None:
+        """`codec` defaults to the Arrow codec; `codec_limits` (a `codec.CodecLimits`) bounds
+        what a received message may ask of the decoder (None: the codec's defaults)."""
         self.host = host
         self.config = config or RpcConfig()
         self.codec: Codec = codec if codec is not None else _default_codec()
+        self.codec_limits = codec_limits
         self._methods: dict[str, Method] = {}
         self._inbound: set[_InboundCall] = set()
         self._inbound_per_peer: collections.Counter[PeerId] = collections.Counter()
@@ -756,6 +763,10 @@ class RpcService:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+    def decode(self, payload: ReceiveBuffer) -> object:
+        """A received message as a value (zero-copy views over `payload`), within the limits."""
+        return self.codec.decode(payload, self.codec_limits)
 
     # -- registry -----------------------------------------------------------------------
     def register(

@@ -354,6 +354,24 @@ async def test_bad_arguments_are_invalid_argument(pair: Pair) -> None:
     assert pair.client.active_outbound_calls == 0
 
 
+async def test_codec_limits_apply_to_received_messages(make_pair: PairFactory) -> None:
+    pair = await make_pair()
+    server = RpcService(pair.server_host, codec_limits=codec.CodecLimits(max_ndim=1))
+    await pair.server.stop()  # serve the protocol with the stricter service instead
+    await server.start()
+    try:
+
+        @server.method()
+        async def shape(array: np.ndarray) -> list[int]:
+            return list(array.shape)
+
+        assert await pair.client.call(pair.peer, "shape", np.zeros(3)) == [3]
+        with pytest.raises(InvalidArgument, match="could not decode the call's arguments"):
+            await pair.client.call(pair.peer, "shape", np.zeros((2, 2)))
+    finally:
+        await server.stop()
+
+
 async def test_request_iterator_error_is_raised_to_the_caller(pair: Pair) -> None:
     got_first, cancelled = asyncio.Event(), asyncio.Event()
 
