@@ -52,6 +52,12 @@ class DHTConfig(BaseModel):
     max_failures: int = Field(
         2, ge=1, description="consecutive failed requests before a peer leaves the table"
     )
+    peer_info_cache_ttl: float = Field(
+        10.0,
+        ge=0,
+        description="addresses we name in responses are looked up at most this often per peer "
+        "(the same table entries fill most responses); 0 = every time",
+    )
     cleanup_interval: float = Field(HOUR, gt=0, description="expired records are pruned (spec)")
 
     # -- records --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from lattica_ray.dht.errors import InvalidRecord, MalformedMessage
 from lattica_ray.dht.pb import dht_pb2
@@ -59,9 +59,10 @@ class PeerInfo:
     addrs: tuple[Multiaddr, ...] = ()
     connection: ConnectionType = ConnectionType.NOT_CONNECTED
 
+    @cached_property
     def dialable_addrs(self) -> list[Multiaddr]:
         """The addresses ending in `/p2p/<id>`, as `Host.add_peer_addrs` and dialers want them."""
-        return [_dialable(addr, self.peer_id) for addr in self.addrs]
+        return [addr.with_peer_id(self.peer_id) for addr in self.addrs]
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,6 @@ class DecodeLimits:
 _peer_id_from_bytes = lru_cache(maxsize=1 << 16)(PeerId.from_bytes)
 _multiaddr_from_bytes = lru_cache(maxsize=1 << 16)(Multiaddr.from_bytes)
 _multiaddr_to_bytes = lru_cache(maxsize=1 << 16)(Multiaddr.to_bytes)
-_dialable = lru_cache(maxsize=1 << 16)(Multiaddr.with_peer_id)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -138,7 +138,23 @@ def encode_message(message: Message) -> bytes:
     return pb.SerializeToString()
 
 
+_PEER_CACHE: dict[tuple[bytes, tuple[bytes, ...], int, int], PeerInfo] = {}
+PEER_CACHE_SIZE = 1 << 16
+
+
 def _decode_peer(pb: dht_pb2.Message.Peer, limits: DecodeLimits) -> PeerInfo:
+    """Decode one peer entry; the same entries recur in many responses, so they are memoised."""
+    cache_key = (pb.id, tuple(pb.addrs), pb.connection, limits.max_addrs_per_peer)
+    info = _PEER_CACHE.get(cache_key)
+    if info is None:
+        info = _decode_peer_entry(pb, limits)
+        if len(_PEER_CACHE) >= PEER_CACHE_SIZE:
+            _PEER_CACHE.clear()
+        _PEER_CACHE[cache_key] = info
+    return info
+
+
+def _decode_peer_entry(pb: dht_pb2.Message.Peer, limits: DecodeLimits) -> PeerInfo:
     try:
         peer = _peer_id_from_bytes(pb.id)
     except InvalidPeerId as exc:
@@ -377,6 +393,7 @@ class KadServer:
         k: int,
         max_addrs_per_peer: int = 16,
         max_providers_per_response: int = 20,
+        peer_info_ttl: float = 10.0,
     ) -> None:
         self.local = local
         self.table = table
@@ -387,6 +404,20 @@ class KadServer:
         self.k = k
         self.max_addrs_per_peer = max_addrs_per_peer
         self.max_providers_per_response = max_providers_per_response
+        self.peer_info_ttl = peer_info_ttl
+        self._peer_infos: dict[PeerId, tuple[float, PeerInfo]] = {}
+
+    def table_peer_info(self, peer: PeerId, now: float) -> PeerInfo:
+        """`peer_info` for a peer we name in responses, memoised for `peer_info_ttl` seconds
+        (the same table entries go into most responses)."""
+        cached = self._peer_infos.get(peer)
+        if cached is not None and now - cached[0] < self.peer_info_ttl:
+            return cached[1]
+        info = self.peer_info(peer)
+        if len(self._peer_infos) >= PEER_CACHE_SIZE:
+            self._peer_infos.clear()
+        self._peer_infos[peer] = (now, info)
+        return info
 
     def peer_info(self, peer: PeerId, addrs: Iterable[Multiaddr] | None = None) -> PeerInfo:
         known = (
@@ -403,23 +434,24 @@ class KadServer:
                 break
         return PeerInfo(peer, tuple(stripped))
 
-    def closer_peers(self, key: bytes, requester: PeerId) -> tuple[PeerInfo, ...]:
+    def closer_peers(self, key: bytes, requester: PeerId, now: float) -> tuple[PeerInfo, ...]:
         if key == self.local.multihash:
             return (self.peer_info(self.local),)  # exact match: just us (spec)
         closest = self.table.closest(kad_id(key), self.k, exclude=(requester,))
-        return tuple(self.peer_info(peer) for peer in closest)
+        return tuple(self.table_peer_info(peer, now) for peer in closest)
 
     def handle(self, sender: PeerId, request: Message, now: float) -> Message | None:
         kind = request.type
         if kind is MessageType.PING:
             return Message(MessageType.PING)
         if kind is MessageType.FIND_NODE:
-            return Message(kind, request.key, closer_peers=self.closer_peers(request.key, sender))
+            closer = self.closer_peers(request.key, sender, now)
+            return Message(kind, request.key, closer_peers=closer)
         if kind is MessageType.GET_VALUE:
             value = self.records.get(request.key, now)
             record = Record(request.key, value) if value is not None else None
             return Message(
-                kind, request.key, record, closer_peers=self.closer_peers(request.key, sender)
+                kind, request.key, record, closer_peers=self.closer_peers(request.key, sender, now)
             )
         if kind is MessageType.PUT_VALUE:
             return self._put_value(request, now)
@@ -431,7 +463,7 @@ class KadServer:
             return Message(
                 kind,
                 request.key,
-                closer_peers=self.closer_peers(request.key, sender),
+                closer_peers=self.closer_peers(request.key, sender, now),
                 provider_peers=providers,
             )
         if kind is MessageType.ADD_PROVIDER:

@@ -244,8 +244,10 @@ class RoutingTable:
     def closest(self, target: int, count: int, exclude: Iterable[PeerId] = ()) -> list[PeerId]:
         """The `count` peers nearest to the point `target`, nearest first."""
         excluded = set(exclude)
-        entries = (e for e in self._entries.values() if e.peer not in excluded)
-        return [e.peer for e in heapq.nsmallest(count, entries, key=lambda e: e.point ^ target)]
+        nearest = heapq.nsmallest(
+            count + len(excluded), self._entries.values(), key=lambda e: e.point ^ target
+        )
+        return [e.peer for e in nearest if e.peer not in excluded][:count]
 
     def has_room_for(self, peer: PeerId) -> bool:
         """Would `peer` enter without evicting anyone (ignoring diversity)?"""

@@ -62,7 +62,7 @@ from lattica_ray.dht.routing import (
     kad_id,
     random_key_with_cpl,
 )
-from transport.errors import MessageTooLarge, ProtocolNotSupported, TransportError
+from transport.errors import MessageTooLarge, ProtocolNotSupported, StreamReset, TransportError
 from transport.host import Host
 from transport.identity import KeyPair, PeerId
 from transport.multiaddr import Multiaddr
@@ -178,6 +178,7 @@ class DHT:
             config.k,
             config.max_addrs_per_peer,
             config.max_providers_per_response,
+            config.peer_info_cache_ttl,
         )
         self.limits = DecodeLimits(
             config.max_key_size,
@@ -196,7 +197,8 @@ class DHT:
         self._inbound = 0
         self._authored: dict[bytes, bytes] = {}  # our records: key -> unsigned value
         self._provided: set[bytes] = set()  # multihashes we announce
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # periodic maintenance
+        self._pending: set[asyncio.Task[Any]] = set()  # one-off work: probes
         self._started = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -240,7 +242,7 @@ class DHT:
         if self._started:
             self._started = False
             self.host.remove_stream_handler(PROTOCOL_ID)
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *self._pending]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -255,11 +257,17 @@ class DHT:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], periodic: bool = False) -> None:
+        tasks = self._tasks if periodic else self._pending
         task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def settle(self) -> None:
+        """Wait until one-off background work (liveness probes of peers) has finished, so
+        tests and simulations can observe a quiet table."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
 
     def _every(self, interval: float, job: Callable[[], Awaitable[Any]]) -> None:
         async def loop() -> None:
@@ -272,7 +280,7 @@ class DHT:
                 except Exception:
                     log.exception("DHT %s: periodic %s failed", self.local.short(), job.__name__)
 
-        self._spawn(loop())
+        self._spawn(loop(), periodic=True)
 
     # -- public API -----------------------------------------------------------------------
     async def bootstrap(
@@ -379,8 +387,8 @@ class DHT:
         value = best[0]
         if value is None:
             return None
-        if outdated:
-            self._spawn(self._send_puts(key_bytes, value, sorted(outdated)))
+        if outdated:  # entry correction (spec): one more round trip, only when peers disagreed
+            await self._send_puts(key_bytes, value, sorted(outdated))
         if local is not None and local != value:
             try:
                 self.records.put(key_bytes, value, self._clock())
@@ -436,7 +444,7 @@ class DHT:
                 if info.peer_id not in found:
                     found[info.peer_id] = info
                     if info.addrs and info.peer_id != self.local:
-                        self.host.add_peer_addrs(info.peer_id, info.dialable_addrs())
+                        self.host.add_peer_addrs(info.peer_id, info.dialable_addrs)
             if len(found) >= limit:
                 lookup.stop()
 
@@ -476,7 +484,7 @@ class DHT:
                 if info.peer_id == peer and info.addrs:
                     found[0] = True
                     hops[0] = lookup.depth_of(responder) or 0
-                    addrs.extend(a for a in info.dialable_addrs() if a not in addrs)
+                    addrs.extend(a for a in info.dialable_addrs if a not in addrs)
                     lookup.stop()
 
         lookup = await self._lookup(
@@ -551,7 +559,13 @@ class DHT:
             try:
                 await stream.write_message(encode_message(message))
                 if not expect_response:
+                    # No response is defined (ADD_PROVIDER); waiting for the remote to close
+                    # its side tells us the request was read. Reset or EOF: either way, done.
                     await stream.close()
+                    try:
+                        await stream.read(1)
+                    except StreamReset:
+                        pass
                     return None
                 data = await stream.read_message(self.config.max_message_size)
                 await stream.close()
@@ -670,7 +684,7 @@ class DHT:
             if peer == self.local or self.table.is_blocked(peer, now):
                 continue
             if info.addrs:
-                self.host.add_peer_addrs(peer, info.dialable_addrs())
+                self.host.add_peer_addrs(peer, info.dialable_addrs)
             elif peer not in self.table and not self.host.peer_addrs(peer):
                 continue  # no way to reach it
             usable.append(peer)
@@ -770,9 +784,8 @@ class DHT:
     async def _serve_one(self, stream: Stream, peer: PeerId) -> bool:
         """Read, check and answer one request; False when the stream is done."""
         try:
-            data = await asyncio.wait_for(
-                stream.read_message(self.config.max_message_size), self.config.inbound_idle_timeout
-            )
+            async with asyncio.timeout(self.config.inbound_idle_timeout):
+                data = await stream.read_message(self.config.max_message_size)
         except asyncio.IncompleteReadError as exc:
             if exc.partial:
                 log.info("peer %s closed a kad stream mid-message", peer)

@@ -227,7 +227,7 @@ class Simulation:
 
     async def kill_until(self, fraction: float) -> None:
         """Kill random nodes without warning until `fraction` of all nodes are dead."""
-        target_dead = int(round(fraction * self.config.nodes))
+        target_dead = round(fraction * self.config.nodes)
         while self.config.nodes - len(self.alive) < target_dead:
             victim = self.alive.pop(self.random.randrange(len(self.alive)))
             self.network.kill(self.hosts[victim].peer_id)
