@@ -66,6 +66,7 @@ class MemoryHost:
         self.key = key
         self._peer_id = key.peer_id
         self._addr = Multiaddr.parse(f"/ip4/127.0.0.1/udp/{port}/quic-v1")
+        self._advertised = (self._addr.with_peer_id(self._peer_id),)  # base58 once, not per call
         self.alive = True
         self.handlers = StreamHandlers()
         self._peer_addrs: dict[PeerId, list[Multiaddr]] = {}
@@ -80,7 +81,7 @@ class MemoryHost:
 
     @property
     def addrs(self) -> list[Multiaddr]:
-        return [self._addr.with_peer_id(self._peer_id)]
+        return list(self._advertised)
 
     async def open_stream(self, peer: PeerId, protocols: list[str]) -> MemoryStream:
         if not self.alive:
