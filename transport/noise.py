@@ -521,7 +521,10 @@ class NoiseTransport:
 
 
 class ChannelReceiver(Protocol):
-    """What a `ByteChannel` delivers to once started (as an asyncio.Protocol receives)."""
+    """What a `ByteChannel` delivers to once started (as an asyncio.Protocol receives).
+
+    `data` may be a view of a reused receive buffer: use or copy it before returning.
+    """
 
     def data_received(self, data: bytes) -> None: ...
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import weakref
 from collections.abc import Callable
 
 from pydantic import BaseModel, Field
@@ -111,8 +112,30 @@ def tcp_socket_address(address: Multiaddr) -> tuple[str, int, int]:
 # -- the socket as a ByteChannel ------------------------------------------------------------
 
 
-class TcpChannel(asyncio.Protocol, BufferedChannel):
-    """An asyncio TCP socket as a `ByteChannel`: callbacks straight into Noise and Yamux."""
+RECEIVE_BUFFER_SIZE = 1024 * 1024  # bytes one recv_into() may bring in at once
+_receive_buffers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _receive_buffer(loop: asyncio.AbstractEventLoop) -> memoryview:
+    """The event loop's receive buffer, shared by all its TCP channels.
+
+    Sharing is safe: asyncio fills it and calls `buffer_updated()` in one callback, and every
+    receiver is done with the bytes (decrypted, or copied) when that callback returns.
+    """
+    buffer = _receive_buffers.get(loop)
+    if buffer is None:
+        buffer = _receive_buffers[loop] = memoryview(bytearray(RECEIVE_BUFFER_SIZE))
+    return buffer
+
+
+class TcpChannel(asyncio.BufferedProtocol, BufferedChannel):
+    """An asyncio TCP socket as a `ByteChannel`: callbacks straight into Noise and Yamux.
+
+    Reads go straight into a large reused buffer (no allocation per read); receivers see a
+    view of it that is valid only during their `data_received()` call.
+    """
 
     def __init__(self, config: TcpConfig) -> None:
         BufferedChannel.__init__(self)
@@ -127,6 +150,7 @@ class TcpChannel(asyncio.Protocol, BufferedChannel):
         self.made: asyncio.Future[None] = self._loop.create_future()
         self._done: asyncio.Future[None] = self._loop.create_future()
         self.on_made: Callable[[TcpChannel], None] | None = None
+        self._receive_buffer = _receive_buffer(self._loop)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -140,8 +164,11 @@ class TcpChannel(asyncio.Protocol, BufferedChannel):
         if self.on_made is not None:
             self.on_made(self)
 
-    def data_received(self, data: bytes) -> None:
-        self._deliver_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._receive_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._deliver_data(self._receive_buffer[:nbytes])  # type: ignore[arg-type]
 
     def eof_received(self) -> bool:
         self._deliver_eof()

@@ -829,6 +829,7 @@ class YamuxConnection(Connection):
 
     # -- ChannelReceiver -------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        """Every frame in `data` is handled (bodies copied into streams) before returning."""
         self.bytes_received += len(data)
         try:
             self._session.receive_data(data, self._loop.time())

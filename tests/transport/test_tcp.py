@@ -142,6 +142,42 @@ async def test_large_transfer_arrives_intact(tcp_pair: TcpPair) -> None:
     assert digest.digest() == hashlib.sha256(payload).digest()
 
 
+async def test_concurrent_connections_and_streams_stay_intact(tcp_pair: TcpPair) -> None:
+    """Connections share one receive buffer per event loop: bytes must never cross over."""
+    others = [TcpTransport(KeyPair.generate(), FAST) for _ in range(2)]
+    try:
+        connections = [await tcp_pair.dial()] + [
+            await other.dial(tcp_pair.address, tcp_pair.server_key.peer_id) for other in others
+        ]
+
+        async def serve(count: int) -> None:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(count):
+                    stream = await _get(tcp_pair.server_streams)
+                    group.create_task(echo_digest(stream))
+
+        async def echo_digest(stream: Stream) -> None:
+            data = await stream.read_to_end(1 << 24)
+            await stream.write(hashlib.sha256(data).digest())
+            await stream.close()
+
+        async def call(connection: TcpConnection, index: int) -> None:
+            stream = await connection.open_stream()
+            payload = hashlib.shake_256(bytes([index])).digest(1_000_000 + index * 7919)
+            await stream.write(payload)
+            await stream.close()
+            assert await stream.read_to_end() == hashlib.sha256(payload).digest()
+
+        calls = [call(connection, index) for index in range(4) for connection in connections]
+        async with asyncio.timeout(30):
+            server = asyncio.ensure_future(serve(len(calls)))
+            await asyncio.gather(*calls)
+            await server
+    finally:
+        for other in others:
+            await other.close()
+
+
 async def test_dialing_the_wrong_peer_id_is_refused(tcp_pair: TcpPair) -> None:
     impostor_expected = KeyPair.generate().peer_id
     with pytest.raises(PeerIdMismatch) as failure:
