@@ -176,7 +176,7 @@ def _decode_arguments(
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     try:
         decoded = decode(payload)
-    except (ValueError, TypeError) as exc:  # CodecError is a ValueError
+    except ValueError as exc:  # CodecError; anything else is a bug and travels as one
         raise InvalidArgument(f"could not decode the call's arguments: {exc}") from exc
     if (
         not isinstance(decoded, list | tuple)
@@ -361,9 +361,9 @@ class _InboundCall:
     def _frame(self, item: object) -> list[Buffer]:
         try:
             buffers = self.service.codec.encode(item)
-        except (TypeError, ValueError) as exc:
+        except ValueError as exc:
             name = self.method.name
-            raise TypeError(f"could not encode the response of {name!r}: {exc}") from exc
+            raise ValueError(f"could not encode the response of {name!r}: {exc}") from exc
         return self.proto.send_message(buffers)
 
     async def _stream_async(self, responses: AsyncIterator[object]) -> None:
@@ -434,7 +434,7 @@ class _RequestIterator:
             raise StopAsyncIteration from None
         try:
             return self._decode(payload)
-        except (ValueError, TypeError) as exc:
+        except ValueError as exc:
             raise InvalidArgument(f"could not decode a request message: {exc}") from exc
 
 
@@ -577,7 +577,7 @@ class _OutboundCall:
     def decode(self, payload: ReceiveBuffer) -> object:
         try:
             return self.service.decode(payload)
-        except (ValueError, TypeError) as exc:
+        except ValueError as exc:
             assert self.stream is not None
             self.stream.reset("undecodable response")
             raise self._error(ProtocolError(f"could not decode the response: {exc}")) from exc
@@ -829,7 +829,7 @@ class RpcService:
             timeout = self.config.default_timeout
         try:
             arguments = _encode_arguments(self.codec, args, kwargs)
-        except (TypeError, ValueError) as exc:
+        except ValueError as exc:
             raise InvalidArgument(f"could not encode the arguments: {exc}", method=method) from exc
         try:
             call = _OutboundCall(self, peer, method, kind, arguments, requests, timeout, metadata)
