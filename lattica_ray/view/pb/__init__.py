@@ -1,0 +1,1 @@
+"""Generated protobuf code for the cluster view (see README.md)."""
