@@ -884,6 +884,8 @@ class YamuxConnection(Connection):
                 self._backlog_open.set()
             elif type(event) is GoAwayReceived:
                 self._on_go_away(event.code)
+                if self.is_closed:
+                    return  # an error GoAway ended the connection: later events are moot
             elif type(event) is PongReceived:
                 log.debug("yamux rtt to %s: %.3f ms", self.remote_peer, event.rtt * 1000)
 

@@ -289,3 +289,19 @@ async def test_message_larger_than_the_window_does_not_deadlock(yamux_pair: Pair
     async with asyncio.timeout(5):
         assert await inbound.read_message(max_size=2 * len(message)) == message
         await sender
+
+
+async def test_goaway_with_an_error_code_ends_the_connection() -> None:
+    raw, remote = memory_stream_pair()
+    connection = YamuxConnection(StreamChannel(raw), KeyPair.generate().peer_id, True, CONFIG)
+    try:
+        stream = await connection.open_stream()
+        await remote.write(encode_header(3, 0, 0, 2))  # GoAway, internal error
+        async with asyncio.timeout(5):
+            reason = await connection.closed
+        assert reason == "the remote ended the session: internal error"
+        with pytest.raises(StreamReset, match="internal error"):
+            await stream.read()
+    finally:
+        connection.abort()
+        remote.reset()
