@@ -46,7 +46,15 @@ from lattica_ray.rpc.codec_errors import (
     MalformedMessage,
     UnsupportedType,
 )
-from lattica_ray.rpc.codec_ipc import Gather, data_batch, is_data_schema, read_stream, write_stream
+from lattica_ray.rpc.codec_ipc import (
+    INLINE_MAX,
+    Gather,
+    check_field_names,
+    data_batch,
+    is_data_schema,
+    read_stream,
+    write_stream,
+)
 from lattica_ray.rpc.codec_layout import (
     TORCH_DTYPES,
     array_block,
@@ -246,9 +254,11 @@ def encode(obj: object, limits: CodecLimits | None = None) -> list[memoryview]:
     if blocks:
         flags |= FLAG_DATA_STREAM
         schema, batch = data_batch(encoder.blocks, header_size)
-        lengths.append(write_stream(sink, schema, [batch]))
+        small = max(block.size for block in encoder.blocks) < INLINE_MAX
+        lengths.append(write_stream(sink, schema, [batch], small=small))
     for schema, batches in encoder.streams:
-        lengths.append(write_stream(sink, schema, batches))
+        small = sum(batch.nbytes for batch in batches) < INLINE_MAX
+        lengths.append(write_stream(sink, schema, batches, small=small))
     header = b"".join(
         (
             _HEADER.pack(MAGIC, VERSION, flags, 0, len(tree), len(lengths)),
@@ -268,6 +278,7 @@ def encode(obj: object, limits: CodecLimits | None = None) -> list[memoryview]:
 # What a malformed message can make the parsers raise; all become MalformedMessage.
 _PARSE_ERRORS = (
     pa.ArrowException,
+    OSError,  # pyarrow's ArrowIOError is OSError itself ("buffer_index out of range")
     ValueError,
     TypeError,
     IndexError,
@@ -351,6 +362,7 @@ class _Decoder:
             if index == 0 and has_data:
                 self._take_data_stream(schema, batches, whole.address, position, position + length)
             else:
+                check_field_names(schema)
                 self.streams.append((schema, batches))
             position += length
 
@@ -394,7 +406,9 @@ class _Decoder:
         for position, node in enumerate(nodes):
             kind = type(node)
             if kind is list:
-                tag = node[0] if node else None
+                if not node:
+                    raise MalformedMessage("empty node in the value tree")
+                tag = node[0]
                 if tag == _LIST or tag == _TUPLE or tag == _DICT:
                     if len(stack) >= limits.max_depth:
                         raise LimitExceeded(

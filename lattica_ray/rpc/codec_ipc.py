@@ -79,19 +79,31 @@ class Gather:
         return out
 
 
-def write_stream(sink: Gather, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
-    """Append one IPC stream (schema, batches, end marker) to `sink`; returns its length."""
+def write_stream(
+    sink: Gather, schema: pa.Schema, batches: Iterable[pa.RecordBatch], *, small: bool
+) -> int:
+    """Append one IPC stream (schema, batches, end marker) to `sink`; returns its length.
+
+    A `small` stream (no buffer worth passing uncopied) is written in C++ in one piece, which
+    saves a Python call per Arrow buffer; it would be copied into a header segment anyway.
+    """
     before = sink.size
-    with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), schema) as writer:
+    target = pa.BufferOutputStream() if small else pa.PythonFile(sink, mode="w")
+    with pa.ipc.new_stream(target, schema) as writer:
         for batch in batches:
             writer.write_batch(batch)
+    if small:
+        sink.write(target.getvalue())
     return sink.size - before
 
 
-def _u(fmt: str, buf: bytes, pos: int) -> int:
-    if pos < 0 or pos + struct.calcsize(fmt) > len(buf):
+_U8, _I16, _U16, _I32, _U32 = (struct.Struct(f) for f in ("<B", "<h", "<H", "<i", "<I"))
+
+
+def _u(kind: struct.Struct, buf: bytes, pos: int) -> int:
+    if pos < 0 or pos + kind.size > len(buf):
         raise MalformedMessage("Arrow message metadata points outside itself")
-    return struct.unpack_from(fmt, buf, pos)[0]
+    return kind.unpack_from(buf, pos)[0]
 
 
 class _FlatTable:
@@ -100,34 +112,34 @@ class _FlatTable:
     def __init__(self, buf: bytes, pos: int) -> None:
         self.buf = buf
         self.pos = pos
-        self.vtable = pos - _u("<i", buf, pos)
-        self.vtable_size = _u("<H", buf, self.vtable)
+        self.vtable = pos - _u(_I32, buf, pos)
+        self.vtable_size = _u(_U16, buf, self.vtable)
 
     def field(self, slot: int) -> int:
         """Absolute position of a field, or 0 if the table does not have it."""
         entry = 4 + 2 * slot
         if entry + 2 > self.vtable_size:
             return 0
-        offset = _u("<H", self.buf, self.vtable + entry)
+        offset = _u(_U16, self.buf, self.vtable + entry)
         return self.pos + offset if offset else 0
 
-    def scalar(self, slot: int, fmt: str, default: int) -> int:
+    def scalar(self, slot: int, kind: struct.Struct, default: int) -> int:
         where = self.field(slot)
-        return _u(fmt, self.buf, where) if where else default
+        return _u(kind, self.buf, where) if where else default
 
     def table(self, slot: int) -> _FlatTable | None:
         where = self.field(slot)
-        return _FlatTable(self.buf, where + _u("<I", self.buf, where)) if where else None
+        return _FlatTable(self.buf, where + _u(_U32, self.buf, where)) if where else None
 
 
 def message_kind(metadata: bytes) -> int:
     """The header type of an IPC message, after refusing compression and big-endian schemas."""
-    message = _FlatTable(metadata, _u("<I", metadata, 0))
-    kind = message.scalar(_MESSAGE_HEADER_TYPE, "<B", 0)
+    message = _FlatTable(metadata, _u(_U32, metadata, 0))
+    kind = message.scalar(_MESSAGE_HEADER_TYPE, _U8, 0)
     header = message.table(_MESSAGE_HEADER)
     if header is None or kind not in (_SCHEMA, _DICTIONARY_BATCH, _RECORD_BATCH):
         raise MalformedMessage(f"Arrow IPC message of type {kind} is not allowed in a codec stream")
-    if kind == _SCHEMA and header.scalar(_SCHEMA_ENDIANNESS, "<h", 0) != 0:
+    if kind == _SCHEMA and header.scalar(_SCHEMA_ENDIANNESS, _I16, 0) != 0:
         raise MalformedMessage(
             "big-endian Arrow streams are refused (the codec sends little-endian)"
         )
@@ -174,6 +186,29 @@ def read_stream(
     return schema, batches, len(messages)
 
 
+def check_field_names(schema: pa.Schema) -> None:
+    """Refuse field names (nested ones too) that are not UTF-8: Arrow allows any bytes, but
+    pyarrow decodes a name whenever Python touches the field, failing there instead of here."""
+    types = []
+    try:
+        for field in schema:
+            _ = field.name
+            types.append(field.type)
+        while types:
+            kind = types.pop()
+            if isinstance(kind, pa.ExtensionType):
+                types.append(kind.storage_type)
+            elif isinstance(kind, pa.DictionaryType):
+                types.append(kind.value_type)
+            else:
+                for index in range(kind.num_fields):
+                    field = kind.field(index)
+                    _ = field.name
+                    types.append(field.type)
+    except UnicodeDecodeError as exc:
+        raise MalformedMessage(f"an Arrow field name is not UTF-8: {exc}") from exc
+
+
 def _one_row_binary(data: pa.Buffer) -> pa.Array:
     offsets = pa.py_buffer(_OFFSETS.pack(0, data.size))
     return pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, data])
@@ -208,7 +243,8 @@ def _data_body_offset(blocks: int) -> int:
     sink = Gather()
     schema = data_schema(blocks)
     empty = _one_row_binary(pa.py_buffer(b""))
-    write_stream(sink, schema, [pa.RecordBatch.from_arrays([empty] * len(schema), schema=schema)])
+    batch = pa.RecordBatch.from_arrays([empty] * len(schema), schema=schema)
+    write_stream(sink, schema, [batch], small=True)
     return sink.size - len(_EOS) - len(schema) * _OFFSETS.size
 
 
@@ -217,11 +253,22 @@ def data_batch(blocks: list[pa.Buffer], stream_start: int) -> tuple[pa.Schema, p
     each block preceded by the zero pad that puts it at a multiple of BLOCK_ALIGNMENT."""
     schema = data_schema(len(blocks))
     position = stream_start + _data_body_offset(len(blocks))
-    columns = []
+    data: list[pa.Buffer] = []
     for block in blocks:
         # body order: pad offsets (16), pad bytes, block offsets (16), block bytes (to 8)
         pad = -(position + 2 * _OFFSETS.size) % BLOCK_ALIGNMENT
-        columns.append(_one_row_binary(_ZEROS.slice(0, pad)))
-        columns.append(_one_row_binary(block))
+        data += (_ZEROS.slice(0, pad), block)
         position += 2 * _OFFSETS.size + pad + block.size + (-block.size % 8)
+    offsets = pa.py_buffer(struct.pack(f"<{2 * len(data)}q", *_offset_pairs(data)))
+    binary = pa.large_binary()
+    columns = [
+        pa.Array.from_buffers(binary, 1, [None, offsets.slice(16 * i, 16), buffer])
+        for i, buffer in enumerate(data)
+    ]
     return schema, pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _offset_pairs(data: list[pa.Buffer]) -> Iterable[int]:
+    for buffer in data:
+        yield 0
+        yield buffer.size
