@@ -147,7 +147,6 @@ class TcpChannel(asyncio.BufferedProtocol, BufferedChannel):
         self._writable.set()
         self._closing = False
         self._abort_timer: asyncio.TimerHandle | None = None
-        self.made: asyncio.Future[None] = self._loop.create_future()
         self._done: asyncio.Future[None] = self._loop.create_future()
         self.on_made: Callable[[TcpChannel], None] | None = None
         self._receive_buffer = _receive_buffer(self._loop)
@@ -159,8 +158,6 @@ class TcpChannel(asyncio.BufferedProtocol, BufferedChannel):
         transport.set_write_buffer_limits(
             high=self._config.write_buffer_high, low=self._config.write_buffer_low
         )
-        if not self.made.done():
-            self.made.set_result(None)
         if self.on_made is not None:
             self.on_made(self)
 

@@ -28,6 +28,7 @@ from transport.tcp import (
     TcpConfig,
     TcpConnection,
     TcpTransport,
+    is_tcp_address,
     secure_and_mux,
     tcp_multiaddr,
     tcp_socket_address,
@@ -369,6 +370,8 @@ def test_tcp_addresses() -> None:
     for bad in ("/ip4/1.2.3.4/udp/1/quic-v1", "/ip4/1.2.3.4/tcp/1/ws", "/ip4/1.2.3.4"):
         with pytest.raises(InvalidMultiaddr, match="not a direct TCP address"):
             tcp_socket_address(Multiaddr.parse(bad))
+    assert is_tcp_address(Multiaddr.parse("/ip6/::1/tcp/1/p2p/" + str(KeyPair.generate().peer_id)))
+    assert not is_tcp_address(Multiaddr.parse("/ip4/1.2.3.4/udp/1/quic-v1"))
     peer = KeyPair.generate().peer_id
     assert str(tcp_multiaddr("::ffff:127.0.0.1", 5, peer)) == f"/ip4/127.0.0.1/tcp/5/p2p/{peer}"
     assert str(tcp_multiaddr("fe80::1%eth0", 6)) == "/ip6/fe80::1/tcp/6"
