@@ -16,6 +16,7 @@ from lattica_ray.node import DEFAULT_PROTOCOL_VERSION, Node
 from transport.errors import TransportError
 from transport.identity import PeerId
 from transport.multiaddr import Multiaddr
+from transport.nat.relay import RelayConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -61,10 +62,26 @@ def node(
     protocol_version: Annotated[
         str, typer.Option(help="identify protocolVersion; Lattica peers require theirs")
     ] = DEFAULT_PROTOCOL_VERSION,
+    relay: Annotated[bool, typer.Option(help="Relay circuits for NAT'd peers")] = True,
+    relay_reservations: Annotated[
+        int, typer.Option(help="Relay: reservations held at once")
+    ] = RelayConfig().max_reservations,
+    relay_circuit_bytes: Annotated[
+        int, typer.Option(help="Relay: bytes per direction per circuit (0 = unlimited)")
+    ] = RelayConfig().circuit_data,
+    relay_circuit_seconds: Annotated[
+        float, typer.Option(help="Relay: seconds per circuit (0 = unlimited)")
+    ] = RelayConfig().circuit_duration,
     log_level: LogLevelOption = "INFO",
 ) -> None:
     """Run a standalone node (bootstrap / relay; no Ray needed) until SIGINT or SIGTERM."""
     _setup_logging(log_level)
+    relay_config = RelayConfig(
+        enabled=relay,
+        max_reservations=relay_reservations,
+        circuit_data=relay_circuit_bytes,
+        circuit_duration=relay_circuit_seconds,
+    )
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -72,7 +89,11 @@ def node(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         async with Node(
-            listen=listen, bootstrap=bootstrap, key_file=key, protocol_version=protocol_version
+            listen=listen,
+            bootstrap=bootstrap,
+            key_file=key,
+            protocol_version=protocol_version,
+            relay=relay_config,
         ) as peer:
             print(
                 json.dumps({"peer_id": str(peer.peer_id), "addrs": [str(a) for a in peer.addrs]}),

@@ -25,6 +25,7 @@ from transport.stream import Stream
 log = logging.getLogger(__name__)
 
 DialStrategy = Callable[[PeerId], Awaitable[Connection | None]]
+RELAY_DELAY = 0.5  # seconds direct dials get before relays are tried in parallel
 DUPLICATE_GRACE = 2.0  # seconds a redundant connection may finish its streams before closing
 MAX_ADDRS_PER_PEER = 32
 
@@ -38,6 +39,7 @@ class Swarm:
         self.handlers = StreamHandlers()
         self.endpoints: list[QuicEndpoint] = []
         self.dial_strategies: list[DialStrategy] = []
+        self.relay_delay = RELAY_DELAY
         self._peer_addrs: dict[PeerId, list[Multiaddr]] = {}
         self._connections: dict[PeerId, list[Connection]] = {}
         self._listeners: list[ConnectionListener] = []
@@ -186,23 +188,49 @@ class Swarm:
             self._pending_dials.pop(peer, None)
 
     async def _dial_peer(self, peer: PeerId) -> Connection:
+        """Direct addresses at once; relays (and other strategies) from `relay_delay` on, or as
+        soon as every direct attempt failed ("happy eyeballs"): the first connection wins."""
         errors: list[str] = []
         direct = [a for a in self._peer_addrs.get(peer, []) if a.has("quic-v1")]
         direct = [a for a in direct if not a.is_relayed]
+        attempts: dict[asyncio.Future[Connection | None], str] = {}
         for addr in direct:
-            try:
-                return await self.dial_addr(addr, peer)
-            except DialError as exc:
-                errors.append(f"{addr}: {exc}")
-                log.debug("dial %s at %s failed: %s", peer.short(), addr, exc)
-        for strategy in self.dial_strategies:
-            try:
-                connection = await strategy(peer)
-            except DialError as exc:
-                errors.append(f"{getattr(strategy, '__name__', strategy)}: {exc}")
-                continue
-            if connection is not None:
-                return connection
+            attempts[asyncio.ensure_future(self.dial_addr(addr, peer))] = str(addr)
+        strategies_started = False
+
+        def start_strategies() -> None:
+            nonlocal strategies_started
+            strategies_started = True
+            for strategy in self.dial_strategies:
+                name = getattr(strategy, "__name__", repr(strategy))
+                attempts[asyncio.ensure_future(strategy(peer))] = name
+
+        if not attempts:
+            start_strategies()
+        try:
+            while attempts:
+                timeout = None if strategies_started else self.relay_delay
+                done, _ = await asyncio.wait(
+                    attempts, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    start_strategies()
+                    continue
+                for future in done:
+                    label = attempts.pop(future)
+                    try:
+                        connection = future.result()
+                    except (DialError, OSError) as exc:
+                        errors.append(f"{label}: {exc}")
+                        log.debug("dial %s via %s failed: %s", peer.short(), label, exc)
+                        continue
+                    if connection is not None:
+                        return connection
+                if not attempts and not strategies_started:
+                    start_strategies()
+        finally:
+            for future in attempts:
+                future.cancel()
         if not errors:
             raise PeerUnreachable(
                 f"no known address for {peer}; give a full multiaddr (/ip4/.../udp/PORT/"

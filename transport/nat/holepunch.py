@@ -56,6 +56,10 @@ PORT_RANGE = (1024, 65535)
 HolePunch = holepunch_pb2.HolePunch
 
 
+class PunchImpossible(TransportError):
+    """No hole punch can work between these two NATs (both map endpoint-dependently)."""
+
+
 def _quic_addrs(raw: list[bytes]) -> list[Multiaddr]:
     addrs = []
     for item in raw[:16]:
@@ -136,6 +140,9 @@ class HolePuncher:
                 return existing
             try:
                 connection = await self._attempt_as_b(peer)
+            except PunchImpossible as exc:
+                last_error = str(exc)
+                break
             except (TransportError, TimeoutError, EOFError, OSError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
                 log.info("hole punch to %s, attempt %d: %s", peer, attempt, last_error)
@@ -168,7 +175,7 @@ class HolePuncher:
             )
             if we_dial is None:
                 log.info("both %s and we are behind symmetric NATs: staying relayed", peer)
-                return None
+                raise PunchImpossible("both peers are behind symmetric NATs")
             prepared = await self._prepare(we_dial, their_addrs, protocol)
             await stream.write_message(HolePunch(type=HolePunch.SYNC).SerializeToString())
             await asyncio.sleep(rtt / 2)
@@ -194,6 +201,10 @@ class HolePuncher:
             reply.mapping = str(self._mapping())
         await stream.write_message(reply.SerializeToString())
         we_dial = choose_dialer(str(self._mapping()), request.mapping if extended else "", True)
+        if we_dial is None:
+            self.results[peer] = "failed: both peers are behind symmetric NATs"
+            await stream.close()
+            return
         prepared = (
             await self._prepare(we_dial, their_addrs, stream.protocol)
             if we_dial is not None
@@ -201,7 +212,8 @@ class HolePuncher:
         )
         self._parse(await stream.read_message(MAX_MESSAGE_SIZE), HolePunch.SYNC)
         await stream.close()
-        if we_dial is None or not their_addrs:
+        if not their_addrs:
+            self.results[peer] = "failed: no address to punch to"
             return
         spray = extended and request.mapping == Mapping.ENDPOINT_DEPENDENT
         direct = await self._punch(peer, we_dial, their_addrs, spray, prepared)

@@ -143,15 +143,21 @@ class NatManager:
         self.refresh()
         return self.addresses.reachability()
 
-    def wants_relays(self) -> bool:
-        if self.use_relays is not None:
-            return self.use_relays
-        if self.reachability == Reachability.PRIVATE:
-            return True
-        if self.reachability == Reachability.PUBLIC:
-            return False
+    def behind_nat(self) -> bool:
+        """Peers see us at an address we do not listen on."""
         observed = {a.without_peer_id() for a in self.addresses.observed_addrs()}
         return bool(observed - set(self._listen_addrs()))
+
+    def wants_relays(self) -> bool:
+        """Hold relay slots when NAT'd, even if AutoNAT got through.
+
+        An address-restricted NAT lets AutoNAT's dial-back in (its server's IP was contacted
+        before) while refusing everyone else, so a dial-back success alone does not prove that
+        strangers can reach us; the relay circuits keep us reachable either way.
+        """
+        if self.use_relays is not None:
+            return self.use_relays
+        return self.reachability == Reachability.PRIVATE or self.behind_nat()
 
     def use_relays_among(self, candidates: list[PeerId]) -> None:
         """Hold reservations on relays among `candidates` if we need them."""

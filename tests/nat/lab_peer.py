@@ -1,0 +1,128 @@
+"""A node for the NAT lab, driven by JSON lines on stdin (one answer per line on stdout).
+
+    python -m tests.nat.lab_peer --listen /ip4/10.1.0.10/udp/4001/quic-v1 --bootstrap ADDR...
+
+After bootstrap (reachability checked, relay slots reserved when NAT'd) it prints
+{"event": "ready", "peer_id", "addrs", "reachability", "mapping"}. Commands:
+{"cmd": "connect", "peer", "addrs", "direct_timeout"}  -> path, connect_ms, first_ping_ms, rtt_ms
+{"cmd": "ping", "peer"}, {"cmd": "disconnect", "peer"}, {"cmd": "info"}, {"cmd": "stop"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+
+from lattica_ray import Node
+from transport.errors import TransportError
+from transport.identity import PeerId
+from transport.multiaddr import Multiaddr
+
+READY_TIMEOUT = 15.0
+
+
+def _emit(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+async def _wait_ready(node: Node) -> None:
+    """Until our relay slots are held (when NAT'd) and our advertised addresses settled."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if not node.nat.wants_relays() or node.relay_client.circuit_addrs:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _connect(node: Node, command: dict) -> dict:
+    peer = PeerId.from_string(command["peer"])
+    node.add_peer_addrs(peer, [Multiaddr.parse(a) for a in command.get("addrs", [])])
+    started = time.perf_counter()
+    await node.connect(peer)
+    connect_ms = (time.perf_counter() - started) * 1000
+    first_path = node.connection_to(peer).path
+    path = await node.wait_direct(peer, float(command.get("direct_timeout", 8.0)))
+    first_ping = await node.ping(peer)
+    rtts = [await node.ping(peer) for _ in range(3)]
+    return {
+        "path": path,
+        "first_path": first_path,
+        "connect_ms": connect_ms,
+        "time_to_path_ms": (time.perf_counter() - started) * 1000,
+        "first_ping_ms": first_ping * 1000,
+        "rtt_ms": sorted(rtts)[1] * 1000,
+        "punch": node.nat.holepuncher.results.get(peer, ""),
+    }
+
+
+async def _disconnect(node: Node, command: dict) -> dict:
+    peer = PeerId.from_string(command["peer"])
+    for connection in node.swarm.connections_to(peer):
+        await connection.close("test disconnect")
+    node.nat.holepuncher.results.pop(peer, None)
+    return {"ok": True}
+
+
+async def serve(args: argparse.Namespace) -> None:
+    node = Node(listen=args.listen, bootstrap=args.bootstrap)
+    await node.start()
+    await _wait_ready(node)
+    _emit(
+        {
+            "event": "ready",
+            "peer_id": str(node.peer_id),
+            "addrs": [str(a) for a in node.addrs],
+            "reachability": str(node.reachability),
+            "mapping": str(node.nat.mapping),
+        }
+    )
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        while line := await reader.readline():
+            command = json.loads(line)
+            kind = command.get("cmd")
+            try:
+                if kind == "connect":
+                    _emit(await _connect(node, command))
+                elif kind == "ping":
+                    peer = PeerId.from_string(command["peer"])
+                    rtt = await node.ping(peer)
+                    _emit({"rtt_ms": rtt * 1000, "path": node.connection_to(peer).path})
+                elif kind == "disconnect":
+                    _emit(await _disconnect(node, command))
+                elif kind == "info":
+                    _emit(
+                        {
+                            "addrs": [str(a) for a in node.addrs],
+                            "peers": len(node.connected_peers()),
+                        }
+                    )
+                elif kind == "stop":
+                    break
+                else:
+                    _emit({"error": f"unknown command {kind!r}"})
+            except (TransportError, TimeoutError, EOFError) as exc:
+                _emit({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        await node.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--listen", action="append", required=True)
+    parser.add_argument("--bootstrap", action="append", default=[])
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args()
+    logging.basicConfig(level=args.log_level, stream=sys.stderr)
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Nodes in the NAT lab: public relays, and peers behind routers, driven over JSON lines.
+
+Shared by the NAT tests and `benchmarks/nat_matrix.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from tests.netlab import Lab, NatKind
+
+PORT = 4001
+ROUTER_KINDS = [
+    NatKind.FULL_CONE,
+    NatKind.RESTRICTED_CONE,
+    NatKind.PORT_RESTRICTED,
+    NatKind.SYMMETRIC,
+    NatKind.PUBLIC,
+    NatKind.FIREWALL,
+]
+RELAYS = ("relay1", "relay2")
+
+
+class PeerError(RuntimeError):
+    pass
+
+
+@dataclass
+class LabPeer:
+    """One lab node process (a `tests.nat.lab_peer`), answering JSON commands."""
+
+    name: str
+    process: subprocess.Popen[str]
+    ready: dict = field(default_factory=dict)
+
+    def _readline(self, timeout: float) -> dict:
+        assert self.process.stdout is not None
+        selector = selectors.DefaultSelector()
+        selector.register(self.process.stdout, selectors.EVENT_READ)
+        try:
+            if not selector.select(timeout):
+                raise PeerError(f"{self.name}: no answer within {timeout} s")
+        finally:
+            selector.close()
+        line = self.process.stdout.readline()
+        if not line:
+            raise PeerError(f"{self.name}: process exited ({self.process.poll()})")
+        return json.loads(line)
+
+    def wait_ready(self, timeout: float = 30.0) -> dict:
+        self.ready = self._readline(timeout)
+        return self.ready
+
+    def command(self, timeout: float = 30.0, **command: object) -> dict:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        answer = self._readline(timeout)
+        if "error" in answer:
+            raise PeerError(f"{self.name}: {answer['error']}")
+        return answer
+
+    @property
+    def peer_id(self) -> str:
+        return self.ready["peer_id"]
+
+    @property
+    def addrs(self) -> list[str]:
+        return self.ready["addrs"]
+
+
+def start_relays(lab: Lab) -> list[str]:
+    """Start `lattica-ray node` on each public relay host; their full multiaddrs."""
+    addrs = []
+    for name in RELAYS:
+        listen = f"/ip4/{lab.address(name)}/udp/{PORT}/quic-v1"
+        process = lab.spawn(
+            name,
+            [
+                sys.executable, "-m", "lattica_ray.cli", "node", "--listen", listen,
+                "--relay-circuit-bytes", "0", "--relay-circuit-seconds", "0",
+                "--log-level", "WARNING",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )  # fmt: skip
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            raise PeerError(f"relay {name} did not start")
+        addrs.append(json.loads(line)["addrs"][0])
+    return addrs
+
+
+def start_peer(lab: Lab, name: str, bootstrap: list[str]) -> LabPeer:
+    listen = f"/ip4/{lab.address(name)}/udp/{PORT}/quic-v1"
+    argv = [sys.executable, "-m", "tests.nat.lab_peer", "--listen", listen]
+    for addr in bootstrap:
+        argv += ["--bootstrap", addr]
+    process = lab.spawn(
+        name,
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    return LabPeer(name, process)
+
+
+def build_lab(lab: Lab, kinds: list[NatKind], per_kind: int = 2) -> list[str]:
+    """Relays plus `per_kind` routers of each kind with one host behind each; host names."""
+    for name in RELAYS:
+        lab.add_public_host(name)
+    hosts = []
+    for kind in kinds:
+        for index in range(per_kind):
+            router = f"r{kind.value[:4]}{index}"
+            host = f"h{kind.value[:4]}{index}"
+            lab.add_nat(router, kind)
+            lab.add_host(host, behind=router)
+            hosts.append(host)
+    return hosts
+
+
+def start_peers(lab: Lab, hosts: list[str], bootstrap: list[str]) -> dict[str, LabPeer]:
+    peers = {host: start_peer(lab, host, bootstrap) for host in hosts}
+    deadline = time.monotonic() + 60
+    for peer in peers.values():
+        peer.wait_ready(max(1.0, deadline - time.monotonic()))
+    return peers
