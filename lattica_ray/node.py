@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lattica_ray import __version__
+from lattica_ray.rpc import RpcConfig, RpcService
 from transport.connection import Connection
 from transport.errors import DialError, TransportError
 from transport.handlers import StreamHandler
@@ -53,6 +54,7 @@ class Node:
         relay: RelayConfig | None = None,
         relay_client: RelayClientConfig | None = None,
         use_relays: bool | None = None,
+        rpc: RpcConfig | None = None,
     ) -> None:
         if key is not None and key_file is not None:
             raise ValueError("give either key or key_file, not both")
@@ -73,9 +75,9 @@ class Node:
         self._identified: dict[PeerId, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
-        # Services attached by their owners (see lattica_ray.dht / rpc / view).
+        # The services: tensor RPC always; the DHT and the view join below as they land.
+        self.rpc = RpcService(self, rpc)
         self.dht: Any = None
-        self.rpc: Any = None
         self.view: Any = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -93,6 +95,7 @@ class Node:
         self.swarm.set_stream_handler(identify.PROTOCOL, self._serve_identify)
         self.swarm.add_connection_listener(self._on_connection_event)
         self.nat.start()
+        await self.rpc.start()
         log.info("node %s listening on %s", self.peer_id, [str(a) for a in self.addrs])
         if self.bootstrap_addrs:
             await self.bootstrap()
