@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,6 +106,7 @@ class LocalRayCluster:
         None  # temp dir root; a fresh one under /tmp if None (socket paths are short)
     )
     extra_env: dict[str, str] = field(default_factory=dict)
+    keep_files: bool = False  # keep the temp dir (logs) after stop(); it is removed otherwise
 
     def __post_init__(self) -> None:
         self._owns_root = self.root is None
@@ -207,6 +209,8 @@ class LocalRayCluster:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._owns_root and not self.keep_files and self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> LocalRayCluster:
         return self.start()

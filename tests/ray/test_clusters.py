@@ -56,19 +56,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_cluster_requires_its_token_and_stops_completely():
+def test_cluster_requires_its_token_and_stops_completely(tmp_path):
     with running_clusters("auth") as (cluster,):
         assert cluster.ray_auth is not None
         with running_driver(cluster) as driver:
             assert driver.call(_square_on_a_worker, 7) == (49, "token")
 
-        # Without the token settings, and with another cluster's token, Ray refuses.
+        # Without the token settings, and with another token, Ray refuses.
         refused = _connect(cluster, {})
         assert refused.returncode == 3, refused.stdout + refused.stderr
         assert "REFUSED" in refused.stdout
         assert "InvalidAuthToken" in refused.stderr
-        with running_clusters("other") as (other,):
-            wrong = _connect(cluster, other.env)
+        from lattica_ray.ray.clusters import RayAuth
+
+        wrong = _connect(cluster, RayAuth.generate(tmp_path).env())
         assert wrong.returncode == 3, wrong.stdout + wrong.stderr
         assert "InvalidAuthToken" in wrong.stderr
         allowed = _connect(cluster, cluster.env)
