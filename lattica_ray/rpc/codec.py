@@ -16,11 +16,18 @@ The tree is the value in pre-order, flat (so its nesting never recurses in a par
 that sign and payload survive); a container is `["L"|"T"|"D", n]`
 (list, tuple, dict) followed by its n items (n key/value pairs for a dict); a leaf names its
 data. If flag bit 0 is set, stream 0 is the *data stream*: one record batch of one row whose
-columns are `large_binary` blocks, one per numpy array (`["N", block, dtype, shape, strides]`),
-numpy scalar (`"G"`), torch tensor (`["P", block, torch dtype, shape, strides]`) or bytes
-(`["B", block]`, bytearray `"Y"`). An array's block is the memory its view spans, so its strides
-survive exactly (see `codec_layout`). Each pyarrow value is a stream of its own, after the data
-stream: `["A"|"C"|"R"|"W", k]` for Array, ChunkedArray, RecordBatch, Table in stream k.
+`large_binary` columns come in pairs, a zero pad (named "") that puts the next block 64-byte
+aligned from the message start, then the block (named by its index). A block holds a numpy array
+(`["N", block, dtype, shape, strides]`), numpy scalar (`"G"`), torch tensor (`["P", block, torch
+dtype, shape, strides]`), bytes (`["B", block]`, bytearray `"Y"`) or a str longer than
+`STR_INLINE_MAX` (`["S", block]`, UTF-8). An array's block is the
+memory its view spans, so its strides survive exactly; a view with gaps is compacted first (see
+`codec_layout`). Each pyarrow value is a stream of its own, after the data stream:
+`["A"|"C"|"R"|"W", k]` for Array, ChunkedArray, RecordBatch, Table in stream k.
+
+Decoded arrays and tensors are views over the message when it starts at a 16-byte aligned
+address (any bytes or bytearray does); a block that an oddly placed message leaves misaligned
+for its dtype is copied instead (torch kernels crash on misaligned complex128).
 
 Python ints travel at any size up to `max_int_digits` decimal digits; floats exactly (also nan,
 inf); dict keys may be str, int, float, bool, None, bytes or tuples of these. Subclasses of the
@@ -34,6 +41,7 @@ import logging
 import struct
 import sys
 import warnings
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -86,7 +94,8 @@ _FLOAT, _FLOAT_BITS = struct.Struct("<d"), struct.Struct("<Q")
 
 _LIST, _TUPLE, _DICT = "L", "T", "D"
 _NAN = "F"  # ["F", bits]: a float nan, bit for bit
-_NDARRAY, _NUMPY_SCALAR, _TORCH, _BYTES, _BYTEARRAY = "N", "G", "P", "B", "Y"
+_NDARRAY, _NUMPY_SCALAR, _TORCH, _BYTES, _BYTEARRAY, _STR = "N", "G", "P", "B", "Y", "S"
+STR_INLINE_MAX = 1024  # characters; a longer str travels as a UTF-8 block
 _ARROW_ARRAY, _ARROW_CHUNKED, _ARROW_BATCH, _ARROW_TABLE = "A", "C", "R", "W"
 _KEY_TYPES = (str, int, float, bool, type(None), bytes, tuple)
 
@@ -105,7 +114,10 @@ class CodecLimits(BaseModel):
     max_nodes: int = Field(1_000_000, gt=0, description="values in the tree, leaves included")
     max_buffers: int = Field(65_536, gt=0, description="data blocks plus Arrow IPC messages")
     max_string_length: int = Field(16 << 20, gt=0, description="characters in one str")
-    max_int_digits: int = Field(4300, gt=0, description="decimal digits of one Python int")
+    max_tree_bytes: int = Field(64 << 20, gt=0, description="JSON value tree (parsed in memory)")
+    max_int_digits: int = Field(
+        4300, gt=0, description="decimal digits of one int (the interpreter's limit also applies)"
+    )
     max_ndim: int = Field(32, gt=0, le=64, description="dimensions of one array or tensor")
     max_array_elements: int = Field(1 << 36, gt=0, description="elements of one array")
 
@@ -139,7 +151,11 @@ class _Encoder:
                     raise LimitExceeded(
                         "string length", len(item), limits.max_string_length, "max_string_length"
                     )
-                append(item)
+                if len(item) > STR_INLINE_MAX:  # long text skips JSON escaping, as a block
+                    self.blocks.append(pa.py_buffer(item.encode("utf-8", "surrogatepass")))
+                    append([_STR, len(self.blocks) - 1])
+                else:
+                    append(item)
             elif kind is float and item != item:  # nan: JSON would lose its sign and payload
                 append([_NAN, _FLOAT_BITS.unpack(_FLOAT.pack(item))[0]])
             elif item is None or kind is int or kind is float or kind is bool:
@@ -245,6 +261,8 @@ def encode(obj: object, limits: CodecLimits | None = None) -> list[memoryview]:
         tree = json.dumps(nodes, separators=(",", ":")).encode("ascii")
     except ValueError as exc:  # an int above the interpreter's digit limit
         raise UnsupportedType(f"cannot encode the value: {exc}") from exc
+    if len(tree) > limits.max_tree_bytes:
+        raise LimitExceeded("value tree size", len(tree), limits.max_tree_bytes, "max_tree_bytes")
     streams = len(encoder.streams) + bool(blocks)
     padding = -len(tree) % 8
     header_size = _HEADER.size + _LENGTH.size * streams + len(tree) + padding
@@ -318,6 +336,9 @@ class _Decoder:
             raise MalformedMessage("unknown flags or non-zero reserved header bits")
         if count > limits.max_buffers:
             raise LimitExceeded("Arrow stream count", count, limits.max_buffers, "max_buffers")
+        if tree_length > limits.max_tree_bytes:
+            limit = limits.max_tree_bytes
+            raise LimitExceeded("value tree size", tree_length, limit, "max_tree_bytes")
         tree_start = _HEADER.size + _LENGTH.size * count
         tree_end = tree_start + tree_length
         body = tree_end + (-tree_length % 8)
@@ -338,14 +359,9 @@ class _Decoder:
         return value
 
     def _parse_tree(self, text: memoryview) -> list[Any]:
-        max_digits = self.limits.max_int_digits
-
-        def parse_int(digits: str) -> int:
-            if len(digits) - digits.startswith("-") > max_digits:
-                raise LimitExceeded("int digit count", len(digits), max_digits, "max_int_digits")
-            return int(digits)
-
-        nodes = json.loads(bytes(text).decode("ascii"), parse_int=parse_int)
+        # The interpreter's own digit limit (sys.get_int_max_str_digits) bounds the parse cost;
+        # max_int_digits is checked on the parsed ints in _build.
+        nodes = json.loads(bytes(text).decode("ascii"))
         if type(nodes) is not list:
             raise MalformedMessage("the value tree is not a list of nodes")
         if len(nodes) > self.limits.max_nodes:
@@ -402,6 +418,7 @@ class _Decoder:
         """The value from its pre-order nodes, with an explicit stack (no recursion)."""
         limits = self.limits
         max_string = limits.max_string_length
+        int_bound = _int_bound(limits.max_int_digits)
         stack: list[list[Any]] = []  # [tag, items still expected, items]
         for position, node in enumerate(nodes):
             kind = type(node)
@@ -427,7 +444,14 @@ class _Decoder:
                 if len(node) > max_string:
                     raise LimitExceeded("string length", len(node), max_string, "max_string_length")
                 value = node
-            elif node is None or kind is bool or kind is int or kind is float:
+            elif kind is int:
+                if not -int_bound < node < int_bound:
+                    digits = len(str(abs(node)))
+                    raise LimitExceeded(
+                        "int digit count", digits, limits.max_int_digits, "max_int_digits"
+                    )
+                value = node
+            elif node is None or kind is bool or kind is float:
                 value = node
             else:
                 raise MalformedMessage(f"unexpected node {node!r:.80} in the value tree")
@@ -464,18 +488,29 @@ class _Decoder:
             if len(node) != 2 or type(node[1]) is not int or not 0 <= node[1] < 2**64:
                 raise MalformedMessage(f"bad float node {node!r:.80}")
             return _FLOAT.unpack(_FLOAT_BITS.pack(node[1]))[0]
-        if tag in (_BYTES, _BYTEARRAY):
+        if tag in (_BYTES, _BYTEARRAY, _STR):
             if len(node) != 2:
                 raise MalformedMessage(f"bad bytes node {node!r:.80}")
             start, end = self._take(node[1], self.blocks, self.used_blocks, "data block")
             data = self.message[start:end]
-            return bytes(data) if tag == _BYTES else bytearray(data)
+            if tag != _STR:
+                return bytes(data) if tag == _BYTES else bytearray(data)
+            return self._text(data)
         if tag in (_ARROW_ARRAY, _ARROW_CHUNKED, _ARROW_BATCH, _ARROW_TABLE):
             if len(node) != 2:
                 raise MalformedMessage(f"bad Arrow node {node!r:.80}")
             schema, batches = self._take(node[1], self.streams, self.used_streams, "Arrow stream")
             return _arrow_value(tag, schema, batches)
         raise MalformedMessage(f"unknown node {node!r:.80} in the value tree")
+
+    def _text(self, data: memoryview) -> str:
+        limit = self.limits.max_string_length
+        if len(data) > 4 * limit:  # UTF-8 takes at most 4 bytes a character
+            raise LimitExceeded("string length", len(data) // 4, limit, "max_string_length")
+        text = str(data, "utf-8", "surrogatepass")
+        if len(text) > limit:
+            raise LimitExceeded("string length", len(text), limit, "max_string_length")
+        return text
 
     def _view(
         self, start: int, end: int, dtype: np.dtype, shape: object, strides: object
@@ -512,6 +547,11 @@ class _Decoder:
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable")
                 tensor = torch.from_numpy(array)
         return tensor.view(getattr(torch, spec.name)) if spec.needs_view else tensor
+
+
+@lru_cache(maxsize=8)
+def _int_bound(digits: int) -> int:
+    return 10**digits
 
 
 def _container(tag: str, items: list[Any]) -> object:

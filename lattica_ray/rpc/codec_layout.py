@@ -210,10 +210,13 @@ def array_block(array: np.ndarray) -> tuple[np.ndarray, pa.Buffer]:
 
 
 def _int_list(value: object, what: str) -> tuple[int, ...]:
-    if type(value) is not list or any(type(item) is not int for item in value):
+    if type(value) is not list:
         raise MalformedMessage(f"array {what} must be a list of integers, got {value!r:.80}")
-    if any(not -_MAX_INDEX <= item <= _MAX_INDEX for item in value):
-        raise MalformedMessage(f"array {what} {value!r:.80} is out of range")
+    for item in value:
+        if type(item) is not int:
+            raise MalformedMessage(f"array {what} must be a list of integers, got {value!r:.80}")
+        if not -_MAX_INDEX <= item <= _MAX_INDEX:
+            raise MalformedMessage(f"array {what} {value!r:.80} is out of range")
     return tuple(value)
 
 

@@ -106,6 +106,30 @@ def test_plain_values_round_trip_with_their_types(value: object) -> None:
     assert repr(out) == repr(value)  # keeps -0.0 apart from 0.0, tuples apart from lists
 
 
+@pytest.mark.parametrize("text", ["a" * 5000, "\u2603\ud800" * 3000, "x" * 1025])
+def test_long_strings_round_trip_as_blocks(text: str) -> None:
+    message = b"".join(encode({text: [text]}))
+    assert len(message) < 3 * len(text.encode("utf-8", "surrogatepass")) + 2048
+    assert decode(message) == {text: [text]}
+
+
+def test_a_long_string_block_must_be_utf8() -> None:
+    with pytest.raises(MalformedMessage, match="utf-8"):
+        decode(craft([["S", 0]], [data_stream(b"\xff" * 2000)]))
+
+
+def test_encoded_buffers_keep_their_arrays_alive() -> None:
+    import gc
+
+    buffers = encode([np.arange(100_000, dtype=np.int64)[::-1], np.full((300, 300), 7.0)])
+    gc.collect()
+    garbage = [np.ones(100_000, np.int64) for _ in range(20)]  # reuse freed memory, if any
+    out = decode(b"".join(buffers))
+    assert out[0].tolist() == list(range(99_999, -1, -1))
+    assert (out[1] == 7.0).all()
+    del garbage
+
+
 def test_nan_round_trips() -> None:
     out = roundtrip([math.nan])
     assert math.isnan(out[0])
@@ -357,6 +381,17 @@ def test_torch_tensors_round_trip_as_zero_copy_tensors() -> None:
 
 
 @needs_torch
+def test_encoded_buffers_keep_temporary_tensors_alive() -> None:
+    import gc
+
+    buffers = encode(torch.arange(50_000, dtype=torch.float32).to(torch.bfloat16)[::2])
+    gc.collect()
+    out = decode(b"".join(buffers))
+    assert out.dtype == torch.bfloat16 and out.shape == (25_000,)
+    assert torch.equal(out, torch.arange(0, 50_000, 2, dtype=torch.float32).to(torch.bfloat16))
+
+
+@needs_torch
 def test_torch_tensor_with_gaps_is_compacted() -> None:
     value = torch.arange(24, dtype=torch.int16).reshape(4, 6)[:, ::3]
     out = roundtrip(value)
@@ -417,10 +452,12 @@ def test_arrow_values_round_trip() -> None:
         (list(range(10)), CodecLimits(max_nodes=5)),
         ([b"a", b"b", b"c"], CodecLimits(max_buffers=2)),
         ("x" * 11, CodecLimits(max_string_length=10)),
+        ("é" * 2000, CodecLimits(max_string_length=1500)),  # a long str travels as a block
+        (["x"] * 100, CodecLimits(max_tree_bytes=100)),
         (np.zeros((1,) * 5), CodecLimits(max_ndim=4)),
         (np.broadcast_to(np.zeros(1), (10, 10)), CodecLimits(max_array_elements=99)),
     ],
-    ids=["size", "depth", "nodes", "buffers", "string", "ndim", "elements"],
+    ids=["size", "depth", "nodes", "buffers", "string", "long", "tree", "ndim", "elements"],
 )
 def test_limits_apply_on_both_sides(value: object, limits: CodecLimits) -> None:
     with pytest.raises(LimitExceeded):
@@ -511,6 +548,43 @@ def test_compressed_arrow_streams_are_refused_before_decompression() -> None:
     assert len(bomb) < 1 << 16  # 8 MiB of zeros in a few KiB
     with pytest.raises(MalformedMessage, match="compressed"):
         decode(craft([["A", 0]], [bomb], flags=0))
+
+
+def flatbuffer_message(header_type: int, header_slot: int, header_value: int) -> bytes:
+    """An Arrow IPC Message flatbuffer whose header table sets one int16 field, by hand."""
+    message_vtable = struct.pack("<5H", 10, 12, 0, 4, 8)  # version absent, type @4, header @8
+    header_vtable = struct.pack(f"<{3 + header_slot}H", 6 + 2 * header_slot, 8,
+                                *([0] * header_slot), 4)  # fmt: skip
+    buffer = bytearray(64)
+    struct.pack_into("<I", buffer, 0, 16)  # root: the Message table at 16
+    buffer[4 : 4 + len(message_vtable)] = message_vtable
+    struct.pack_into("<iBxxxI", buffer, 16, 16 - 4, header_type, 40 - 24)  # header table at 40
+    buffer[28 : 28 + len(header_vtable)] = header_vtable
+    struct.pack_into("<ih", buffer, 40, 40 - 28, header_value)
+    return bytes(buffer)
+
+
+def test_the_flatbuffer_check_sees_endianness_and_compression() -> None:
+    from lattica_ray.rpc.codec_ipc import message_kind
+
+    assert message_kind(flatbuffer_message(1, 0, 0)) == 1  # little-endian schema
+    with pytest.raises(MalformedMessage, match="big-endian"):
+        message_kind(flatbuffer_message(1, 0, 1))
+    assert message_kind(flatbuffer_message(3, 0, 5)) == 3  # record batch, length set
+    with pytest.raises(MalformedMessage, match="compressed"):
+        message_kind(flatbuffer_message(3, 3, 1))  # record batch with a compression table
+    with pytest.raises(MalformedMessage, match="not allowed"):
+        message_kind(flatbuffer_message(4, 0, 0))  # a Tensor message
+    with pytest.raises(MalformedMessage, match="outside"):
+        message_kind(flatbuffer_message(1, 0, 0)[:30])
+
+
+def test_arrow_field_names_must_be_utf8() -> None:
+    table = pa.table({"zzname": [1]})
+    stream = arrow_stream(table.schema, table.to_batches())
+    broken = stream.replace(b"zzname", b"\xffzname")
+    with pytest.raises(MalformedMessage, match="UTF-8"):
+        decode(craft([["W", 0]], [broken], flags=0))
 
 
 def test_data_stream_of_the_wrong_shape_is_refused() -> None:
