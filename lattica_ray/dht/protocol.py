@@ -22,7 +22,7 @@ from functools import cached_property, lru_cache
 
 from lattica_ray.dht.errors import InvalidRecord, MalformedMessage
 from lattica_ray.dht.pb import dht_pb2
-from lattica_ray.dht.records import ProviderStore, RecordStore
+from lattica_ray.dht.records import ProviderStore, RecordStore, Validator
 from lattica_ray.dht.routing import RoutingTable, kad_id
 from transport.errors import InvalidMultiaddr, InvalidPeerId
 from transport.identity import PeerId
@@ -373,6 +373,50 @@ class Lookup:
     def state_of(self, peer: PeerId) -> QueryState | None:
         candidate = self._candidates.get(peer)
         return candidate.state if candidate is not None else None
+
+
+# -- collecting values --------------------------------------------------------------------------
+class RecordQuery:
+    """The value side of a GET_VALUE lookup (spec, "Getting values"): validate each answer,
+    keep the best by the namespace's selector, remember who returned worse (to correct them),
+    and say when `quorum` valid answers are in. Our own stored copy counts as one answer.
+    """
+
+    def __init__(
+        self, key: bytes, validator: Validator, quorum: int, local: bytes | None = None
+    ) -> None:
+        self.key = key
+        self.validator = validator
+        self.quorum = quorum
+        self.best = local
+        self.answers = 1 if local is not None else 0
+        self.holders: set[PeerId] = set()  # peers that returned `best`
+        self.outdated: set[PeerId] = set()  # peers that returned something worse or invalid
+
+    @property
+    def done(self) -> bool:
+        return self.answers >= self.quorum
+
+    def on_record(self, peer: PeerId, record: Record, now: float) -> None:
+        if record.key != self.key or not record.value:
+            log.info("peer %s answered GET_VALUE with another key's record", peer)
+            return
+        try:
+            self.validator.validate(self.key, record.value, now)
+        except InvalidRecord as exc:
+            log.info("peer %s returned an invalid record for %r: %s", peer, self.key, exc)
+            self.outdated.add(peer)
+            return
+        self.answers += 1
+        if self.best is None or record.value == self.best:
+            self.best = record.value
+            self.holders.add(peer)
+        elif self.validator.select(self.key, [self.best, record.value]) == 1:
+            self.outdated |= self.holders
+            self.holders = {peer}
+            self.best = record.value
+        else:
+            self.outdated.add(peer)
 
 
 # -- serving requests -----------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from lattica_ray.dht.protocol import (
     MessageType,
     PeerInfo,
     Record,
+    RecordQuery,
     ReferralLedger,
     TokenBuckets,
     decode_message,
@@ -72,6 +73,7 @@ log = logging.getLogger(__name__)
 
 ResponseHook = Callable[[Lookup, PeerId, Message], None]
 RECENT_PROBES = 4096  # peers remembered as recently probed, so one peer is not probed twice
+PROBE_QUEUE = 1024  # requesters waiting to be probed for table admission
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,8 @@ class DHT:
         self._referrals = ReferralLedger(config.bad_referral_threshold, config.bad_referral_ratio)
         self._violations: OrderedDict[PeerId, int] = OrderedDict()
         self._recent_probes: OrderedDict[PeerId, float] = OrderedDict()
-        self._probes = 0
+        self._probes = 0  # probe workers running
+        self._probe_queue: OrderedDict[PeerId, None] = OrderedDict()
         self._inbound = 0
         self._authored: dict[bytes, bytes] = {}  # our records: key -> unsigned value
         self._provided: set[bytes] = set()  # multihashes we announce
@@ -304,7 +307,6 @@ class DHT:
         for peer, result in zip(targets, results, strict=True):
             if isinstance(result, Message):
                 self._admit(peer)
-                self._learn(result)
             else:
                 log.warning("bootstrap peer %s did not answer: %r", peer, result)
         if len(self.table) == 0:
@@ -342,59 +344,31 @@ class DHT:
         """Collect `get_quorum` valid answers, keep the newest, correct peers that had older."""
         key_bytes = record_key(key)
         local = self.records.get(key_bytes, self._clock())
-        best: list[bytes | None] = [local]
-        holders: set[PeerId] = set()
-        outdated: set[PeerId] = set()
-        answers = [1 if local is not None else 0]
-        quorum = self.config.get_quorum
+        query = RecordQuery(key_bytes, self.validator, self.config.get_quorum, local)
 
         def on_response(lookup: Lookup, peer: PeerId, response: Message) -> None:
-            record = response.record
-            if record is None or not record.value:
-                return
-            if record.key != key_bytes:
-                log.info("peer %s answered GET_VALUE with another key's record", peer)
-                return
-            try:
-                self.validator.validate(key_bytes, record.value, self._clock())
-            except InvalidRecord as exc:
-                log.info("peer %s returned an invalid record for %r: %s", peer, key_bytes, exc)
-                outdated.add(peer)
-                return
-            answers[0] += 1
-            current = best[0]
-            if current is None or record.value == current:
-                best[0] = record.value
-                holders.add(peer)
-            elif self.validator.select(key_bytes, [current, record.value]) == 1:
-                outdated.update(holders)
-                holders.clear()
-                holders.add(peer)
-                best[0] = record.value
-            else:
-                outdated.add(peer)
-            if answers[0] >= quorum:
-                lookup.stop()
+            if response.record is not None:
+                query.on_record(peer, response.record, self._clock())
+                if query.done:
+                    lookup.stop()
 
-        if answers[0] < quorum:
+        if not query.done:
+            request = Message(MessageType.GET_VALUE, key_bytes)
             try:
-                await self._lookup(
-                    key_bytes, Message(MessageType.GET_VALUE, key_bytes), on_response
-                )
+                await self._lookup(key_bytes, request, on_response)
             except NoPeersError:
                 if local is None:
                     raise
-        value = best[0]
-        if value is None:
+        if query.best is None:
             return None
-        if outdated:  # entry correction (spec): one more round trip, only when peers disagreed
-            await self._send_puts(key_bytes, value, sorted(outdated))
-        if local is not None and local != value:
+        if query.outdated:  # entry correction (spec): a round trip more, only on disagreement
+            await self._send_puts(key_bytes, query.best, sorted(query.outdated))
+        if local is not None and local != query.best:
             try:
-                self.records.put(key_bytes, value, self._clock())
+                self.records.put(key_bytes, query.best, self._clock())
             except InvalidRecord as exc:
                 log.info("could not update our copy of %r: %s", key_bytes, exc)
-        return self._found(key_bytes, value)
+        return self._found(key_bytes, query.best)
 
     def _found(self, key: bytes, value: bytes) -> FoundRecord:
         if namespace_of(key) == LATTICA_NAMESPACE:
@@ -471,30 +445,31 @@ class DHT:
         if peer == self.local:
             return PeerLookupResult(peer, list(self.host.addrs), True, 0, 0, 0)
         addrs: list[Multiaddr] = []
-        hops = [0]
-        found = [False]
+        hops = 0
+        found = False
 
         def on_response(lookup: Lookup, responder: PeerId, response: Message) -> None:
-            if responder == peer:  # it answered us itself
-                found[0] = True
-                hops[0] = max(0, (lookup.depth_of(peer) or 1) - 1)
+            nonlocal hops, found
+            if responder == peer:  # it answered us itself: it was in our table all along
+                found = True
+                hops = max(0, (lookup.depth_of(peer) or 1) - 1)
                 lookup.stop()
                 return
             for info in response.closer_peers:
                 if info.peer_id == peer and info.addrs:
-                    found[0] = True
-                    hops[0] = lookup.depth_of(responder) or 0
+                    found = True
+                    hops = lookup.depth_of(responder) or 0
                     addrs.extend(a for a in info.dialable_addrs if a not in addrs)
                     lookup.stop()
 
         lookup = await self._lookup(
             peer.multihash, Message(MessageType.FIND_NODE, peer.multihash), on_response
         )
-        if found[0] and not addrs:
+        if found and not addrs:
             addrs = list(self.host.peer_addrs(peer))
         if addrs:
             self.host.add_peer_addrs(peer, addrs)
-        return PeerLookupResult(peer, addrs, found[0], hops[0], lookup.queries, lookup.failures)
+        return PeerLookupResult(peer, addrs, found, hops, lookup.queries, lookup.failures)
 
     async def get_closest_peers(self, key: bytes) -> list[PeerId]:
         """The k peers closest to `key` that answered us, nearest first."""
@@ -629,9 +604,13 @@ class DHT:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + config.lookup_timeout
         in_flight: dict[asyncio.Task[Message | None], PeerId] = {}
-        try:
+        addr_hints: dict[PeerId, list[Multiaddr]] = {}  # from responses; given to the host
+        try:  # only for peers we ask, so a flood of fake peers does not fill its address book
             while not lookup.finished:
                 for peer in lookup.next_queries():
+                    hint = addr_hints.pop(peer, None)
+                    if hint:
+                        self.host.add_peer_addrs(peer, hint)
                     in_flight[loop.create_task(self._request(peer, request))] = peer
                 remaining = deadline - loop.time()
                 if not in_flight or remaining <= 0:
@@ -641,7 +620,7 @@ class DHT:
                 )
                 for task in done:
                     peer = in_flight.pop(task)
-                    self._on_lookup_answer(lookup, peer, task, on_response)
+                    self._on_lookup_answer(lookup, peer, task, on_response, addr_hints)
         finally:
             for task in in_flight:
                 task.cancel()
@@ -656,6 +635,7 @@ class DHT:
         peer: PeerId,
         task: asyncio.Task[Message | None],
         on_response: ResponseHook | None,
+        addr_hints: dict[PeerId, list[Multiaddr]],
     ) -> None:
         exc = task.exception()
         referrer = lookup.referrer_of(peer)
@@ -671,12 +651,12 @@ class DHT:
         if referrer is not None:
             self._referrals.record(referrer, alive=True)
         self._admit(peer)
-        lookup.on_response(peer, self._learn(response))
+        lookup.on_response(peer, self._learn(response, addr_hints))
         if on_response is not None:
             on_response(lookup, peer, response)
 
-    def _learn(self, response: Message) -> list[PeerId]:
-        """Closer peers worth asking: give their addresses to the host; skip us and the blocked."""
+    def _learn(self, response: Message, addr_hints: dict[PeerId, list[Multiaddr]]) -> list[PeerId]:
+        """Closer peers worth asking (not us, not the blocked, reachable), noting addresses."""
         now = self._clock()
         usable: list[PeerId] = []
         for info in response.closer_peers:
@@ -684,7 +664,7 @@ class DHT:
             if peer == self.local or self.table.is_blocked(peer, now):
                 continue
             if info.addrs:
-                self.host.add_peer_addrs(peer, info.dialable_addrs)
+                addr_hints.setdefault(peer, info.dialable_addrs)
             elif peer not in self.table and not self.host.peer_addrs(peer):
                 continue  # no way to reach it
             usable.append(peer)
@@ -714,11 +694,13 @@ class DHT:
         self.table.probe_result(peer, alive, self._clock())
 
     def _consider_requester(self, peer: PeerId) -> None:
-        """A peer asked us something: if it serves the DHT too and has room, table it."""
+        """A peer asked us something: if its bucket has room, check whether it serves the DHT
+        too (client-mode peers do not) and table it. libp2p learns this from identify; we ask.
+        Probes wait in a bounded queue, `max_concurrent_probes` at a time."""
         now = self._clock()
         if (
             peer in self.table
-            or self._probes >= self.config.max_concurrent_probes
+            or peer in self._probe_queue
             or not self.table.has_room_for(peer)
             or self.table.is_blocked(peer, now)
         ):
@@ -726,17 +708,23 @@ class DHT:
         last = self._recent_probes.get(peer)
         if last is not None and now - last < self.config.stale_peer_age:
             return
-        self._recent_probes[peer] = now
-        self._recent_probes.move_to_end(peer)
-        if len(self._recent_probes) > RECENT_PROBES:
-            self._recent_probes.popitem(last=False)
-        self._probes += 1
-        self._spawn(self._probe_requester(peer))
+        if len(self._probe_queue) >= PROBE_QUEUE:
+            return  # a burst of strangers: the rest will ask again
+        self._probe_queue[peer] = None
+        if self._probes < self.config.max_concurrent_probes:
+            self._probes += 1
+            self._spawn(self._probe_requesters())
 
-    async def _probe_requester(self, peer: PeerId) -> None:
+    async def _probe_requesters(self) -> None:
         try:
-            if await self._ping(peer):
-                self._admit(peer)
+            while self._probe_queue:
+                peer, _ = self._probe_queue.popitem(last=False)
+                self._recent_probes[peer] = self._clock()
+                self._recent_probes.move_to_end(peer)
+                if len(self._recent_probes) > RECENT_PROBES:
+                    self._recent_probes.popitem(last=False)
+                if self.table.has_room_for(peer) and await self._ping(peer):
+                    self._admit(peer)
         finally:
             self._probes -= 1
 

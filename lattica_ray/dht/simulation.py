@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from lattica_ray.dht.config import DHTConfig
 from lattica_ray.dht.errors import DHTError
+from lattica_ray.dht.routing import kad_id, peer_kad_id
 from lattica_ray.dht.service import DHT
 from transport.identity import KeyPair
 from transport.memory_host import MemoryHost, MemoryNetwork
@@ -84,6 +85,7 @@ class SimConfig:
     dead_peer_timeout: float = 1.0  # a request to a killed node fails after this long
     kill_fractions: tuple[float, ...] = (0.0, 0.1, 0.3)
     lookups: int = 500  # find_peer lookups per kill fraction
+    closest_lookups: int = 100  # full FIND_NODE lookups of random keys, checked against truth
     records: int = 100  # records put before any node is killed
     concurrency: int = 200  # lookups in flight at once
     join_batch: int = 50  # nodes joining at once
@@ -106,6 +108,7 @@ class PhaseResult:
     queries: list[int] = field(default_factory=list)
     records_tried: int = 0
     records_found: int = 0
+    closest_overlap: list[float] = field(default_factory=list)  # of the true k closest alive
 
     @property
     def success_rate(self) -> float:
@@ -121,9 +124,12 @@ class SimReport:
     config: SimConfig
     join_seconds_virtual: float
     join_seconds_real: float
+    join_seconds_cpu: float
     table_sizes: list[int]
     phases: list[PhaseResult]
     real_seconds: float
+    cpu_seconds: float
+    requests: int  # requests sent by all nodes, probes included
 
     def lines(self) -> list[str]:
         config = self.config
@@ -131,30 +137,37 @@ class SimReport:
             f"N={config.nodes}  k={config.k}  alpha={config.alpha}  paths={config.disjoint_paths}"
             f"  rtt={config.rtt * 1000:.0f} ms  dead-peer timeout={config.dead_peer_timeout:.1f} s"
             f"  log2(N)={math.log2(config.nodes):.2f}",
-            f"  join: {self.join_seconds_real:.1f} s real, {self.join_seconds_virtual:.1f} s "
-            f"virtual; routing table size median {statistics.median(self.table_sizes):.0f} "
+            f"  join: {self.join_seconds_virtual:.1f} s virtual, {self.join_seconds_cpu:.1f} s CPU "
+            f"({self.join_seconds_real:.1f} s real); "
+            f"routing table size median {statistics.median(self.table_sizes):.0f} "
             f"(min {min(self.table_sizes)}, max {max(self.table_sizes)})",
         ]
         for phase in self.phases:
             hops = phase.hops or [0]
-            lat = sorted(phase.latencies) or [0.0]
+            lat = phase.latencies
             out.append(
                 f"  killed {phase.killed_fraction:4.0%} ({phase.alive} alive): "
                 f"find_peer success {phase.found}/{phase.lookups} = {phase.success_rate:.1%}; "
                 f"hops mean {statistics.mean(hops):.2f} max {max(hops)} "
                 f"(log2 N = {math.log2(config.nodes):.2f}); "
-                f"latency p50 {_pct(lat, 50) * 1000:.0f} ms p95 {_pct(lat, 95) * 1000:.0f} ms; "
+                f"latency p50 {percentile(lat, 50) * 1000:.0f} ms "
+                f"p95 {percentile(lat, 95) * 1000:.0f} ms; "
                 f"requests/lookup {statistics.mean(phase.queries or [0]):.1f}; "
+                f"k-closest accuracy {statistics.mean(phase.closest_overlap or [0.0]):.1%}; "
                 f"records found {phase.records_found}/{phase.records_tried} "
                 f"= {phase.record_survival:.1%}"
             )
-        out.append(f"  total {self.real_seconds:.1f} s real")
+        out.append(
+            f"  total {self.cpu_seconds:.1f} s CPU ({self.real_seconds:.1f} s real), "
+            f"{self.requests} requests"
+        )
         return out
 
 
-def _pct(ordered: list[float], pct: float) -> float:
-    index = min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))
-    return ordered[index]
+def percentile(values: list[float], pct: float) -> float:
+    """The nearest-rank percentile (0 for no values)."""
+    ordered = sorted(values) or [0.0]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))]
 
 
 async def _bounded(jobs: list[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
@@ -199,10 +212,13 @@ class Simulation:
             self.dhts.append(dht)
         self.alive = list(range(config.nodes))
         joined = [0]
-        for start in range(1, config.nodes, config.join_batch):
-            batch = range(start, min(config.nodes, start + config.join_batch))
+        while len(joined) < config.nodes:  # the network grows: never more joiners than members
+            start = len(joined)
+            batch = range(start, min(config.nodes, start + min(config.join_batch, start)))
             await asyncio.gather(*(self._join_one(index, joined) for index in batch))
             joined.extend(batch)
+        for dht in self.dhts:
+            await dht.settle()
 
     async def _join_one(self, index: int, joined: list[int]) -> None:
         chosen = self.random.sample(joined, min(len(joined), self.config.bootstrap_peers))
@@ -253,6 +269,22 @@ class Simulation:
 
         await _bounded([lookup for _ in range(config.lookups)], config.concurrency)
 
+        async def closest() -> None:
+            source = self.dhts[self.random.choice(self.alive)]
+            key = self.random.randbytes(16)
+            try:
+                found = await source.get_closest_peers(key)
+            except DHTError:
+                found = []
+            point = kad_id(key)
+            truth = sorted(
+                (self.hosts[i].peer_id for i in self.alive if self.dhts[i] is not source),
+                key=lambda p: peer_kad_id(p) ^ point,
+            )[: config.k]
+            phase.closest_overlap.append(len(set(found) & set(truth)) / len(truth))
+
+        await _bounded([closest for _ in range(config.closest_lookups)], config.concurrency)
+
         async def get(key: bytes, value: bytes) -> None:
             reader = self.dhts[self.random.choice(self.alive)]
             try:
@@ -275,7 +307,7 @@ class Simulation:
 
 
 async def simulate(config: SimConfig) -> SimReport:
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     sim = Simulation(config)
     loop = asyncio.get_running_loop()
     try:
@@ -283,6 +315,7 @@ async def simulate(config: SimConfig) -> SimReport:
         await sim.join()
         join_virtual = loop.time() - virtual_start
         join_real = time.perf_counter() - started
+        join_cpu = time.process_time() - cpu_started
         await sim.put_records()
         table_sizes = [len(d.table) for d in sim.dhts]
         phases = []
@@ -290,7 +323,15 @@ async def simulate(config: SimConfig) -> SimReport:
             await sim.kill_until(fraction)
             phases.append(await sim.measure(fraction))
         return SimReport(
-            config, join_virtual, join_real, table_sizes, phases, time.perf_counter() - started
+            config,
+            join_virtual,
+            join_real,
+            join_cpu,
+            table_sizes,
+            phases,
+            time.perf_counter() - started,
+            time.process_time() - cpu_started,
+            sum(dht.stats.requests_sent for dht in sim.dhts),
         )
     finally:
         await sim.close()

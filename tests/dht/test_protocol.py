@@ -15,6 +15,7 @@ from lattica_ray.dht.protocol import (
     PeerInfo,
     QueryState,
     Record,
+    RecordQuery,
     ReferralLedger,
     TokenBuckets,
     decode_message,
@@ -331,3 +332,24 @@ def test_referral_ledger_judges_mostly_dead_referrals() -> None:
     ledger.decay()
     ledger.decay()
     assert not ledger.record(liar, alive=False)  # old behaviour fades
+
+
+# -- collecting values ------------------------------------------------------------------------
+def test_record_query_keeps_the_best_and_remembers_who_was_behind() -> None:
+    validator = NamespacedValidator.default(48 * 3600, 300, 1024, 65536)
+    author = key_pair()
+    key = b"/lattica/actor/a"
+    v1 = SignedRecord.create(author, key, b"v1", NOW, 3600).encode()
+    v2 = SignedRecord.create(author, key, b"v2", NOW + 1, 3600).encode()
+    a, b, c, d = (key_pair().peer_id for _ in range(4))
+    query = RecordQuery(key, validator, quorum=4, local=v1)
+    assert query.answers == 1 and not query.done
+    query.on_record(a, Record(key, v1), NOW + 2)
+    query.on_record(b, Record(key, v2), NOW + 2)  # newer: a (and our copy) are now behind
+    query.on_record(c, Record(key, b"forged"), NOW + 2)  # invalid: corrected, not counted
+    query.on_record(d, Record(b"/lattica/actor/other", v2), NOW + 2)  # wrong key: ignored
+    assert query.best == v2 and query.holders == {b}
+    assert query.outdated == {a, c}
+    assert query.answers == 3 and not query.done
+    query.on_record(d, Record(key, v1), NOW + 2)
+    assert query.done and query.best == v2 and query.outdated == {a, c, d}

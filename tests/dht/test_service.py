@@ -368,3 +368,19 @@ async def test_diversity_filter_limits_one_address_block(dht_net: DHTNet) -> Non
     assert 1 <= len(victim.table) <= 3  # ... so at most 3 enter the table
     for cpl, size in victim.table.bucket_sizes().items():
         assert size <= 2, cpl
+
+
+async def test_idle_and_excess_streams_are_closed(dht_net: DHTNet) -> None:
+    victim = await dht_net.add(DHTConfig(max_inbound_streams=1, inbound_idle_timeout=0.2))
+    squatter = dht_net.raw_host()
+    idle = await squatter.open_stream(victim.local, [PROTOCOL_ID])
+    await idle.write_message(encode_message(Message(MessageType.PING)))
+    assert (await idle.read_message()) == encode_message(Message(MessageType.PING))
+    second = await squatter.open_stream(victim.local, [PROTOCOL_ID])
+    await second.write_message(encode_message(Message(MessageType.PING)))
+    with pytest.raises(StreamReset):  # one kad stream at a time: refused
+        await second.read_message()
+    assert victim.stats.refused_busy == 1
+    async with asyncio.timeout(5):
+        with pytest.raises(StreamReset):  # the idle one is closed after 0.2 s of silence
+            await idle.read_message()
