@@ -134,7 +134,10 @@ class HttpTarget:
 
 def check_url(url: str, responder: str) -> HttpTarget:
     """Split an http URL that must point at ``responder`` (the device that answered SSDP)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise MalformedReply(f"URL {url[:100]!r} does not parse") from None
     if parts.scheme != "http":
         raise MalformedReply(f"URL {url!r} is not http://")
     host = parts.hostname or ""
@@ -201,19 +204,20 @@ def parse_http_response(data: bytes, *, at_eof: bool) -> HttpResponse | None:
         return None
     status_line, headers = _split_head(data[:end], "HTTP response")
     parts = status_line.split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    version, code = (parts[0], parts[1]) if len(parts) > 1 else ("", "")
+    if not version.startswith("HTTP/1.") or not (
+        len(code) == 3 and code.isascii() and code.isdigit()
+    ):
         raise MalformedReply(f"not an HTTP/1.x status line: {status_line[:80]!r}")
-    status, reason = int(parts[1]), parts[2] if len(parts) > 2 else ""
+    status, reason = int(code), parts[2] if len(parts) > 2 else ""
     rest = data[end + 4 :]
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = _dechunk(rest, at_eof=at_eof)
     elif "content-length" in headers:
-        try:
-            length = int(headers["content-length"])
-        except ValueError:
-            raise MalformedReply(f"bad Content-Length {headers['content-length']!r}") from None
-        if length < 0:
-            raise MalformedReply(f"negative Content-Length {length}")
+        text = headers["content-length"]
+        if not (text.isascii() and text.isdigit()):
+            raise MalformedReply(f"bad Content-Length {text[:20]!r}")
+        length = int(text)
         if len(rest) < length:
             if at_eof:
                 raise MalformedReply(f"HTTP body cut short: {len(rest)} of {length} bytes")
@@ -234,10 +238,9 @@ def _dechunk(data: bytes, *, at_eof: bool) -> bytes | None:
         if line_end < 0:
             break
         size_text = data[position:line_end].split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise MalformedReply(f"bad HTTP chunk size {size_text[:20]!r}") from None
+        if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
+            raise MalformedReply(f"bad HTTP chunk size {size_text[:20]!r}")
+        size = int(size_text, 16)
         if size == 0:
             return bytes(body)  # trailers, if any, are ignored
         start = line_end + 2
@@ -297,7 +300,10 @@ def parse_device_description(data: bytes, location: str) -> IgdService:
         service_type = _child_text(element, "serviceType")
         control = _child_text(element, "controlURL")
         if service_type in CONNECTION_SERVICES and control and service_type not in found:
-            found[service_type] = urljoin(base, control)
+            try:
+                found[service_type] = urljoin(base, control)
+            except ValueError:
+                raise MalformedReply(f"controlURL {control[:100]!r} does not parse") from None
     for service_type in CONNECTION_SERVICES:
         if service_type in found:
             return IgdService(service_type, found[service_type])
