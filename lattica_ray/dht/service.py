@@ -40,6 +40,7 @@ from lattica_ray.dht.protocol import (
     Message,
     MessageType,
     PeerInfo,
+    QueryState,
     Record,
     RecordQuery,
     ReferralLedger,
@@ -289,8 +290,8 @@ class DHT:
     async def bootstrap(
         self, peers: Iterable[Multiaddr | str], refresh_buckets: bool = True
     ) -> int:
-        """Join the DHT through `peers` (multiaddrs ending in `/p2p/<id>`): ask each for our
-        neighbourhood, look ourselves up, refresh the buckets. Returns the table size."""
+        """Join the DHT through `peers` (multiaddrs ending in `/p2p/<id>`): look ourselves up
+        starting from them, then refresh every bucket. Returns the routing table size."""
         targets: list[PeerId] = []
         for text in peers:
             addr = Multiaddr.parse(text)
@@ -300,21 +301,21 @@ class DHT:
             if peer != self.local:
                 self.host.add_peer_addrs(peer, [addr])
                 targets.append(peer)
+        if not targets:
+            log.info("DHT %s: no bootstrap peer other than ourselves", self.local.short())
+            return len(self.table)
         request = Message(MessageType.FIND_NODE, self.local.multihash)
-        results = await asyncio.gather(
-            *(self._request(peer, request) for peer in targets), return_exceptions=True
-        )
-        for peer, result in zip(targets, results, strict=True):
-            if isinstance(result, Message):
-                self._admit(peer)
-            else:
-                log.warning("bootstrap peer %s did not answer: %r", peer, result)
+        lookup = await self._lookup(self.local.multihash, request, seeds=targets)
+        for peer in targets:
+            if lookup.state_of(peer) is QueryState.FAILED:
+                log.warning("bootstrap peer %s did not answer", peer)
         if len(self.table) == 0:
             raise NoPeersError(
                 f"none of the {len(targets)} bootstrap peers answered; check the addresses "
                 "and that they run a DHT in server mode"
             )
-        await self.refresh(force=refresh_buckets, buckets=refresh_buckets)
+        if refresh_buckets:
+            await self.refresh(force=True, self_lookup=False)
         return len(self.table)
 
     async def put(self, key: str | bytes, value: bytes) -> int:
@@ -477,11 +478,11 @@ class DHT:
         return lookup.closest()
 
     # -- maintenance ----------------------------------------------------------------------
-    async def refresh(self, force: bool = False, buckets: bool = True) -> None:
-        """Look ourselves up, then a random key in every bucket not refreshed lately (go)."""
-        await self.get_closest_peers(self.local.multihash)
-        if not buckets:
-            return
+    async def refresh(self, force: bool = False, self_lookup: bool = True) -> None:
+        """Look ourselves up, then a random key in every bucket not refreshed lately (go);
+        `force` refreshes every bucket."""
+        if self_lookup:
+            await self.get_closest_peers(self.local.multihash)
         interval = 0.0 if force else self.config.refresh_interval
         for cpl in self.table.buckets_to_refresh(
             self._clock(), interval, self.config.refresh_max_cpl
@@ -591,10 +592,16 @@ class DHT:
 
     # -- lookups --------------------------------------------------------------------------
     async def _lookup(
-        self, key: bytes, request: Message, on_response: ResponseHook | None = None
+        self,
+        key: bytes,
+        request: Message,
+        on_response: ResponseHook | None = None,
+        seeds: list[PeerId] | None = None,
     ) -> Lookup:
+        """Run the iterative lookup for `key`, from our k closest (or `seeds`), sending
+        `request` to each peer it picks; `on_response` sees every answer and may stop it."""
         target = kad_id(key)
-        seeds = self.table.closest(target, self.config.k)
+        seeds = seeds or self.table.closest(target, self.config.k)
         if not seeds:
             raise NoPeersError("the routing table is empty: call bootstrap() first")
         config = self.config

@@ -70,6 +70,7 @@ async def test_bootstrap_needs_a_reachable_peer_id(dht_net: DHTNet) -> None:
         await lonely.bootstrap([f"/ip4/127.0.0.1/udp/9/quic-v1/p2p/{ghost}"])
     with pytest.raises(NoPeersError, match="bootstrap"):
         await lonely.get(KEY)
+    assert await lonely.bootstrap(lonely.host.addrs) == 0  # a first node, given itself: fine
 
 
 # -- records ----------------------------------------------------------------------------------
