@@ -587,9 +587,11 @@ def _arrow_value(tag: str, schema: pa.Schema, batches: list[pa.RecordBatch]) -> 
 def decode(message: bytes | bytearray | memoryview, limits: CodecLimits | None = None) -> object:
     """The value in `message`, validated in full before anything of it is returned.
 
-    Arrays and tensors are zero-copy views over `message` (writable only if it is), so keep it
-    unchanged while they are in use; bytes values are copies. Raises a CodecError subclass for
-    any malformed or over-limit message, and never reads outside `message`.
+    Arrays and tensors are zero-copy views over `message`, so keep it unchanged while they are
+    in use; bytes and str values are copies. Numpy arrays are writable only if `message` is;
+    torch has no read-only tensors, so pass a writable buffer (a bytearray) if tensors are to be
+    written in place. Raises a CodecError subclass for any malformed or over-limit message, and
+    never reads outside `message`.
     """
     view = memoryview(message)
     if view.format != "B" or view.ndim != 1:

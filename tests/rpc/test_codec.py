@@ -265,6 +265,7 @@ def test_64_mib_array_is_sent_and_received_without_a_copy() -> None:
     message = bytearray(b"".join(buffers))
     out = decode(message)
     assert np.shares_memory(out, np.frombuffer(message, np.uint8))
+    assert (out.ctypes.data - np.frombuffer(message, np.uint8).ctypes.data) % 64 == 0
     assert out.flags.writeable
     out[0] = 5  # writes land in the receive buffer
     assert decode(message)[0] == 5

@@ -58,7 +58,7 @@ def seed_values() -> list[object]:
             "u": np.array(["ab", "c"]),
             "M": np.arange(2).astype("M8[s]"),
         },
-        [1, "x", {"k": (1, 2), 3: None}, -(2**80)],
+        [1, "x", {"k": (1, 2), 3: None}, -(2**80), "\u2603" * 1100],
     ]  # fmt: skip
     if torch is not None:
         seeds.append(
