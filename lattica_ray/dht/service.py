@@ -566,28 +566,33 @@ class DHT:
         else:
             self.table.failed(peer)
 
-    async def _send_puts(self, key: bytes, value: bytes, peers: list[PeerId]) -> int:
+    async def _send_puts(self, key: bytes, value: bytes, peers: list[PeerId]) -> tuple[int, int]:
+        """PUT_VALUE to each of `peers`; returns (stored, kept a different record)."""
         request = Message(MessageType.PUT_VALUE, key, Record(key, value))
         results = await asyncio.gather(
             *(self._request(peer, request) for peer in peers), return_exceptions=True
         )
-        stored = 0
+        stored = kept_other = 0
         for peer, result in zip(peers, results, strict=True):
             if isinstance(result, Message):
                 if result.record is not None and result.record.value == value:
                     stored += 1
                 else:
+                    kept_other += 1
                     log.debug("peer %s kept a different record for %r", peer, key)
             elif isinstance(result, Exception):
                 self._note_failure(peer, result)
-        return stored
+        return stored, kept_other
 
     async def _put_to_closest(self, key: bytes, value: bytes, quorum: int | None = None) -> int:
         peers = await self.get_closest_peers(key)
-        stored = await self._send_puts(key, value, peers)
+        stored, kept_other = await self._send_puts(key, value, peers)
         needed = self.config.put_quorum if quorum is None else quorum
         if stored < needed:
-            raise PutFailed(f"only {stored} of {len(peers)} closest peers stored {key[:40]!r}")
+            why = f"; {kept_other} hold a newer record" if kept_other else ""
+            raise PutFailed(
+                f"only {stored} of the {len(peers)} closest peers stored {key[:40]!r}{why}"
+            )
         return stored
 
     # -- lookups --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from lattica_ray.dht import (
     InvalidRecord,
     NoPeersError,
     PeerNotFound,
+    PutFailed,
 )
 from lattica_ray.dht.protocol import (
     DecodeLimits,
@@ -100,6 +101,16 @@ async def test_newest_record_wins_and_stale_holders_are_corrected(dht_net: DHTNe
     assert await reader.get(KEY) == b"v2"
     stale = [d for d in dhts if d is not reader and d not in few and d is not writer]
     assert all(d.records.get(KEY.encode(), dht_net.clock()) == newer for d in stale)
+
+
+async def test_a_stale_put_is_refused_by_peers_holding_a_newer_record(dht_net: DHTNet) -> None:
+    dhts = await dht_net.grow(12)
+    dht_net.clock.advance(60)
+    await dhts[1].put(KEY, b"newer")
+    dht_net.clock.advance(-60)  # the second writer's clock is a minute behind
+    with pytest.raises(PutFailed, match="hold a newer record"):
+        await dhts[2].put(KEY, b"older")
+    assert await dhts[5].get(KEY) == b"newer"
 
 
 async def test_invalid_puts_are_refused_before_anything_is_sent(dht_net: DHTNet) -> None:
