@@ -26,6 +26,7 @@ here (tests/netlab is left as it is):
 from __future__ import annotations
 
 import argparse
+import shutil
 import socket
 import struct
 import subprocess
@@ -124,8 +125,7 @@ class PortMappingRouter:
 
     lab: Lab
     router: NodeInfo
-    process: object
-    workdir: Path
+    process: subprocess.Popen[str]
     log_lines: list[str] = field(default_factory=list)
 
     @property
@@ -149,11 +149,10 @@ class PortMappingRouter:
         return [line.strip() for line in listed.splitlines() if "dnat" in line]
 
     def stop(self) -> None:
-        proc = self.process
-        assert hasattr(proc, "terminate")
-        if proc.poll() is None:  # type: ignore[attr-defined]
-            proc.terminate()  # type: ignore[attr-defined]
-            proc.wait(timeout=5)  # type: ignore[attr-defined]
+        """Stop miniupnpd now (it removes its rules as it exits)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=5)
 
 
 def enable_port_mapping(
@@ -208,7 +207,7 @@ def enable_port_mapping(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    running = PortMappingRouter(lab, node, proc, workdir)
+    running = PortMappingRouter(lab, node, proc)
     ready = threading.Event()
     wanted = ["Port forwarding is now enabled"]
     if natpmp:
@@ -225,11 +224,16 @@ def enable_port_mapping(
         ready.set()  # exited: let the waiter look
 
     threading.Thread(target=pump, name=f"miniupnpd-{router}", daemon=True).start()
-    if not ready.wait(READY_TIMEOUT_S) or proc.poll() is not None:
-        raise LabError(
-            f"miniupnpd on {router} did not become ready (exit {proc.poll()}); log:\n"
-            + running.log()
-        )
+    try:
+        if not ready.wait(READY_TIMEOUT_S) or proc.poll() is not None:
+            raise LabError(
+                f"miniupnpd on {router} did not become ready (exit {proc.poll()}); log:\n"
+                + running.log()
+            )
+    finally:
+        # It has read its config; its pid file only guards against a second daemon, and a
+        # missing one at exit costs a log line. Nothing is left in /tmp.
+        shutil.rmtree(workdir, ignore_errors=True)
     return running
 
 
@@ -288,14 +292,76 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+def figures(rounds: int) -> str:
+    """Time map_port (and unmap) per method against miniupnpd, and without any support."""
+    import asyncio
+    import statistics
+
+    from tests.netlab.netns import call_in
+    from transport.nat.portmap import PortMapConfig, map_port, unmap
+
+    configs = {
+        "pcp": PortMapConfig(upnp=False),
+        "natpmp": PortMapConfig(pcp=False, upnp=False),
+        "upnp": PortMapConfig(pcp=False, natpmp=False),
+        "all (race)": PortMapConfig(),
+    }
+    lab = Lab()
+    lab.add_public_host("pub1")
+    lab.add_nat("nat_a", kind="port_restricted")
+    lab.add_host("a1", behind="nat_a")
+    lab.add_nat("nat_b", kind="port_restricted")
+    lab.add_host("b1", behind="nat_b")
+    rows = [f"{'method':<12} {'map ms (median / max)':>22} {'unmap ms (median)':>18}  result"]
+    with lab:
+        began = time.perf_counter()
+        enable_port_mapping(lab, "nat_a", stun_host="pub1")
+        startup = time.perf_counter() - began
+
+        async def measure(config: PortMapConfig) -> tuple[list[float], list[float], str]:
+            map_ms, unmap_ms, what = [], [], ""
+            for index in range(rounds):
+                began = time.perf_counter()
+                mapping = await map_port(42_000 + index, config=config)
+                map_ms.append((time.perf_counter() - began) * 1000)
+                if mapping is None:
+                    return map_ms, unmap_ms, "None"
+                what = f"{mapping.method} {mapping.external_ip}:{mapping.external_port}"
+                began = time.perf_counter()
+                await unmap(mapping)
+                unmap_ms.append((time.perf_counter() - began) * 1000)
+            return map_ms, unmap_ms, what
+
+        for name, config in configs.items():
+            mapped, unmapped, what = call_in(
+                lab.netns("a1"), lambda c=config: asyncio.run(measure(c))
+            )
+            rows.append(
+                f"{name:<12} {statistics.median(mapped):>10.1f} / {max(mapped):>8.1f} "
+                f"{statistics.median(unmapped) if unmapped else float('nan'):>18.1f}  {what}"
+            )
+        missing, _, what = call_in(lab.netns("b1"), lambda: asyncio.run(measure(PortMapConfig())))
+        rows.append(
+            f"{'no support':<12} {missing[0]:>10.1f} / {max(missing):>8.1f} {'':>18}  {what}"
+        )
+    rows.append(
+        f"miniupnpd ready in {startup * 1000:.0f} ms (incl. STUN stand-in); {rounds} rounds"
+    )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.nat.portmap_lab")
     sub = parser.add_subparsers(dest="command", required=True)
     stun = sub.add_parser("stun", help="STUN Binding stand-in for miniupnpd (lab only)")
     stun.add_argument("--port", type=int, default=STUN_PORT)
+    measure = sub.add_parser("figures", help="time port mapping against miniupnpd (needs root)")
+    measure.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args(argv)
     if args.command == "stun":
         stun_responder(args.port)
+    elif args.command == "figures":
+        print(figures(args.rounds))
 
 
 if __name__ == "__main__":
