@@ -88,12 +88,12 @@ def report(rows: list[dict[str, object]]) -> None:
             ("decode", "codec_decode_s", "pickle5_loads_s"),
         ):
             line = f"  {side}: codec {us(row[ours])} | pickle5 oob {us(row[theirs])} "
-            line += f"(x{float(row[theirs]) / float(row[ours]):.2f})"
+            line += f"(x{float(row[theirs]) / float(row[ours]):.3g})"
             if "memcpy_s" in row:
                 gbps = float(row["payload_bytes"]) / float(row[ours]) / 1e9
                 ratio = float(row["memcpy_s"]) / float(row[ours])
-                line += f" | memcpy {us(row['memcpy_s'])} (x{ratio:.0f})"
-                line += f" | {gbps:,.0f} GB/s"
+                line += f" | memcpy {us(row['memcpy_s'])} (x{ratio:.3g})"
+                line += f" | {gbps:,.1f} GB/s"
             print(line)
     print("\n(x = baseline time / codec time: above 1 the codec is faster)")
 

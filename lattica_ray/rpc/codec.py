@@ -272,6 +272,7 @@ def encode(obj: object, limits: CodecLimits | None = None) -> list[memoryview]:
     if blocks:
         flags |= FLAG_DATA_STREAM
         schema, batch = data_batch(encoder.blocks, header_size)
+        # Blocks that would all be copied into header segments anyway: one copy, in C++.
         small = max(block.size for block in encoder.blocks) < INLINE_MAX
         lengths.append(write_stream(sink, schema, [batch], small=small))
     for schema, batches in encoder.streams:

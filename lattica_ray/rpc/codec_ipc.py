@@ -253,22 +253,24 @@ def data_batch(blocks: list[pa.Buffer], stream_start: int) -> tuple[pa.Schema, p
     each block preceded by the zero pad that puts it at a multiple of BLOCK_ALIGNMENT."""
     schema = data_schema(len(blocks))
     position = stream_start + _data_body_offset(len(blocks))
-    data: list[pa.Buffer] = []
-    for block in blocks:
+    offsets = pa.py_buffer(struct.pack(f"<{2 * len(blocks)}q", *_offset_pairs(blocks)))
+    binary = pa.large_binary()
+    columns = []
+    for index, block in enumerate(blocks):
         # body order: pad offsets (16), pad bytes, block offsets (16), block bytes (to 8)
         pad = -(position + 2 * _OFFSETS.size) % BLOCK_ALIGNMENT
-        data += (_ZEROS.slice(0, pad), block)
+        columns.append(_PADS[pad // 8])
+        columns.append(
+            pa.Array.from_buffers(binary, 1, [None, offsets.slice(16 * index, 16), block])
+        )
         position += 2 * _OFFSETS.size + pad + block.size + (-block.size % 8)
-    offsets = pa.py_buffer(struct.pack(f"<{2 * len(data)}q", *_offset_pairs(data)))
-    binary = pa.large_binary()
-    columns = [
-        pa.Array.from_buffers(binary, 1, [None, offsets.slice(16 * i, 16), buffer])
-        for i, buffer in enumerate(data)
-    ]
     return schema, pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-def _offset_pairs(data: list[pa.Buffer]) -> Iterable[int]:
-    for buffer in data:
+def _offset_pairs(blocks: list[pa.Buffer]) -> Iterable[int]:
+    for block in blocks:
         yield 0
-        yield buffer.size
+        yield block.size
+
+
+_PADS = [_one_row_binary(_ZEROS.slice(0, size)) for size in range(0, BLOCK_ALIGNMENT, 8)]

@@ -201,11 +201,13 @@ def array_block(array: np.ndarray) -> tuple[np.ndarray, pa.Buffer]:
     """The array as it will travel (compacted if it had gaps) and its block, without a copy."""
     if array.size == 0:
         return array, pa.py_buffer(b"")
+    if array.flags.c_contiguous:  # the common case: the block is the array's own buffer
+        return array, pa.foreign_buffer(array.ctypes.data, array.nbytes, base=array)
     where = span(array.shape, array.strides, array.itemsize)
     if not where.gap_free:
         array = compact(array)
         where = span(array.shape, array.strides, array.itemsize)
-    address = array.__array_interface__["data"][0] + where.low
+    address = array.ctypes.data + where.low
     return array, pa.foreign_buffer(address, where.size, base=array)
 
 
