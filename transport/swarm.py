@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from transport.connection import DIRECT, HOLEPUNCHED, RELAYED, Connection
@@ -17,6 +18,7 @@ from transport.errors import DialError, PeerUnreachable
 from transport.handlers import StreamHandler, StreamHandlers
 from transport.host import ConnectionListener, PeerConnected, PeerDisconnected
 from transport.identity import KeyPair, PeerId
+from transport.liveness import LivenessConfig, LivenessMonitor
 from transport.multiaddr import Multiaddr, quic_socket_address
 from transport.multistream import select_outbound
 from transport.quic import QuicConfig, QuicEndpoint
@@ -33,7 +35,12 @@ MAX_ADDRS_PER_PEER = 32
 class Swarm:
     """Connections, dialing and stream routing for one identity."""
 
-    def __init__(self, key: KeyPair, quic_config: QuicConfig | None = None) -> None:
+    def __init__(
+        self,
+        key: KeyPair,
+        quic_config: QuicConfig | None = None,
+        liveness: LivenessConfig | None = None,
+    ) -> None:
         self.key = key
         self.quic_config = quic_config or QuicConfig()
         self.handlers = StreamHandlers()
@@ -48,6 +55,8 @@ class Swarm:
         self._closing = False
         self._punching: set[PeerId] = set()
         self._adopted: list[QuicEndpoint] = []
+        self._connection_observers: list[Callable[[Connection], None]] = []
+        self.liveness = LivenessMonitor(self._on_suspect, liveness)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def listen(self, addr: Multiaddr) -> Multiaddr:
@@ -66,6 +75,7 @@ class Swarm:
         for future in self._pending_dials.values():
             future.cancel()
         await self.handlers.aclose()
+        await self.liveness.aclose()
         for endpoint in self.endpoints + self._adopted:
             await endpoint.close()
         self.endpoints.clear()
@@ -109,6 +119,7 @@ class Swarm:
 
     async def open_stream(self, peer: PeerId, protocols: list[str]) -> Stream:
         connection = await self.connect(peer)
+        connection.last_used = time.monotonic()  # type: ignore[attr-defined]  # for liveness
         stream = await connection.open_stream()
         await select_outbound(stream, protocols)
         return stream
@@ -138,20 +149,42 @@ class Swarm:
 
     # -- connections ------------------------------------------------------------------------
     def connection_to(self, peer: PeerId) -> Connection | None:
-        """The connection new streams to `peer` use, if any."""
+        """The connection new streams to `peer` use, if any (answering ones first)."""
         live = [c for c in self._connections.get(peer, []) if not c.is_closed]
         if not live:
             return None
         return min(live, key=self._preference)
 
+    def _healthy_connection(self, peer: PeerId) -> Connection | None:
+        best = self.connection_to(peer)
+        return None if best is None or getattr(best, "suspect", False) else best
+
+    def add_connection_observer(self, observer: Callable[[Connection], None]) -> None:
+        """Call `observer` with every connection the swarm adopts (not only a peer's first)."""
+        self._connection_observers.append(observer)
+
+    def _on_suspect(self, connection: Connection) -> None:
+        """A path stopped answering: find another one in the background."""
+        peer = connection.remote_peer
+
+        async def redial() -> None:
+            try:
+                await self.connect(peer)
+            except (DialError, TimeoutError) as exc:
+                log.info("no other path to %s yet: %s", peer, exc)
+
+        if not self._closing:
+            asyncio.get_running_loop().create_task(redial())
+
     def connections_to(self, peer: PeerId) -> list[Connection]:
         return [c for c in self._connections.get(peer, []) if not c.is_closed]
 
-    def _preference(self, connection: Connection) -> tuple[int, int]:
+    def _preference(self, connection: Connection) -> tuple[int, int, int]:
         """Lower is better; both ends of a duplicate pair compute the same order."""
+        suspect = 1 if getattr(connection, "suspect", False) else 0
         relayed = 1 if connection.path == RELAYED or connection.is_closed else 0
         dialed_by_smaller = (connection.is_initiator) == (self.peer_id < connection.remote_peer)
-        return (relayed, 0 if dialed_by_smaller else 1)
+        return (suspect, relayed, 0 if dialed_by_smaller else 1)
 
     async def connect(self, target: PeerId | Multiaddr) -> Connection:
         """A connection to `target`: an existing one, or a new dial (shared by concurrent calls)."""
@@ -164,7 +197,7 @@ class Swarm:
             peer = target
         if peer == self.peer_id:
             raise DialError("refusing to dial ourselves")
-        existing = self.connection_to(peer)
+        existing = self._healthy_connection(peer)
         if existing is not None:
             return existing
         pending = self._pending_dials.get(peer)
@@ -268,7 +301,12 @@ class Swarm:
         peer = connection.remote_peer
         if connection.path == DIRECT and peer in self._punching:
             connection.path = HOLEPUNCHED
-        connection.set_inbound_stream_callback(self.handlers.accept)
+
+        def accept(stream: Stream, connection: Connection = connection) -> None:
+            connection.last_used = time.monotonic()  # type: ignore[attr-defined]
+            self.handlers.accept(stream)
+
+        connection.set_inbound_stream_callback(accept)
         connection.add_close_callback(self._connection_closed)
         first = not self.connections_to(peer)
         self._connections.setdefault(peer, []).append(connection)
@@ -276,8 +314,11 @@ class Swarm:
             if connection.is_initiator:
                 self.add_peer_addrs(peer, [connection.remote_addr])
         log.debug("connected %r", connection)
+        self.liveness.watch(connection)
         if first:
             self._emit(PeerConnected(peer, connection.path))
+        for observer in list(self._connection_observers):
+            observer(connection)
         self._schedule_prune(peer)
 
     def _schedule_prune(self, peer: PeerId) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -57,7 +58,40 @@ async def _connect(node: Node, command: dict) -> dict:
         "first_ping_ms": first_ping * 1000,
         "rtt_ms": sorted(rtts)[1] * 1000,
         "punch": node.nat.holepuncher.results.get(peer, ""),
+        "via": _via(node, peer),
     }
+
+
+class Monitor:
+    """Pings a peer every `interval` s in the background, recording (time, ok, path)."""
+
+    def __init__(self, node: Node, peer: PeerId, interval: float, timeout: float) -> None:
+        self.samples: list[tuple[float, bool, str]] = []
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(node, peer, interval, timeout)
+        )
+
+    async def _run(self, node: Node, peer: PeerId, interval: float, timeout: float) -> None:
+        while True:
+            sent = time.time()
+            try:
+                await node.ping(peer, timeout=timeout)
+                connection = node.connection_to(peer)
+                self.samples.append((sent, True, connection.path if connection else "?"))
+            except (TransportError, TimeoutError, EOFError) as exc:
+                self.samples.append((sent, False, type(exc).__name__))
+            await asyncio.sleep(max(0.0, interval - (time.time() - sent)))
+
+    async def stop(self) -> list[tuple[float, bool, str]]:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        return self.samples
+
+
+def _via(node: Node, peer: PeerId) -> str:
+    connection = node.connection_to(peer)
+    return str(connection.remote_addr) if connection and connection.remote_addr else ""
 
 
 async def _disconnect(node: Node, command: dict) -> dict:
@@ -84,6 +118,7 @@ async def serve(args: argparse.Namespace) -> None:
     reader = asyncio.StreamReader()
     loop = asyncio.get_running_loop()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    monitors: dict[str, Monitor] = {}
     try:
         while line := await reader.readline():
             command = json.loads(line)
@@ -103,6 +138,16 @@ async def serve(args: argparse.Namespace) -> None:
                             "addrs": [str(a) for a in node.addrs],
                             "peers": len(node.connected_peers()),
                         }
+                    )
+                elif kind == "monitor":
+                    peer = PeerId.from_string(command["peer"])
+                    interval, timeout = command.get("interval", 0.1), command.get("timeout", 0.5)
+                    monitors[command["peer"]] = Monitor(node, peer, interval, timeout)
+                    _emit({"ok": True})
+                elif kind == "monitor_stop":
+                    samples = await monitors.pop(command["peer"]).stop()
+                    _emit(
+                        {"samples": samples, "via": _via(node, PeerId.from_string(command["peer"]))}
                     )
                 elif kind == "stop":
                     break

@@ -6,6 +6,7 @@ Shared by the NAT tests and `benchmarks/nat_matrix.py`.
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import subprocess
 import sys
@@ -74,8 +75,11 @@ class LabPeer:
         return self.ready["addrs"]
 
 
-def start_relays(lab: Lab) -> list[str]:
-    """Start `lattica-ray node` on each public relay host; their full multiaddrs."""
+def start_relays(lab: Lab, processes: dict | None = None) -> list[str]:
+    """Start `lattica-ray node` on each public relay host; their full multiaddrs.
+
+    `processes`, when given, receives each relay's Popen by host name (to kill it in tests).
+    """
     addrs = []
     for name in RELAYS:
         listen = f"/ip4/{lab.address(name)}/udp/{PORT}/quic-v1"
@@ -95,6 +99,8 @@ def start_relays(lab: Lab) -> list[str]:
         if not line:
             raise PeerError(f"relay {name} did not start")
         addrs.append(json.loads(line)["addrs"][0])
+        if processes is not None:
+            processes[name] = process
     return addrs
 
 
@@ -103,13 +109,12 @@ def start_peer(lab: Lab, name: str, bootstrap: list[str]) -> LabPeer:
     argv = [sys.executable, "-m", "tests.nat.lab_peer", "--listen", listen]
     for addr in bootstrap:
         argv += ["--bootstrap", addr]
+    debug_dir = os.environ.get("NATLAB_LOG_DIR")  # set it to keep each peer's log there
+    if debug_dir:
+        argv += ["--log-level", "INFO"]
+    stderr = open(f"{debug_dir}/{name}.log", "w") if debug_dir else subprocess.DEVNULL
     process = lab.spawn(
-        name,
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        name, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True
     )
     return LabPeer(name, process)
 

@@ -583,9 +583,21 @@ class Lab:
         script = flush_mappings_script(node.kind)
         if script:
             ns.run_in(node.netns, ["nft", "-f", "-"], input=script)
-        entries = self.mappings(router)
-        if entries:
-            raise LabError(f"conntrack table of {router} not empty after flush: {entries}")
+        # Live traffic re-creates entries at once, so only surviving *replied* entries (a
+        # mapping that was not flushed) are an error; fresh [UNREPLIED] ones are new traffic.
+        stale = [e for e in self.mappings(router) if "[UNREPLIED]" not in e]
+        if stale and not self._quiet_after_flush(router):
+            raise LabError(f"conntrack table of {router} not empty after flush: {stale}")
+
+    def _quiet_after_flush(self, router: str) -> bool:
+        """Whether the replied entries seen after a flush are younger than the flush."""
+        # An entry that survived would keep its old timeout countdown; a new one starts fresh
+        # at the full UDP stream timeout (120 s) or the unreplied one (30 s). Accept those.
+        for entry in self.mappings(router):
+            fields = entry.split()
+            if len(fields) > 2 and fields[2].isdigit() and int(fields[2]) < 25:
+                return False
+        return True
 
     def mappings(self, router: str) -> list[str]:
         """The router's conntrack entries, one ``conntrack -L`` line each: its live NAT state."""

@@ -135,7 +135,8 @@ class HolePuncher:
         last_error = "no attempt"
         for attempt in range(1, ATTEMPTS + 1):
             existing = self.swarm.connection_to(peer)
-            if existing is not None and existing.path != RELAYED:
+            healthy = existing is not None and not getattr(existing, "suspect", False)
+            if healthy and existing.path != RELAYED:
                 self.results[peer] = existing.path
                 return existing
             try:
@@ -188,8 +189,7 @@ class HolePuncher:
     async def _serve(self, stream: Stream) -> None:
         peer = stream.remote_peer
         assert peer is not None
-        connection = self.swarm.connection_to(peer)
-        if connection is None or connection.path != RELAYED:
+        if stream.remote_peer is not None and not self._arrived_relayed(stream):
             stream.reset("hole punching is for relayed connections")
             return
         extended = stream.protocol == EXTENDED_PROTOCOL
@@ -218,6 +218,10 @@ class HolePuncher:
         spray = extended and request.mapping == Mapping.ENDPOINT_DEPENDENT
         direct = await self._punch(peer, we_dial, their_addrs, spray, prepared)
         self.results[peer] = HOLEPUNCHED if direct is not None else "failed: no direct path found"
+
+    def _arrived_relayed(self, stream: Stream) -> bool:
+        """The punch request came over one of our relayed connections to that peer."""
+        return any(c.path == RELAYED for c in self.swarm.connections_to(stream.remote_peer))
 
     @staticmethod
     def _parse(data: bytes, expected: int) -> HolePunch:
@@ -345,7 +349,11 @@ class HolePuncher:
             self._spray(endpoint, targets[0][0])
         while True:
             existing = self.swarm.connection_to(peer)
-            if existing is not None and existing.path == HOLEPUNCHED:
+            if (
+                existing is not None
+                and existing.path == HOLEPUNCHED
+                and not getattr(existing, "suspect", False)
+            ):
                 return existing
             for target in targets:
                 endpoint.send_raw(os.urandom(random.randint(32, 64)), target)

@@ -77,6 +77,7 @@ class NatManager:
         self.autonat.start()
         self.holepuncher.start()
         self.swarm.add_connection_listener(self._on_connection_event)
+        self.swarm.add_connection_observer(self._on_connection)
         self.refresh()
 
     async def stop(self) -> None:
@@ -108,6 +109,13 @@ class NatManager:
         if connection.path == RELAYED and not connection.is_initiator:
             # DCUtR: the side that accepted the relayed connection starts the upgrade.
             self.holepuncher.upgrade_soon(info.peer)
+
+    def _on_connection(self, connection: Connection) -> None:
+        """A new relayed connection to a peer we know (e.g. after a path died): punch again."""
+        peer = connection.remote_peer
+        if connection.path == RELAYED and not connection.is_initiator:
+            if self._identify_info(peer) is not None:
+                self.holepuncher.upgrade_soon(peer)
 
     def _on_connection_event(self, event: ConnectionEvent) -> None:
         if not isinstance(event, PeerConnected):

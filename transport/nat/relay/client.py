@@ -180,26 +180,46 @@ class RelayClient:
         await stream.write_message(stop_status(Status.OK))
         connection = await self.upgrade(stream, False, source)
         connection.path = RELAYED
+        relay_connection = self.swarm.connection_to(relay) if relay is not None else None
+        if relay_connection is not None and relay_connection.remote_addr is not None:
+            connection.remote_addr = circuit_addr(
+                relay_connection.remote_addr.without_peer_id(), relay
+            ).with_peer_id(source)
         log.info("relayed connection from %s through %s", source, relay)
         self.swarm.add_connection(connection)
 
     # -- outbound circuits ----------------------------------------------------------------
     async def dial_via_relay(self, peer: PeerId) -> Connection | None:
-        """The swarm's relay strategy: try each relay address known for `peer`."""
-        errors = []
+        """The swarm's relay strategy: all relay addresses known for `peer` at once, the first
+        circuit wins (a dead relay must not cost a handshake timeout)."""
+        attempts: dict[asyncio.Future[Connection], str] = {}
         for addr in self.swarm.peer_addrs(peer):
             if not addr.is_relayed:
                 continue
             try:
                 relay_addr, target = split_circuit_addr(addr)
-                if target not in (None, peer):
-                    continue
-                return await self.connect_through(relay_addr, peer)
-            except (TransportError, TimeoutError, EOFError) as exc:
-                errors.append(f"{addr}: {exc}")
-        if errors:
-            raise PeerUnreachable("no relay got us through: " + "; ".join(errors))
-        return None
+            except InvalidMultiaddr:
+                continue
+            if target in (None, peer) and str(relay_addr) not in attempts.values():
+                attempts[asyncio.ensure_future(self.connect_through(relay_addr, peer))] = str(
+                    relay_addr
+                )
+        if not attempts:
+            return None
+        errors = []
+        try:
+            while attempts:
+                done, _ = await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    relay = attempts.pop(future)
+                    try:
+                        return future.result()
+                    except (TransportError, TimeoutError, EOFError) as exc:
+                        errors.append(f"{relay}: {exc}")
+        finally:
+            for future in attempts:
+                future.cancel()
+        raise PeerUnreachable("no relay got us through: " + "; ".join(errors))
 
     async def connect_through(self, relay_addr: Multiaddr, peer: PeerId) -> Connection:
         """A relayed connection to `peer` through the relay at `relay_addr`."""
@@ -224,6 +244,9 @@ class RelayClient:
             stream.reset("upgrade failed")
             raise DialError(f"securing the relayed connection to {peer} failed: {exc}") from exc
         connection.path = RELAYED
+        connection.remote_addr = circuit_addr(relay_addr.without_peer_id(), relay).with_peer_id(
+            peer
+        )
         self.swarm.add_connection(connection)
         log.info("relayed connection to %s through %s", peer, relay)
         return connection
