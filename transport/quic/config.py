@@ -39,3 +39,8 @@ class QuicConfig(BaseModel):
         description="a writer waits while this many bytes of its stream are unacknowledged",
     )
     max_connections: int = Field(1024, ge=1, description="inbound connections accepted at once")
+    udp_offload: bool = Field(
+        True,
+        description="batch datagrams through the kernel with Linux UDP GSO/GRO where it offers "
+        "them (one system call per run of datagrams); off: one system call per datagram",
+    )

@@ -91,9 +91,9 @@ class QuicConnection(Connection):
         """Send what aioquic has ready and re-arm its timer."""
         self._flush_scheduled = False
         now = self._loop.time()
-        send = self.endpoint._sendto
-        for data, address in self.quic.datagrams_to_send(now):
-            send(data, address)
+        datagrams = self.quic.datagrams_to_send(now)
+        if datagrams:
+            self._send_datagrams(datagrams)
         timer_at = self.quic.get_timer()
         if timer_at != self._timer_at:
             if self._timer is not None:
@@ -102,6 +102,17 @@ class QuicConnection(Connection):
             self._timer_at = timer_at
         if self._drain_waiters:
             self._wake_drained()
+
+    def _send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        """Hand datagrams to the socket in runs per address (the socket batches each run)."""
+        address = datagrams[0][1]
+        run: list[bytes] = []
+        for data, to in datagrams:
+            if to != address:
+                self.endpoint._send_batch(run, address)
+                run, address = [], to
+            run.append(data)
+        self.endpoint._send_batch(run, address)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:

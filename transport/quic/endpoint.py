@@ -54,7 +54,12 @@ class QuicEndpoint:
         self.on_connection = on_connection
         self.local_address: Address | None = None
         self.datagrams_dropped = 0
-        self._socket = UdpSocket(self._datagram_received, self._flush_dirty)
+        self._socket = UdpSocket(
+            self._datagram_received,
+            self._flush_dirty,
+            use_gso=self.config.udp_offload,
+            use_gro=self.config.udp_offload,
+        )
         self._dirty: set[QuicConnection] = set()
         self._by_cid: dict[bytes, QuicConnection] = {}
         self._connections: set[QuicConnection] = set()
@@ -158,6 +163,9 @@ class QuicEndpoint:
     def _sendto(self, data: bytes, address: Address) -> None:
         self._socket.sendto(data, address)
 
+    def _send_batch(self, datagrams: list[bytes], address: Address) -> None:
+        self._socket.send_batch(datagrams, address)
+
     def _flush_dirty(self) -> None:
         """End of a receive batch: each connection that got datagrams answers once."""
         dirty, self._dirty = self._dirty, set()
@@ -165,6 +173,13 @@ class QuicEndpoint:
             connection._flush()
 
     def _datagram_received(self, data: bytes, address: Address) -> None:
+        # Fast path: a short-header (1-RTT) packet carries our fixed-length CID at bytes 1..8.
+        if data and not data[0] & 0x80:
+            connection = self._by_cid.get(data[1 : 1 + CONNECTION_ID_LENGTH])
+            if connection is not None:
+                connection.datagram_received(data, address)
+                self._dirty.add(connection)
+                return
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
         except ValueError:

@@ -1,24 +1,45 @@
-"""The endpoint's UDP socket, read in batches.
+"""The endpoint's UDP socket: datagrams read and written in batches.
 
 asyncio's datagram transport hands over one datagram per event-loop wake-up, so a QUIC
 connection would build an ACK and re-arm its timer after every single packet. Reading every
 datagram the kernel holds (up to a bound) before telling the endpoint that the batch is over
 lets each connection answer once per batch: fewer packets, far less Python per byte.
+
+On Linux the batches also reach the kernel as batches. Sending, a run of equal-size datagrams
+to one address goes down in ONE `sendmsg` with a `UDP_SEGMENT` control message (generic
+segmentation offload: the kernel, or the NIC, cuts it into datagrams). Receiving, `UDP_GRO`
+lets the kernel hand over such a run as one buffer plus the segment size, which we cut again.
+Both fall back to one datagram per system call where the kernel refuses them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
-from collections.abc import Callable
+import struct
+import sys
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
-MAX_BATCH = 128  # datagrams read per wake-up before yielding to the loop
+MAX_BATCH = 128  # receive system calls per wake-up before yielding to the loop
 RECEIVE_BUFFER = 65535
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024  # kernel buffers: absorb bursts at loopback speed
+
+# Linux <linux/udp.h>; Python's socket module does not export them.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS of older kernels (newer allow 128)
+GSO_MAX_BYTES = 65000  # one GSO send is one IP packet before segmentation: under 64 KiB
+# sendmsg errors that mean "this socket or path cannot segment": send one by one from now on.
+GSO_REFUSED = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE}
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 
 
 class UdpSocket:
@@ -28,23 +49,31 @@ class UdpSocket:
         self,
         on_datagram: Callable[[bytes, Address], None],
         on_batch_end: Callable[[], None],
+        *,
+        use_gso: bool = True,
+        use_gro: bool = True,
     ) -> None:
         self._on_datagram = on_datagram
         self._on_batch_end = on_batch_end
         self._socket: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._want_gso = use_gso and sys.platform == "linux"
+        self._want_gro = use_gro and sys.platform == "linux" and _GRO_CMSG_SPACE > 0
+        self.gso = False  # segmentation offload in use for sends
+        self.gro = False  # receive offload in use
         self.send_errors = 0
+        self.datagrams_sent = 0
+        self.send_calls = 0
+        self.datagrams_received = 0
+        self.receive_calls = 0
 
     def bind(self, host: str, port: int) -> Address:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
-                except OSError:
-                    pass  # the kernel caps it; the default still works
+            _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE)
+            _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host, port))
@@ -57,14 +86,25 @@ class UdpSocket:
         """Serve an already bound socket (hole punching finds the one whose mapping works)."""
         sock.setblocking(False)
         self._socket = sock
+        self.gso = self._want_gso and sock.type == socket.SOCK_DGRAM
+        self.gro = False
+        if self._want_gro:
+            try:
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+                self.gro = True
+            except OSError:
+                pass  # an old kernel: one datagram per receive call
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._read_ready)
         bound = sock.getsockname()
         return (bound[0], bound[1])
 
+    # -- sending ------------------------------------------------------------------------
     def sendto(self, data: bytes, address: Address) -> None:
         if self._socket is None:
             return
+        self.send_calls += 1
+        self.datagrams_sent += 1
         try:
             self._socket.sendto(data, address)
         except (BlockingIOError, InterruptedError):
@@ -73,20 +113,85 @@ class UdpSocket:
             self.send_errors += 1
             log.debug("UDP send to %s failed: %r", address, exc)
 
+    def send_batch(self, datagrams: Sequence[bytes], address: Address) -> None:
+        """Send datagrams to one address, in as few system calls as the kernel allows."""
+        count = len(datagrams)
+        if count == 1 or not self.gso:
+            for data in datagrams:
+                self.sendto(data, address)
+            return
+        start = 0
+        while start < count:
+            # A GSO send is a run of equal sizes; only its last segment may be shorter.
+            size = len(datagrams[start])
+            limit = min(count, start + GSO_MAX_SEGMENTS, start + max(1, GSO_MAX_BYTES // size))
+            stop = start + 1
+            while stop < limit:
+                length = len(datagrams[stop])
+                if length != size:
+                    if length < size:
+                        stop += 1  # a shorter last segment ends the run
+                    break
+                stop += 1
+            if stop - start == 1:
+                self.sendto(datagrams[start], address)
+            else:
+                self._send_segmented(datagrams[start:stop], size, address)
+            start = stop
+
+    def _send_segmented(self, run: Sequence[bytes], size: int, address: Address) -> None:
+        if self._socket is None:
+            return
+        try:
+            self._socket.sendmsg(
+                [b"".join(run)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, address
+            )
+            self.send_calls += 1
+            self.datagrams_sent += len(run)
+        except (BlockingIOError, InterruptedError):
+            self.send_errors += len(run)
+        except OSError as exc:
+            if exc.errno not in GSO_REFUSED:
+                self.send_errors += len(run)
+                log.debug("UDP send to %s failed: %r", address, exc)
+                return
+            log.info("UDP segmentation offload refused (%r): sending one datagram per call", exc)
+            self.gso = False
+            for data in run:
+                self.sendto(data, address)
+
+    # -- receiving ----------------------------------------------------------------------
     def _read_ready(self) -> None:
         sock = self._socket
         if sock is None:
             return
+        on_datagram = self._on_datagram
         try:
             for _ in range(MAX_BATCH):
                 try:
-                    data, address = sock.recvfrom(RECEIVE_BUFFER)
+                    if self.gro:
+                        data, ancillary, _flags, address = sock.recvmsg(
+                            RECEIVE_BUFFER, _GRO_CMSG_SPACE
+                        )
+                    else:
+                        data, address = sock.recvfrom(RECEIVE_BUFFER)
+                        ancillary = None
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:  # ICMP errors surface here; they carry no address
                     log.debug("UDP receive error: %r", exc)
                     continue
-                self._on_datagram(data, (address[0], address[1]))
+                self.receive_calls += 1
+                source = (address[0], address[1])
+                segment = _gro_segment_size(ancillary) if ancillary else 0
+                if segment and segment < len(data):
+                    view = memoryview(data)
+                    for offset in range(0, len(data), segment):
+                        self.datagrams_received += 1
+                        on_datagram(bytes(view[offset : offset + segment]), source)
+                else:
+                    self.datagrams_received += 1
+                    on_datagram(data, source)
         finally:
             self._on_batch_end()
 
@@ -100,3 +205,22 @@ class UdpSocket:
     @property
     def is_open(self) -> bool:
         return self._socket is not None
+
+
+def _gro_segment_size(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The segment size the kernel reports for a coalesced receive (an int), else 0."""
+    for level, kind, value in ancillary:
+        if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+            return struct.unpack("=i", value[:4])[0]
+    return 0
+
+
+def _set_buffer(sock: socket.socket, option: int, force_option: int) -> None:
+    """Ask for big kernel buffers: beyond the system cap where allowed (root), else up to it."""
+    options = (force_option, option) if sys.platform == "linux" else (option,)
+    for level_option in options:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, level_option, SOCKET_BUFFER_BYTES)
+            return
+        except OSError:
+            continue  # not permitted, or capped: the default still works
