@@ -596,7 +596,8 @@ async def map_port(
     attempts: dict[asyncio.Task[PortMapping], str] = {}
     if config.pcp or config.natpmp:
         pmp = _pmp_map(gateway, config, deadline, **request)  # type: ignore[arg-type]
-        attempts[asyncio.create_task(pmp)] = "pcp" if config.pcp else "natpmp"
+        label = "pcp/natpmp" if config.pcp and config.natpmp else "pcp" if config.pcp else "natpmp"
+        attempts[asyncio.create_task(pmp)] = label
     if config.upnp:
         upnp = _upnp_map(gateway, config, deadline, **request)  # type: ignore[arg-type]
         attempts[asyncio.create_task(upnp)] = UPNP
@@ -621,17 +622,20 @@ async def map_port(
                 error = task.exception()
                 if error is not None:
                     failures.append(f"{attempts[task]}: {error}")
+                    if not isinstance(error, PortMapError):
+                        logger.warning(
+                            "%s attempt failed unexpectedly", attempts[task], exc_info=error
+                        )
                 elif winner is None:
                     winner = task.result()
                 else:
-                    _undo(task.result())  # both granted at once: keep one
+                    _undo(task.result(), config)  # both granted at once: keep one
     finally:
         for task in pending:
             task.cancel()
-        late = await asyncio.gather(*pending, return_exceptions=True)
-        for result in late:
-            if isinstance(result, PortMapping):  # granted just as it was cancelled
-                _undo(result)
+        # A cancelled attempt whose request already left may leave a mapping on the gateway
+        # until its lease ends (we never learn its port to remove it).
+        await asyncio.gather(*pending, return_exceptions=True)
     if winner is None:
         logger.info(
             "no port mapping for %s/%d after %.2f s: %s",
@@ -654,9 +658,9 @@ async def map_port(
     return winner
 
 
-def _undo(mapping: PortMapping) -> None:
+def _undo(mapping: PortMapping, config: PortMapConfig) -> None:
     """Remove a mapping we will not use, in the background."""
-    task = asyncio.create_task(unmap(mapping, timeout=CLEANUP_TIMEOUT_S))
+    task = asyncio.create_task(unmap(mapping, timeout=CLEANUP_TIMEOUT_S, config=config))
     _cleanups.add(task)
     task.add_done_callback(_cleanups.discard)
 
