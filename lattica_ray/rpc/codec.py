@@ -119,7 +119,9 @@ class CodecLimits(BaseModel):
         4300, gt=0, description="decimal digits of one int (the interpreter's limit also applies)"
     )
     max_ndim: int = Field(32, gt=0, le=64, description="dimensions of one array or tensor")
-    max_array_elements: int = Field(1 << 36, gt=0, description="elements of one array")
+    max_array_elements: int = Field(
+        1 << 32, gt=0, description="elements of one array (broadcast views can claim many)"
+    )
 
 
 DEFAULT_LIMITS = CodecLimits()

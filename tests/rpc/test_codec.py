@@ -633,6 +633,27 @@ def test_broken_headers_are_refused(mutate, needle) -> None:
         decode(mutate(message))
 
 
+def test_nothing_is_pickled_either_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pickle used")
+
+    for name in ("dumps", "loads", "dump", "load", "Pickler", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    value = {
+        "array": np.arange(6.0).reshape(2, 3).T,
+        "scalar": np.float16(2),
+        "table": pa.table({"a": pa.array(["x", "y"]).dictionary_encode()}),
+        "nested": [(1, 2.5, None, b"b", "s" * 2000, {3: [True]})],
+    }
+    if torch is not None:
+        value["tensor"] = torch.ones(3, dtype=torch.bfloat16)
+    out = roundtrip(value)
+    assert np.array_equal(out["array"], value["array"])
+    assert out["nested"] == value["nested"]
+
+
 def test_all_codec_errors_are_value_errors() -> None:
     assert issubclass(CodecError, ValueError)
     for error in (LimitExceeded, MalformedMessage, UnsupportedType):
