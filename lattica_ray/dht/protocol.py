@@ -482,7 +482,8 @@ class KadServer:
         if key == self.local.multihash:
             return (self.peer_info(self.local),)  # exact match: just us (spec)
         closest = self.table.closest(kad_id(key), self.k, exclude=(requester,))
-        return tuple(self.table_peer_info(peer, now) for peer in closest)
+        infos = (self.table_peer_info(peer, now) for peer in closest)
+        return tuple(info for info in infos if info.addrs)  # no address: of no use (as go)
 
     def handle(self, sender: PeerId, request: Message, now: float) -> Message | None:
         kind = request.type

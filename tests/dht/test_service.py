@@ -353,11 +353,12 @@ def serve_fake_closer_peers(host: MemoryHost) -> list[PeerInfo]:
     return fakes
 
 
-async def test_peer_flooding_fake_closer_peers_is_blocked(dht_net: DHTNet) -> None:
+@pytest.mark.parametrize("paths", [1, 3])
+async def test_peer_flooding_fake_closer_peers_is_blocked(dht_net: DHTNet, paths: int) -> None:
     dhts = await dht_net.grow(20)
     attacker = dht_net.raw_host()
     fakes = {info.peer_id for info in serve_fake_closer_peers(attacker)}
-    victim = await dht_net.add()
+    victim = await dht_net.add(DHTConfig(disjoint_paths=paths))
     await victim.bootstrap([attacker.addrs[0], dhts[0].host.addrs[0]])
     real = {d.local for d in dhts}
     for index in range(10):
