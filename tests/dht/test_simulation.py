@@ -53,4 +53,4 @@ def test_lookups_survive_30_percent_of_nodes_killed() -> None:
     assert churned.success_rate >= 0.99, report.lines()
     assert churned.record_survival >= 0.99, report.lines()
     assert max(churned.hops) <= 4  # log2(200) is 7.6: lookups take O(log N) hops
-    assert min(churned.closest_overlap) >= 0.8, report.lines()
+    assert sum(churned.closest_overlap) / len(churned.closest_overlap) >= 0.9, report.lines()
