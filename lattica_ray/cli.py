@@ -63,6 +63,9 @@ def node(
         str, typer.Option(help="identify protocolVersion; Lattica peers require theirs")
     ] = DEFAULT_PROTOCOL_VERSION,
     relay: Annotated[bool, typer.Option(help="Relay circuits for NAT'd peers")] = True,
+    port_mapping: Annotated[
+        bool, typer.Option(help="Ask the LAN's router for a port (UPnP-IGD, NAT-PMP, PCP)")
+    ] = False,
     relay_reservations: Annotated[
         int, typer.Option(help="Relay: reservations held at once")
     ] = RelayConfig().max_reservations,
@@ -94,6 +97,7 @@ def node(
             key_file=key,
             protocol_version=protocol_version,
             relay=relay_config,
+            port_mapping=port_mapping,
         ) as peer:
             print(
                 json.dumps({"peer_id": str(peer.peer_id), "addrs": [str(a) for a in peer.addrs]}),

@@ -55,6 +55,7 @@ class Node:
         relay_client: RelayClientConfig | None = None,
         use_relays: bool | None = None,
         rpc: RpcConfig | None = None,
+        port_mapping: bool = False,
     ) -> None:
         if key is not None and key_file is not None:
             raise ValueError("give either key or key_file, not both")
@@ -70,7 +71,9 @@ class Node:
         self.identify_infos: dict[PeerId, identify.IdentifyInfo] = {}
         # Every node relays for others (limits in RelayConfig), uses relays when NAT'd
         # (use_relays=None decides from AutoNAT and observations) and punches holes.
-        self.nat = NatManager(self.swarm, self.identify_infos.get, relay, relay_client, use_relays)
+        self.nat = NatManager(
+            self.swarm, self.identify_infos.get, relay, relay_client, use_relays, port_mapping
+        )
         self.observed_addrs: dict[PeerId, Multiaddr] = {}
         self._identified: dict[PeerId, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[Any]] = set()

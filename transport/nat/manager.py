@@ -21,6 +21,7 @@ from transport.identity import PeerId
 from transport.multiaddr import Multiaddr
 from transport.nat import autonat
 from transport.nat.holepunch import EXTENDED_PROTOCOL, HolePuncher
+from transport.nat.portmap import PortMapping, PortMappingKeeper
 from transport.nat.reachability import AddressBook, Mapping, Reachability
 from transport.nat.relay import (
     HOP_PROTOCOL,
@@ -58,8 +59,13 @@ class NatManager:
         relay: RelayConfig | None = None,
         relay_client: RelayClientConfig | None = None,
         use_relays: bool | None = None,
+        port_mapping: bool = False,
     ) -> None:
         self.swarm = swarm
+        # UPnP-IGD / NAT-PMP / PCP talk to the LAN's gateway: opt-in, never in tests by accident.
+        self.port_mapping = port_mapping
+        self.mapped_addrs: list[Multiaddr] = []
+        self._port_keepers: list[PortMappingKeeper] = []
         self._identify_info = identify_info
         self.addresses = AddressBook()
         self.use_relays = use_relays  # None: when AutoNAT or observations say we are NAT'd
@@ -78,6 +84,31 @@ class NatManager:
         self.holepuncher.start()
         self.swarm.add_connection_listener(self._on_connection_event)
         self.swarm.add_connection_observer(self._on_connection)
+        if self.port_mapping:
+            for endpoint in self.swarm.endpoints:
+                if endpoint.local_address is not None:
+                    keeper = PortMappingKeeper(
+                        endpoint.local_address[1], "udp", on_change=self._on_port_mapping
+                    )
+                    self._port_keepers.append(keeper)
+                    self._spawn(keeper.start())
+        self.refresh()
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_port_mapping(self, mapping: PortMapping | None) -> None:
+        """The router gave (or took back) a port: advertise the mapped public address."""
+        self.mapped_addrs = [
+            keeper_mapping.multiaddr()
+            for keeper in self._port_keepers
+            if (keeper_mapping := keeper.mapping) is not None
+            and is_public_ip(keeper_mapping.external_ip)
+        ]
+        if mapping is not None:
+            log.info("router mapped %s -> %s", mapping.internal_port, mapping.multiaddr())
         self.refresh()
 
     async def stop(self) -> None:
@@ -86,6 +117,9 @@ class NatManager:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for keeper in self._port_keepers:
+            with contextlib.suppress(TransportError, OSError):
+                await keeper.stop()
         await self.holepuncher.stop()
         await self.relay_client.stop()
         self.relay_server.stop()
@@ -202,7 +236,7 @@ class NatManager:
                 for a in self._listen_addrs()
                 if is_public_ip(a.value_for("ip4") or a.value_for("ip6") or "0.0.0.0")
             ]
-        return list(dict.fromkeys(direct + self.relay_client.circuit_addrs))
+        return list(dict.fromkeys(self.mapped_addrs + direct + self.relay_client.circuit_addrs))
 
     def refresh(self) -> None:
         self.swarm.set_advertised_addrs(self.advertised_addrs())
