@@ -14,6 +14,7 @@ from lattica_ray.dht.errors import (
     NoPeersError,
     PeerNotFound,
     PutFailed,
+    StoreFull,
 )
 from lattica_ray.dht.protocol import PROTOCOL_ID, PeerInfo
 from lattica_ray.dht.records import lattica_key, pk_key
@@ -34,6 +35,7 @@ __all__ = [
     "PeerLookupResult",
     "PeerNotFound",
     "PutFailed",
+    "StoreFull",
     "lattica_key",
     "pk_key",
 ]

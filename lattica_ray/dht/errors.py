@@ -15,6 +15,10 @@ class InvalidRecord(DHTError, ValueError):
     """A record failed validation (unsigned, forged, expired, oversized, unknown namespace)."""
 
 
+class StoreFull(DHTError):
+    """This node holds as many records or provider keys as its limits allow; try other peers."""
+
+
 class InvalidContentId(DHTError, ValueError):
     """A content ID string or byte form could not be parsed."""
 

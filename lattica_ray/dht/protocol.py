@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
-from lattica_ray.dht.errors import InvalidRecord, MalformedMessage
+from lattica_ray.dht.errors import InvalidRecord, MalformedMessage, StoreFull
 from lattica_ray.dht.pb import dht_pb2
 from lattica_ray.dht.records import ProviderStore, RecordStore, Validator
 from lattica_ray.dht.routing import RoutingTable, kad_id
@@ -532,12 +532,14 @@ class KadServer:
     def _add_provider(self, sender: PeerId, request: Message, now: float) -> None:
         if not is_multihash(request.key):
             raise MalformedMessage("ADD_PROVIDER key is not a multihash")
+        others = 0
         for info in request.provider_peers:
             if info.peer_id != sender:
-                log.info("ignoring provider %s announced by %s", info.peer_id, sender)
-                continue
-            if not self.providers.add(request.key, sender, info.addrs, now):
-                raise InvalidRecord("provider store is full")
+                others += 1  # only a peer itself may say it provides something (spec)
+            elif not self.providers.add(request.key, sender, info.addrs, now):
+                raise StoreFull("provider store is full")
+        if others:
+            log.info("ignored %d providers that %s announced for others", others, sender)
 
 
 # -- abuse controls -------------------------------------------------------------------------------

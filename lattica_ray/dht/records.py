@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lattica_ray.dht.errors import InvalidRecord
+from lattica_ray.dht.errors import InvalidRecord, StoreFull
 from lattica_ray.dht.pb import record_pb2
 from transport.errors import InvalidPeerId, InvalidSignature
 from transport.identity import KeyPair, KeyType, PeerId, PublicKey
@@ -318,7 +318,7 @@ class RecordStore:
     def put(self, key: bytes, value: bytes, now: float) -> bool:
         """Store `value` if valid and not worse than what we hold; False if ours is better.
 
-        Raises `InvalidRecord` for invalid values and when the store is full.
+        Raises `InvalidRecord` for invalid values and `StoreFull` at `max_records`.
         """
         own_expiry = self.validator.validate(key, value, now)
         expires_at = now + self.max_age
@@ -331,7 +331,7 @@ class RecordStore:
         if current is None and len(self._records) >= self.max_records:
             self.expire(now)
             if len(self._records) >= self.max_records:
-                raise InvalidRecord(f"record store is full ({self.max_records} records)")
+                raise StoreFull(f"record store is full ({self.max_records} records)")
         self._records[key] = StoredRecord(value, now, expires_at)
         return True
 

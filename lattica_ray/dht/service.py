@@ -31,6 +31,7 @@ from lattica_ray.dht.errors import (
     NoPeersError,
     PeerNotFound,
     PutFailed,
+    StoreFull,
 )
 from lattica_ray.dht.protocol import (
     PROTOCOL_ID,
@@ -327,9 +328,17 @@ class DHT:
         key_bytes = record_key(key)
         now = self._clock()
         stored_value = self._seal(key_bytes, bytes(value), now)
-        self.records.put(key_bytes, stored_value, now)  # validates: raises InvalidRecord
+        self.validator.validate(key_bytes, stored_value, now)  # raises InvalidRecord
+        self._keep_own(key_bytes, stored_value, now)
         self._authored[key_bytes] = bytes(value)
         return await self._put_to_closest(key_bytes, stored_value)
+
+    def _keep_own(self, key: bytes, value: bytes, now: float) -> None:
+        """Our copy of our own record; a full store only costs us the local copy."""
+        try:
+            self.records.put(key, value, now)
+        except StoreFull as exc:
+            log.info("not keeping a local copy of %r: %s", key, exc)
 
     def _seal(self, key: bytes, value: bytes, now: float) -> bytes:
         if namespace_of(key) == LATTICA_NAMESPACE:
@@ -367,7 +376,7 @@ class DHT:
         if local is not None and local != query.best:
             try:
                 self.records.put(key_bytes, query.best, self._clock())
-            except InvalidRecord as exc:
+            except (InvalidRecord, StoreFull) as exc:
                 log.info("could not update our copy of %r: %s", key_bytes, exc)
         return self._found(key_bytes, query.best)
 
@@ -494,7 +503,7 @@ class DHT:
         for key, value in list(self._authored.items()):
             now = self._clock()
             sealed = self._seal(key, value, now)
-            self.records.put(key, sealed, now)
+            self._keep_own(key, sealed, now)
             try:
                 await self._put_to_closest(key, sealed)
             except (NoPeersError, PutFailed) as exc:
@@ -812,6 +821,10 @@ class DHT:
         except InvalidRecord as exc:
             self.stats.refused_records += 1
             self._refuse(peer, stream, f"invalid record: {exc}", count=False)
+            return False
+        except StoreFull as exc:  # our limit, not the peer's fault
+            log.info("DHT %s cannot store for %s: %s", self.local.short(), peer, exc)
+            stream.reset("store full")
             return False
         self.stats.requests_served += 1
         if response is not None:

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from lattica_ray.dht.errors import InvalidRecord
+from lattica_ray.dht.errors import InvalidRecord, StoreFull
 from lattica_ray.dht.records import (
     NamespacedValidator,
     ProviderStore,
@@ -173,7 +173,7 @@ def test_record_store_is_bounded(validator: NamespacedValidator) -> None:
         key = b"/lattica/x/" + name
         store.put(key, signed(key=key).encode(), NOW)
     key = b"/lattica/x/c"
-    with pytest.raises(InvalidRecord, match="full"):
+    with pytest.raises(StoreFull, match="full"):
         store.put(key, signed(key=key).encode(), NOW)
     assert len(store) == 2
 

@@ -314,6 +314,27 @@ def _framed(message: Message) -> bytes:
     return encode_varint(len(body)) + body
 
 
+async def test_a_full_store_refuses_without_blaming_the_peer(dht_net: DHTNet) -> None:
+    full = await dht_net.add(DHTConfig(max_records=1))
+    writer = dht_net.raw_host()
+    now = dht_net.clock()
+    for index in range(5):
+        key = f"/lattica/actor/{index}".encode()
+        value = SignedRecord.create(key_pair(), key, b"v", now, HOUR).encode()
+        stream = await writer.open_stream(full.local, [PROTOCOL_ID])
+        await stream.write_message(
+            encode_message(Message(MessageType.PUT_VALUE, key, Record(key, value)))
+        )
+        if index == 0:
+            assert decode_message(await stream.read_message(), DecodeLimits()).record is not None
+        else:
+            with pytest.raises(StreamReset):
+                await stream.read_message()
+    assert len(full.records) == 1
+    assert not full.table.is_blocked(writer.peer_id, now)
+    assert full.stats.refused_records == 0
+
+
 async def test_rate_limit_refuses_floods(dht_net: DHTNet) -> None:
     victim = await dht_net.add(DHTConfig(inbound_rate=1.0, inbound_burst=5))
     flooder = dht_net.raw_host()
