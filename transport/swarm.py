@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from transport.connection import DIRECT, HOLEPUNCHED, RELAYED, Connection
-from transport.errors import DialError, PeerUnreachable
+from transport.errors import DialError, PeerUnreachable, TransportError
 from transport.handlers import StreamHandler, StreamHandlers
 from transport.host import ConnectionListener, PeerConnected, PeerDisconnected
 from transport.identity import KeyPair, PeerId
@@ -23,6 +23,7 @@ from transport.multiaddr import Multiaddr, quic_socket_address
 from transport.multistream import select_outbound
 from transport.quic import QuicConfig, QuicEndpoint
 from transport.stream import Stream
+from transport.tcp import TcpTransport, is_tcp_address
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,18 @@ class Swarm:
         self._adopted: list[QuicEndpoint] = []
         self._connection_observers: list[Callable[[Connection], None]] = []
         self.liveness = LivenessMonitor(self._on_suspect, liveness)
+        self.tcp: TcpTransport | None = None  # created when we listen on or dial a /tcp address
 
     # -- lifecycle ------------------------------------------------------------------------
     async def listen(self, addr: Multiaddr) -> Multiaddr:
-        """Bind a QUIC endpoint on `addr` (port 0 picks one); returns the bound multiaddr."""
+        """Listen on `addr`: `/udp/PORT/quic-v1` (QUIC) or `/tcp/PORT` (TCP + Noise + Yamux);
+        port 0 picks one. Returns the bound multiaddr."""
+        if is_tcp_address(addr):
+            return await self._tcp_transport().listen(addr.without_peer_id())
         if not addr.has("quic-v1"):
-            raise DialError(f"cannot listen on {addr}: only /udp/PORT/quic-v1 is supported yet")
+            raise DialError(
+                f"cannot listen on {addr}: use /ip4/HOST/udp/PORT/quic-v1 or /ip4/HOST/tcp/PORT"
+            )
         host, port = quic_socket_address(addr)
         endpoint = QuicEndpoint(self.key, self.quic_config, on_connection=self._add_connection)
         await endpoint.listen(host, port)
@@ -76,6 +83,8 @@ class Swarm:
             future.cancel()
         await self.handlers.aclose()
         await self.liveness.aclose()
+        if self.tcp is not None:
+            await self.tcp.close()
         for endpoint in self.endpoints + self._adopted:
             await endpoint.close()
         self.endpoints.clear()
@@ -99,9 +108,15 @@ class Swarm:
             Multiaddr.parse("/ip6/::1/udp/1/quic-v1" if want_v6 else "/ip4/127.0.0.1/udp/1/quic-v1")
         )
 
+    def _tcp_transport(self) -> TcpTransport:
+        if self.tcp is None:
+            self.tcp = TcpTransport(self.key, on_connection=self._add_connection)
+        return self.tcp
+
     @property
     def listen_addrs(self) -> list[Multiaddr]:
-        return [e.listen_multiaddr for e in self.endpoints if e.listen_multiaddr is not None]
+        quic = [e.listen_multiaddr for e in self.endpoints if e.listen_multiaddr is not None]
+        return quic + (self.tcp.listen_addrs if self.tcp is not None else [])
 
     # -- Host -----------------------------------------------------------------------------
     @property
@@ -224,8 +239,11 @@ class Swarm:
         """Direct addresses at once; relays (and other strategies) from `relay_delay` on, or as
         soon as every direct attempt failed ("happy eyeballs"): the first connection wins."""
         errors: list[str] = []
-        direct = [a for a in self._peer_addrs.get(peer, []) if a.has("quic-v1")]
-        direct = [a for a in direct if not a.is_relayed]
+        direct = [
+            a
+            for a in self._peer_addrs.get(peer, [])
+            if (a.has("quic-v1") or is_tcp_address(a)) and not a.is_relayed
+        ]
         attempts: dict[asyncio.Future[Connection | None], str] = {}
         for addr in direct:
             attempts[asyncio.ensure_future(self.dial_addr(addr, peer))] = str(addr)
@@ -272,10 +290,20 @@ class Swarm:
         raise PeerUnreachable(f"could not reach {peer}: " + "; ".join(errors))
 
     async def dial_addr(self, addr: Multiaddr, peer: PeerId | None = None) -> Connection:
-        """Dial one QUIC multiaddr (the peer ID in it, or `peer`, is checked by the handshake)."""
+        """Dial one direct multiaddr, QUIC or TCP (the peer ID in it, or `peer`, is checked
+        by the handshake)."""
         peer = peer or addr.peer_id
+        if is_tcp_address(addr):
+            try:
+                connection = await self._tcp_transport().dial(addr.without_peer_id(), peer)
+            except (TransportError, OSError) as exc:
+                if isinstance(exc, DialError):
+                    raise
+                raise PeerUnreachable(f"TCP dial to {addr} failed: {exc}") from exc
+            self._add_connection(connection)  # (QUIC endpoints report dialed ones themselves)
+            return connection
         if not addr.has("quic-v1"):
-            raise DialError(f"cannot dial {addr}: no transport for it (QUIC-v1 only so far)")
+            raise DialError(f"cannot dial {addr}: no transport for it (QUIC-v1 or TCP)")
         endpoint = self._endpoint_for(addr)
         connection = await endpoint.dial(quic_socket_address(addr), peer)
         return connection

@@ -139,3 +139,22 @@ async def test_stop_closes_connections_on_the_remote() -> None:
         async with asyncio.timeout(5):
             await connection.closed
         assert survivor.connected_peers() == []
+
+
+async def test_tcp_transport_carries_the_same_protocols() -> None:
+    """identify, ping and RPC run unchanged over TCP + Noise + Yamux."""
+    async with Node(listen=["/ip4/127.0.0.1/tcp/0"]) as server, Node(listen=LOOPBACK) as client:
+        tcp_addr = next(a for a in server.addrs if a.has("tcp"))
+        await client.connect(tcp_addr)
+        connection = client.connection_to(server.peer_id)
+        assert connection is not None and connection.transport == "tcp"
+        info = client.identify_info(server.peer_id)
+        assert info is not None and info.observed_addr is not None
+        assert info.observed_addr.has("tcp")
+        assert await client.ping(server.peer_id) > 0
+
+        @server.rpc.method("echo")
+        async def echo(value: object) -> object:
+            return value
+
+        assert await client.rpc.call(server.peer_id, "echo", [1, "two", b"3"]) == [1, "two", b"3"]
