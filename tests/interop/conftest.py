@@ -24,7 +24,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-SCENARIO_TIMEOUT_S = 90.0
+SCENARIO_TIMEOUT_S = 100.0  # normally a few seconds; the margin is for a loaded machine
 
 
 def _load_lab() -> Any:

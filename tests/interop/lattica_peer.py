@@ -51,6 +51,7 @@ DEFAULT_PROTOCOL_VERSION = "/lattica/1.0.0"  # the SDK's default identify protoc
 DEFAULT_LISTEN = ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
 DEFAULT_RUST_LOG = "info,lattica::network=debug"
 START_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 20.0  # default wait of a command; events come in milliseconds when all is well
 BENCH_SERVICE = "LatticaBench"  # service name on the wire is the handler class name
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -182,7 +183,7 @@ class Driver:
 
     # -- commands ------------------------------------------------------------------------------
 
-    def cmd_dial(self, addr: str, timeout: float = 10.0) -> dict[str, Any]:
+    def cmd_dial(self, addr: str, timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
         if "/p2p/" not in addr:
             raise ValueError(f"dial needs a multiaddr ending in /p2p/PEER_ID, got {addr!r}")
         peer = addr.rsplit("/p2p/", 1)[1]
@@ -199,7 +200,7 @@ class Driver:
             raise TimeoutError(f"no connection to {peer} within {timeout} s")
         return {"peer": peer, "via": self.log.connected_via.get(peer)}
 
-    def cmd_wait_peer(self, peer: str, timeout: float = 10.0) -> dict[str, Any]:
+    def cmd_wait_peer(self, peer: str, timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
         log = self.log
         done = log.wait_for(lambda: peer in log.identify or peer in log.mismatches, timeout)
         if not done:
@@ -223,7 +224,7 @@ class Driver:
         result["observed_addr"] = identify["observed_addr"] if identify else None
         return result
 
-    def cmd_ping(self, peer: str, timeout: float = 10.0) -> dict[str, Any]:
+    def cmd_ping(self, peer: str, timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
         log = self.log
         done = log.wait_for(lambda: peer in log.pings_ok or peer in log.ping_failures, timeout)
         if not done:
@@ -232,7 +233,7 @@ class Driver:
             raise RuntimeError(f"the SDK's ping to {peer} failed: {log.ping_failures[peer]}")
         return {"peer": peer, "rtt_s": self.sdk.get_peer_rtt(peer), "pings": log.pings_ok[peer]}
 
-    def cmd_wait_disconnect(self, peer: str, timeout: float = 10.0) -> dict[str, Any]:
+    def cmd_wait_disconnect(self, peer: str, timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
         closed = {"event": "closed", "peer": peer}
         gone = lambda: closed in self.log.events and not self._connected(peer)  # noqa: E731
         if not self.log.wait_for(gone, timeout):
@@ -241,7 +242,9 @@ class Driver:
             )
         return {"peer": peer, "mismatch": peer in self.log.mismatches}
 
-    def cmd_wait_event(self, event: str, peer: str, timeout: float = 10.0) -> dict[str, Any]:
+    def cmd_wait_event(
+        self, event: str, peer: str, timeout: float = COMMAND_TIMEOUT_S
+    ) -> dict[str, Any]:
         def seen() -> dict[str, Any] | None:
             return next(
                 (e for e in self.log.events if e["event"] == event and e["peer"] == peer), None

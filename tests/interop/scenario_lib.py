@@ -61,24 +61,27 @@ Part = Callable[[argparse.Namespace, Verdict], Awaitable[None]]
 def run(*parts: Part, options: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """Parse the options, run each part, print the verdict, exit 0 (the verdict judges).
 
-    A part that raises (or overruns its share of --timeout) becomes a failed check named after
-    it, and the next part still runs. Once a part sets `verdict.unsupported`, no further part runs.
-    `options` adds the scenario's own command-line options.
+    A part that raises (or runs over --part-timeout) becomes a failed check named after it, and
+    the next part still runs; all parts together stop at --timeout. Once a part sets
+    `verdict.unsupported`, no further part runs. `options` adds the scenario's own options.
     """
     parser = argparse.ArgumentParser()
     parser.add_argument("--lattica-python", required=True)
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds for all parts")
+    parser.add_argument("--timeout", type=float, default=90.0, help="seconds for all parts")
+    parser.add_argument("--part-timeout", type=float, default=30.0, help="seconds for one part")
     if options is not None:
         options(parser)
     args = parser.parse_args()
     verdict = Verdict()
 
     async def main() -> None:
+        deadline = asyncio.get_running_loop().time() + args.timeout
         for part in parts:
             if verdict.unsupported:
                 break
+            left = deadline - asyncio.get_running_loop().time()
             try:
-                async with asyncio.timeout(args.timeout / len(parts)):
+                async with asyncio.timeout(min(args.part_timeout, max(left, 0.0))):
                     await part(args, verdict)
             except Exception as exc:
                 print(f"--- part {part.__name__} raised:", file=sys.stderr)
