@@ -2,7 +2,7 @@
 
 The only package of lattica-ray that imports `ray` (lazily: `protocol`, `service`, `objects`,
 `mesh` and `memory_mesh` import without it). Public names: `init`, `shutdown`,
-`remote`, `export`, `get_actor`, `put`, `get` (re-exported by `lattica_ray`).
+`remote`, `export`, `get_actor`, `put`, `get` (re-exported by `lattica_ray`), `status`.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ from lattica_ray.ray.errors import (
 from lattica_ray.ray.protocol import GlobalRef
 
 if TYPE_CHECKING:
-    from lattica_ray.ray.api import export, get, get_actor, init, put, remote, shutdown
+    from lattica_ray.ray.api import export, get, get_actor, init, put, remote, shutdown, status
     from lattica_ray.ray.proxy import RemoteActorHandle
 
 # Names that need Ray load it on first use, so the pure modules import without Ray.
@@ -36,6 +36,7 @@ _LAZY = {
     "put": "api",
     "remote": "api",
     "shutdown": "api",
+    "status": "api",
     "RemoteActorHandle": "proxy",
 }
 
@@ -73,4 +74,5 @@ __all__ = [
     "put",
     "remote",
     "shutdown",
+    "status",
 ]

@@ -124,7 +124,8 @@ class LatticaActor:
         self.state_dir = _state_dir()
         self._exports_file = self.state_dir / f"exports-{self.node_id}.json"
         self.loop = LoopThread(f"lattica-node-{self.node_id[:8]}")
-        mesh = create_mesh(self.config, str(self.state_dir / f"node-{self.node_id}.key"))
+        key_file = str(self.state_dir / f"node-{self.node_id}.key")
+        mesh = create_mesh(self.config, key_file, node_resources(self.node_id))
         self.service = LatticaService(mesh, self.config, RayInvoker())
         try:
             self.loop.run_sync(self.service.start(), self.config.start_timeout)
@@ -156,6 +157,18 @@ class LatticaActor:
     @ray.method(concurrency_group=CONTROL)
     async def members(self) -> list[dict[str, Any]]:
         return await self.loop.run(_call(self.service.mesh.members))
+
+    @ray.method(concurrency_group=CONTROL)
+    async def status(self) -> dict[str, Any]:
+        """What `lattica-ray status` shows: this node, the members, the exported actors."""
+        status = await self.loop.run(_call(self.service.status))
+        status["self"].update(node_id=self.node_id, namespace=self.config.namespace)
+        return status
+
+    @ray.method(concurrency_group=CONTROL)
+    async def fetch_progress(self, cid: str) -> tuple[int, int] | None:
+        """(bytes received, total) of a fetch under way, None when none is."""
+        return self.service.fetching.get(cid)
 
     @ray.method(concurrency_group=CONTROL)
     async def shutdown(self) -> None:
@@ -275,6 +288,31 @@ class LatticaActor:
 async def _call(fn: Any, *args: Any) -> Any:
     """Run a plain function on the Node's loop (it touches loop-owned state)."""
     return fn(*args)
+
+
+# Ray resources that say nothing a user of another cluster needs (where it is, what it is).
+_HIDDEN_RESOURCE_PREFIXES = ("node:", "accelerator_type:")
+_STANDARD_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
+def node_resources(node_id: str) -> dict[str, Any]:
+    """What Ray node `node_id` offers, in the view's terms (cpus, gpus, memory, custom)."""
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            total = node.get("Resources", {})
+            custom = {
+                name: float(amount)
+                for name, amount in total.items()
+                if name not in _STANDARD_RESOURCES
+                and not name.startswith(_HIDDEN_RESOURCE_PREFIXES)
+            }
+            return {
+                "cpus": float(total.get("CPU", 0.0)),
+                "gpus": float(total.get("GPU", 0.0)),
+                "memory_bytes": int(total.get("memory", 0)),
+                "custom": custom,
+            }
+    return {}
 
 
 def actor_options(config: LatticaConfig, node_id: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from lattica_ray.ray.proxy import RemoteActorHandle, forget_local_actors, local_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["export", "get", "get_actor", "init", "put", "remote", "shutdown"]
+__all__ = ["export", "get", "get_actor", "init", "put", "remote", "shutdown", "status"]
 
 
 class _DriverState:
@@ -41,6 +41,7 @@ def init(
     listen: Sequence[str] | str | None = None,
     *,
     mesh: str | None = None,
+    namespace: str | None = None,
     config: LatticaConfig | None = None,
     address: str | None = None,
     **ray_init_kwargs: Any,
@@ -64,6 +65,8 @@ def init(
         requested["listen"] = (listen,) if isinstance(listen, str) else tuple(listen)
     if mesh is not None:
         requested["mesh"] = mesh
+    if namespace is not None:
+        requested["namespace"] = namespace
     base = config or LatticaConfig()
     wanted = LatticaConfig.model_validate({**base.model_dump(), **requested})
     explicit = set(requested) | (set(base.identity()) if config is not None else set())
@@ -88,12 +91,14 @@ def init(
     return next((i for i in infos if i["node_id"] == here), infos[0])
 
 
-def shutdown(*, stop_ray: bool | None = None, timeout: float = 30.0) -> None:
+def shutdown(
+    *, stop_ray: bool | None = None, timeout: float = 30.0, namespace: str | None = None
+) -> None:
     """Stop this Ray cluster's LatticaActors (they leave the mesh). Also shuts Ray down if
     `init()` started it (or if `stop_ray=True`)."""
     if not ray.is_initialized():
         return
-    namespace = _namespace()
+    namespace = namespace or _namespace()
     names = [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
@@ -261,9 +266,71 @@ def put(value: Any) -> GlobalRef:
     return ray.get(actor.put_object.remote(value))
 
 
-def get(ref: GlobalRef | Sequence[GlobalRef], *, timeout: float | None = None) -> Any:
-    """The value of a global object (fetched, verified and cached on first use)."""
+def get(
+    ref: GlobalRef | Sequence[GlobalRef],
+    *,
+    timeout: float | None = None,
+    progress: bool | None = None,
+) -> Any:
+    """The value of a global object (fetched, verified and cached on first use).
+
+    `progress`: show a progress bar while it is fetched; by default for objects larger than
+    `LatticaConfig.object_progress_bytes`, in a driver (never inside tasks and actors).
+    """
     actor = local_lattica_actor(_namespace())
-    if isinstance(ref, GlobalRef):
-        return ray.get(actor.get_object.remote(ref, timeout))
-    return ray.get([actor.get_object.remote(r, timeout) for r in ref])
+    refs = [ref] if isinstance(ref, GlobalRef) else list(ref)
+    pending = [actor.get_object.remote(r, timeout) for r in refs]
+    threshold = (_state.config or LatticaConfig()).object_progress_bytes
+    total = sum(r.size for r in refs if isinstance(r, GlobalRef))
+    if progress or (progress is None and total > threshold and _in_driver()):
+        _show_fetch_progress(actor, refs, pending)
+    values = ray.get(pending)
+    return values[0] if isinstance(ref, GlobalRef) else values
+
+
+def _in_driver() -> bool:
+    return ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE
+
+
+def _show_fetch_progress(actor: Any, refs: list[GlobalRef], pending: list[Any]) -> None:
+    """A progress bar of the bytes the LatticaActor has received, until every fetch is done
+    (objects already held locally count as received at once)."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("fetching {task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=False) as bar:
+        tasks = {r.cid: bar.add_task(repr(r), total=r.size) for r in refs}
+        waiting = dict(zip([r.cid for r in refs], pending, strict=True))
+        while waiting:
+            ready, _ = ray.wait(list(waiting.values()), num_returns=len(waiting), timeout=0.2)
+            done = {cid for cid, object_ref in waiting.items() if object_ref in ready}
+            for cid in done:
+                bar.update(tasks[cid], completed=bar.tasks[tasks[cid]].total)
+                del waiting[cid]
+            states = ray.get([actor.fetch_progress.remote(cid) for cid in waiting])
+            for cid, state in zip(list(waiting), states, strict=True):
+                if state is not None:
+                    bar.update(tasks[cid], completed=state[0])
+
+
+# -- the mesh as this cluster sees it ---------------------------------------------------------
+
+
+def status() -> dict[str, Any]:
+    """The mesh as this machine's LatticaActor sees it: `self` (its info), `members` (peer,
+    cluster, addresses, status, resources, path kind) and `actors` (exported actors)."""
+    actor = local_lattica_actor(_namespace())
+    return ray.get(actor.status.remote())

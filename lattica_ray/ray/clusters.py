@@ -3,6 +3,9 @@
 Each `LocalRayCluster` is a separate `ray start --head --block` in its own process session,
 with its own temp dir, ports, loopback IP and auth token, so several run side by side on one
 machine; it is stopped by its own PIDs (never `ray stop`, which ends every Ray on the machine).
+A cluster can also run inside a network namespace (a NAT lab host: `netns=`), and take extra
+nodes (`add_node`: a second raylet with its own IP, temp dir and resources, for measuring
+Ray's own cross-node transfers).
 
 Token authentication (on by default for local clusters since Ray 2.59) is set explicitly: every
 process of a cluster and every driver that joins it gets `RAY_AUTH_MODE=token` and
@@ -18,6 +21,7 @@ function there (shipped by value with cloudpickle over a private pipe) and retur
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -38,6 +42,13 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 RAY_STARTED_MARKER = "Ray runtime started"
+# Ray's default ports: used as they are inside a network namespace, which is ours alone.
+DEFAULT_PORTS = {
+    "--port": 6379,
+    "--dashboard-port": 8265,
+    "--ray-client-server-port": 10001,
+    "--dashboard-agent-listen-port": 52365,
+}
 # Ports `ray start` would otherwise take at fixed defaults, so two clusters would collide.
 FIXED_PORT_OPTIONS = (
     "--port",
@@ -82,6 +93,11 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def netns_prefix(netns: str | None) -> list[str]:
+    """The command prefix that runs a program inside network namespace `netns` (if any)."""
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
 def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -94,7 +110,9 @@ class LocalRayCluster:
 
     `node_ip` is a loopback address (127.0.0.2, 127.0.0.3, ...): Ray rewrites 127.0.0.1 to the
     machine's outward address, any other 127/8 address it uses as given, so everything stays on
-    loopback and each cluster is told apart by IP as well as by port.
+    loopback and each cluster is told apart by IP as well as by port. With `netns`, every process
+    of the cluster (and of its drivers) runs in that network namespace and `node_ip` is the
+    namespace's address.
     """
 
     name: str
@@ -107,6 +125,8 @@ class LocalRayCluster:
     )
     extra_env: dict[str, str] = field(default_factory=dict)
     keep_files: bool = False  # keep the temp dir (logs) after stop(); it is removed otherwise
+    netns: str | None = None  # run in this network namespace (a NAT lab host)
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
 
     def __post_init__(self) -> None:
         self._owns_root = self.root is None
@@ -116,9 +136,13 @@ class LocalRayCluster:
         self.temp_dir = self.root / "ray"
         self.log_path = self.root / "ray_start.log"
         self.ray_auth = RayAuth.generate(self.root) if self.auth else None
-        self.ports = {opt: free_port(self.node_ip) for opt in FIXED_PORT_OPTIONS}
+        if self.netns:
+            self.ports = dict(DEFAULT_PORTS)
+        else:
+            self.ports = {opt: free_port(self.node_ip) for opt in FIXED_PORT_OPTIONS}
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
+        self.nodes: list[LocalRayNode] = []
 
     @property
     def address(self) -> str:
@@ -138,12 +162,24 @@ class LocalRayCluster:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def command_prefix(self) -> list[str]:
+        """What runs a program where this cluster's processes run (its namespace, if any)."""
+        return netns_prefix(self.netns)
+
     def start(self, timeout: float = 90.0) -> LocalRayCluster:
         """Start the head and return once it accepts drivers; raise `ClusterError` with its log."""
+        self.launch()
+        return self.wait_started(timeout)
+
+    def launch(self) -> None:
+        """Start `ray start --head` without waiting (`wait_started` waits): clusters that
+        start side by side overlap their start-up."""
         if self._process is not None:
             raise ClusterError(f"cluster {self.name} is already started")
         ray_bin = str(Path(sys.executable).with_name("ray"))
         cmd = [
+            *self.command_prefix,
             ray_bin,
             "start",
             "--head",
@@ -156,6 +192,7 @@ class LocalRayCluster:
             "--disable-usage-stats",
             f"--dashboard-host={self.node_ip}",
             *(f"{opt}={port}" for opt, port in self.ports.items()),
+            *([f"--resources={json.dumps(self.resources)}"] if self.resources else []),
         ]
         self._log_file = open(self.log_path, "wb")
         self._process = subprocess.Popen(
@@ -167,18 +204,41 @@ class LocalRayCluster:
             start_new_session=True,  # its own process group: stop() can end all of it
         )
         logger.info("starting Ray cluster %s at %s (pid %d)", self.name, self.address, self.pid)
-        deadline = time.monotonic() + timeout
-        while RAY_STARTED_MARKER not in self.log_text():
-            if self._process.poll() is not None:
-                log = self.log_text()
-                self.stop()
-                raise ClusterError(f"ray start for cluster {self.name} exited early:\n{log}")
-            if time.monotonic() > deadline:
-                log = self.log_text()
-                self.stop()
-                raise ClusterError(f"cluster {self.name} not up after {timeout:.0f} s:\n{log}")
-            time.sleep(0.1)
+
+    def wait_started(self, timeout: float = 90.0) -> LocalRayCluster:
+        """Return once the launched head accepts drivers; stop it and raise if it cannot."""
+        if self._process is None:
+            raise ClusterError(f"cluster {self.name} was not launched")
+        try:
+            _wait_for_marker(self._process, self.log_path, timeout, f"cluster {self.name}")
+        except ClusterError:
+            self.stop()
+            raise
         return self
+
+    def add_node(
+        self,
+        node_ip: str,
+        *,
+        num_cpus: int = 1,
+        resources: dict[str, float] | None = None,
+        object_store_memory: int | None = None,
+        timeout: float = 90.0,
+    ) -> LocalRayNode:
+        """Join a second raylet to this cluster (`ray start --address`), with its own IP,
+        temp dir, object store and `resources` (so actors can be pinned on it)."""
+        if self._process is None:
+            raise ClusterError(f"cluster {self.name} is not started")
+        node = LocalRayNode(
+            self,
+            node_ip,
+            num_cpus,
+            dict(resources or {}),
+            object_store_memory or self.object_store_memory,
+        )
+        self.nodes.append(node)
+        node.start(timeout)
+        return node
 
     def log_text(self) -> str:
         try:
@@ -189,23 +249,14 @@ class LocalRayCluster:
     def stop(self, timeout: float = 5.0) -> None:
         """End every process of this cluster: SIGTERM to `ray start` (it drains and stops its
         children), then SIGKILL to whatever is left in its process group or still names our
-        temp dir (workers the raylet spawned)."""
+        temp dir (workers the raylet spawned). Extra nodes stop first."""
+        for node in self.nodes:
+            node.stop(timeout)
+        self.nodes.clear()
         process, self._process = self._process, None
         if process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:  # it drains actors for up to 30 s
-                logger.info(
-                    "cluster %s still draining after %.0f s: killing it", self.name, timeout
-                )
-            _kill_group(process.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(5)
-        for pid in _pids_mentioning(str(self.temp_dir)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            _stop_process(process, timeout, f"cluster {self.name}")
+        _kill_mentioning(str(self.temp_dir))
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -217,6 +268,133 @@ class LocalRayCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LocalRayNode:
+    """A second node of a `LocalRayCluster`: `ray start --address=<head> --block` with its own
+    IP, temp dir and object store; stopped with its cluster (or by `stop()`)."""
+
+    def __init__(
+        self,
+        cluster: LocalRayCluster,
+        node_ip: str,
+        num_cpus: int,
+        resources: dict[str, float],
+        object_store_memory: int,
+    ) -> None:
+        assert cluster.root is not None
+        self.cluster = cluster
+        self.node_ip = node_ip
+        self.num_cpus = num_cpus
+        self.resources = resources
+        self.object_store_memory = object_store_memory
+        index = len(cluster.nodes) + 1
+        self.temp_dir = cluster.root / f"node{index}"
+        self.log_path = cluster.root / f"ray_start_node{index}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self, timeout: float = 90.0) -> LocalRayNode:
+        ray_bin = str(Path(sys.executable).with_name("ray"))
+        cmd = [
+            *self.cluster.command_prefix,
+            ray_bin,
+            "start",
+            f"--address={self.cluster.address}",
+            "--block",
+            f"--node-ip-address={self.node_ip}",
+            f"--temp-dir={self.temp_dir}",
+            f"--num-cpus={self.num_cpus}",
+            f"--object-store-memory={self.object_store_memory}",
+            "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={free_port(self.node_ip)}",
+            *([f"--resources={json.dumps(self.resources)}"] if self.resources else []),
+        ]
+        with open(self.log_path, "wb") as log:
+            self._process = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env(self.cluster.env),
+                start_new_session=True,
+            )
+        what = f"node {self.node_ip} of cluster {self.cluster.name}"
+        try:
+            _wait_for_marker(self._process, self.log_path, timeout, what)
+        except ClusterError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            _stop_process(process, timeout, f"node {self.node_ip}")
+        _kill_mentioning(str(self.temp_dir))
+
+
+def start_clusters(clusters: list[LocalRayCluster], timeout: float = 120.0) -> None:
+    """Start several clusters side by side (their start-ups overlap); on failure stop all."""
+    try:
+        for cluster in clusters:
+            cluster.launch()
+        for cluster in clusters:
+            cluster.wait_started(timeout)
+    except BaseException:
+        stop_clusters(clusters)
+        raise
+
+
+def stop_clusters(clusters: list[LocalRayCluster], timeout: float = 5.0) -> None:
+    """Stop several clusters at once (each drains for up to `timeout` s in parallel)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(clusters))) as pool:
+        for future in [pool.submit(c.stop, timeout) for c in clusters]:
+            try:
+                future.result()
+            except Exception:
+                logger.exception("stopping a cluster failed")
+
+
+def _wait_for_marker(
+    process: subprocess.Popen[bytes], log_path: Path, timeout: float, what: str
+) -> None:
+    def log_text() -> str:
+        try:
+            return log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    deadline = time.monotonic() + timeout
+    while RAY_STARTED_MARKER not in log_text():
+        if process.poll() is not None:
+            raise ClusterError(f"ray start for {what} exited early:\n{log_text()}")
+        if time.monotonic() > deadline:
+            raise ClusterError(f"{what} not up after {timeout:.0f} s:\n{log_text()}")
+        time.sleep(0.1)
+
+
+def _stop_process(process: subprocess.Popen[bytes], timeout: float, what: str) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:  # it drains actors for up to 30 s
+        logger.info("%s still draining after %.0f s: killing it", what, timeout)
+    _kill_group(process.pid)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(5)
+
+
+def _kill_mentioning(text: str) -> None:
+    for pid in _pids_mentioning(text):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _kill_group(pgid: int) -> None:
@@ -271,6 +449,7 @@ class RayDriver:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         cmd = [
+            *self.cluster.command_prefix,
             sys.executable,
             "-m",
             "lattica_ray.ray.clusters",

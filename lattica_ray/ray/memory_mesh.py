@@ -55,8 +55,11 @@ class MemoryMesh:
         cluster: str,
         network: MemoryMeshNetwork | None = None,
         key_file: str | None = None,
+        resources: dict[str, Any] | None = None,
     ) -> None:
         self.cluster = cluster
+        self.resources = {"cpus": 0.0, "gpus": 0.0, "memory_bytes": 0, "custom": {}}
+        self.resources.update(resources or {})
         self.network = network or MemoryMeshNetwork.default()
         key = load_or_create_key(key_file) if key_file else KeyPair.generate()
         self._peer_id = str(key.peer_id)
@@ -154,7 +157,14 @@ class MemoryMesh:
 
     def members(self) -> list[dict[str, Any]]:
         return [
-            {"peer": m.peer_id, "cluster": m.cluster, "addrs": m.addrs}
+            {
+                "peer_id": m.peer_id,
+                "cluster": m.cluster,
+                "addrs": m.addrs,
+                "status": "alive",
+                "resources": dict(m.resources),
+                "path": "self" if m is self else "memory",
+            }
             for m in self.network.meshes.values()
         ]
 

@@ -10,6 +10,8 @@ values are already checked by `protocol.to_wire_value`, and the mesh's codec car
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -21,6 +23,13 @@ logger = logging.getLogger(__name__)
 
 UnaryHandler = Callable[..., Awaitable[Any]]
 StreamHandler = Callable[..., AsyncIterator[Any]]
+
+# How often a NodeMesh checks whether its advertised addresses changed (a relay reservation
+# or a new observed address) and re-announces them in the view.
+ADDRESS_REFRESH_SECONDS = 1.0
+# Path kinds of `Mesh.members()` besides the transport's direct/holepunched/relayed.
+PATH_SELF = "self"
+PATH_NONE = ""  # not connected right now
 
 
 class Mesh(Protocol):
@@ -67,7 +76,11 @@ class Mesh(Protocol):
         """Every exported actor the view knows of (malformed records are skipped)."""
         ...
 
-    def members(self) -> list[dict[str, Any]]: ...
+    def members(self) -> list[dict[str, Any]]:
+        """Every member the mesh knows, as plain data: `peer_id`, `cluster`, `addrs`, `status`,
+        `resources` (cpus, gpus, memory_bytes, custom) and `path`: how this node reaches it
+        ("self", "direct", "holepunched", "relayed", "memory", or "" when not connected)."""
+        ...
 
     # -- object directory (DHT)
     async def provide(self, cid: str) -> None: ...
@@ -75,13 +88,15 @@ class Mesh(Protocol):
     async def find_providers(self, cid: str) -> list[str]: ...
 
 
-def create_mesh(config: LatticaConfig, key_file: str | None) -> Mesh:
-    """The mesh `config.mesh` names."""
+def create_mesh(
+    config: LatticaConfig, key_file: str | None, resources: dict[str, Any] | None = None
+) -> Mesh:
+    """The mesh `config.mesh` names; `resources` is what this machine offers (shown to all)."""
     if config.mesh == "memory":
         from lattica_ray.ray.memory_mesh import MemoryMesh
 
-        return MemoryMesh(config.cluster, key_file=key_file)
-    return NodeMesh(config, key_file)
+        return MemoryMesh(config.cluster, key_file=key_file, resources=resources)
+    return NodeMesh(config, key_file, resources)
 
 
 class NodeMesh:
@@ -90,17 +105,29 @@ class NodeMesh:
     Uses the Node's `rpc`, `dht` and `view` services; a service the Node does not carry yet
     is attached here (RpcService, DHT, ClusterView on the Node as Host), so the Ray face runs
     on whatever the Node provides. The adaptations to those services live here and only here.
+    `node_options` go to the `Node` (e.g. `relay=RelayConfig(...)`).
     """
 
-    def __init__(self, config: LatticaConfig, key_file: str | None) -> None:
+    def __init__(
+        self,
+        config: LatticaConfig,
+        key_file: str | None,
+        resources: dict[str, Any] | None = None,
+        **node_options: Any,
+    ) -> None:
         from lattica_ray.node import Node
 
         self.config = config
+        self.resources = dict(resources or {})
         self.node = Node(
-            listen=list(config.listen), bootstrap=list(config.bootstrap), key_file=key_file
+            listen=list(config.listen),
+            bootstrap=list(config.bootstrap),
+            key_file=key_file,
+            **node_options,
         )
         self._unary: dict[str, UnaryHandler] = {}
         self._streams: dict[str, StreamHandler] = {}
+        self._address_watch: asyncio.Task[None] | None = None
 
     @property
     def peer_id(self) -> str:
@@ -121,6 +148,7 @@ class NodeMesh:
         except BaseException:
             await self.node.stop()
             raise
+        self._address_watch = asyncio.get_running_loop().create_task(self._watch_addresses())
 
     async def _attach_services(self) -> None:
         node = self.node
@@ -139,11 +167,36 @@ class NodeMesh:
         if node.view is None:
             from lattica_ray.view import ClusterView
 
-            node.view = ClusterView(node, node.key, cluster_name=self.config.cluster)
+            node.view = ClusterView(
+                node, node.key, cluster_name=self.config.cluster, resources=self.resources
+            )
             await node.view.start()
             await node.view.join(node.connected_peers())
+        elif self.resources:
+            node.view.set_resources(self.resources)
+
+    async def _watch_addresses(self) -> None:
+        """Re-announce our addresses in the view when they change (a relay reservation came
+        through, a NAT mapping was observed): peers dial what the view says."""
+        announced = self.addrs
+        while True:
+            await asyncio.sleep(ADDRESS_REFRESH_SECONDS)
+            current = self.addrs
+            if current != announced:
+                logger.info("advertised addresses changed: %s", current)
+                try:
+                    self.node.view.set_addrs(current)
+                except Exception as exc:  # the view is stopping; try again next round
+                    logger.info("could not re-announce our addresses: %s", exc)
+                    continue
+                announced = current
 
     async def stop(self) -> None:
+        watch, self._address_watch = self._address_watch, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         await self.node.stop()
 
     def serve(self, method: str, handler: UnaryHandler) -> None:
@@ -153,12 +206,30 @@ class NodeMesh:
         self._streams[method] = handler
 
     async def call(self, peer: str, method: str, *args: Any, timeout: float | None = None) -> Any:
-        return await self.node.rpc.call(_peer(peer), method, *args, timeout=timeout)
+        return await self.node.rpc.call(self._dialable(peer), method, *args, timeout=timeout)
 
     def stream(
         self, peer: str, method: str, *args: Any, timeout: float | None = None
     ) -> AsyncIterator[Any]:
-        return self.node.rpc.stream(_peer(peer), method, *args, timeout=timeout)
+        return self.node.rpc.stream(self._dialable(peer), method, *args, timeout=timeout)
+
+    def _dialable(self, peer: str) -> Any:
+        """`peer` as a PeerId, its addresses from the view handed to the dialer when we are
+        not connected (a member we know only from the view, e.g. behind a NAT via a relay)."""
+        peer_id = _peer(peer)
+        if self.node.connection_to(peer_id) is None and self.node.view is not None:
+            member = self.node.view.member(peer_id)
+            if member is not None and member.addrs:
+                from transport.multiaddr import Multiaddr
+
+                addrs = []
+                for text in member.addrs:
+                    try:
+                        addrs.append(Multiaddr.parse(text))
+                    except ValueError:
+                        logger.info("skipping a malformed address of %s: %r", peer, text)
+                self.node.add_peer_addrs(peer_id, addrs)
+        return peer_id
 
     def encode(self, value: Any) -> bytes:
         from lattica_ray.rpc import codec
@@ -202,7 +273,24 @@ class NodeMesh:
         return records
 
     def members(self) -> list[dict[str, Any]]:
-        return [m.model_dump(mode="json") for m in self.node.view.members()]
+        members = []
+        for member in self.node.view.members():
+            if member.peer_id == self.peer_id:
+                path = PATH_SELF
+            else:
+                connection = self.node.connection_to(member.peer)
+                path = connection.path if connection is not None else PATH_NONE
+            members.append(
+                {
+                    "peer_id": member.peer_id,
+                    "cluster": member.cluster_name,
+                    "addrs": list(member.addrs),
+                    "status": str(member.status),
+                    "resources": member.resources.model_dump(mode="json"),
+                    "path": path,
+                }
+            )
+        return members
 
     async def provide(self, cid: str) -> None:
         from lattica_ray.dht import ContentId

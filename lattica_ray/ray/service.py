@@ -121,6 +121,7 @@ class LatticaService:
         self.exports: dict[str, Export] = {}
         self.store = ObjectStore(config.object_cache_bytes)
         self.last_fetch: FetchStats | None = None
+        self.fetching: dict[str, tuple[int, int]] = {}  # cid -> (bytes received, total)
 
     @property
     def peer_id(self) -> str:
@@ -140,6 +141,14 @@ class LatticaService:
             except Exception as exc:
                 logger.info("could not withdraw %r while stopping: %s", name, exc)
         await self.mesh.stop()
+
+    def status(self) -> dict[str, Any]:
+        """This node, the members and the exported actors, as the mesh sees them now."""
+        return {
+            "self": self.info(),
+            "members": self.mesh.members(),
+            "actors": [record.to_wire() for record in self.mesh.actors()],
+        }
 
     def info(self) -> dict[str, Any]:
         return {
@@ -356,19 +365,24 @@ class LatticaService:
         last_logged = [0.0]
 
         def progress(received: int, total: int) -> None:
+            self.fetching[ref.cid] = (received, total)
             fraction = received / total
             if large and (fraction - last_logged[0] >= 0.1 or received == total):
                 last_logged[0] = fraction
                 logger.info("fetching %s: %d%% of %d MiB", ref, 100 * fraction, total >> 20)
 
-        data, stats = await fetch_object(
-            ref,
-            self.mesh,
-            chunk_bytes=self.config.object_chunk_bytes,
-            parallel=self.config.object_parallel_providers,
-            timeout=timeout,
-            progress=progress,
-        )
+        self.fetching[ref.cid] = (0, ref.size)
+        try:
+            data, stats = await fetch_object(
+                ref,
+                self.mesh,
+                chunk_bytes=self.config.object_chunk_bytes,
+                parallel=self.config.object_parallel_providers,
+                timeout=timeout,
+                progress=progress,
+            )
+        finally:
+            self.fetching.pop(ref.cid, None)
         self.last_fetch = stats
         for evicted in self.store.add(ref.cid, data, pinned=False):
             logger.debug("evicted cached object %s", evicted)

@@ -1,0 +1,94 @@
+"""A mesh member without Ray: a public bootstrap, relay and view/DHT peer for NAT'd clusters.
+
+A bare `lattica-ray node` relays and answers identify and ping, but carries no DHT or cluster
+view; clusters that meet only through it could not find each other's actors or objects. This
+one runs the same services a LatticaActor runs (`NodeMesh`), so clusters behind NATs bootstrap
+through it, sync the view and the object directory through it, and relay through it until
+hole punching gives them a direct path.
+
+    python -m lattica_ray.ray.mesh_node --listen /ip4/198.51.100.10/udp/4001/quic-v1
+
+It prints one JSON line {"peer_id", "addrs"} once it listens, and stops on SIGTERM, SIGINT or
+end of stdin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+
+from lattica_ray.ray.config import LatticaConfig
+from lattica_ray.ray.mesh import NodeMesh
+from transport.nat.relay import RelayConfig
+
+logger = logging.getLogger(__name__)
+
+RELAY_CLUSTER = "relay"
+
+
+async def serve(
+    listen: list[str],
+    *,
+    cluster: str = RELAY_CLUSTER,
+    bootstrap: list[str] | None = None,
+    key_file: str | None = None,
+    circuit_bytes: int = 0,
+    circuit_seconds: float = 0.0,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until `stop` is set (or SIGTERM/SIGINT/stdin EOF when run as a program)."""
+    config = LatticaConfig(cluster=cluster, listen=tuple(listen), bootstrap=tuple(bootstrap or ()))
+    mesh = NodeMesh(
+        config,
+        key_file,
+        relay=RelayConfig(circuit_data=circuit_bytes, circuit_duration=circuit_seconds),
+    )
+    stop = stop or asyncio.Event()
+    await mesh.start()
+    try:
+        print(json.dumps({"peer_id": mesh.peer_id, "addrs": mesh.addrs}), flush=True)
+        await stop.wait()
+    finally:
+        await mesh.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", action="append", required=True)
+    parser.add_argument("--bootstrap", action="append", default=[])
+    parser.add_argument("--cluster", default=RELAY_CLUSTER)
+    parser.add_argument("--key", default=None, help="key file (created if missing)")
+    parser.add_argument("--circuit-bytes", type=int, default=0, help="per circuit; 0: no limit")
+    parser.add_argument("--circuit-seconds", type=float, default=0.0, help="0: no limit")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args()
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        if not sys.stdin.isatty():
+            loop.add_reader(sys.stdin.fileno(), lambda: sys.stdin.read(1) or stop.set())
+        await serve(
+            args.listen,
+            cluster=args.cluster,
+            bootstrap=args.bootstrap,
+            key_file=args.key,
+            circuit_bytes=args.circuit_bytes,
+            circuit_seconds=args.circuit_seconds,
+            stop=stop,
+        )
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
