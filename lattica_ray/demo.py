@@ -62,6 +62,7 @@ class DemoResult:
     status: dict[str, Any] | None = None
     worker_stats: list[dict[str, Any]] = field(default_factory=list)
     temp_dirs: list[str] = field(default_factory=list)
+    leftovers: list[int] = field(default_factory=list)  # PIDs still running after clean-up
 
     @property
     def improved(self) -> bool:
@@ -128,8 +129,8 @@ def _lab_sites() -> Iterator[tuple[Site, list[Site]]]:
     try:
         lab.add_public_host("relay")
         for name, _, kind in SITES:
-            lab.add_nat(f"nat-{name}", kind)
-            lab.add_host(name, behind=f"nat-{name}")
+            lab.add_nat(f"nat_{name}", kind)
+            lab.add_host(name, behind=f"nat_{name}")
         lab.start()
         relay = Site("relay", lab.address("relay"), lab.netns("relay"))
         yield relay, [Site(name, lab.address(name), lab.netns(name)) for name, _, _ in SITES]
@@ -209,7 +210,13 @@ def run(
 ) -> DemoResult:
     """Run the demo (mode "auto", "lab" or "loopback") and clean up; the result says how the
     return moved. Raises if the stage cannot be set (the reason is in the message)."""
-    from lattica_ray.ray.clusters import LocalRayCluster, RayDriver, start_clusters, stop_clusters
+    from lattica_ray.ray.clusters import (
+        LocalRayCluster,
+        RayDriver,
+        pids_mentioning,
+        start_clusters,
+        stop_clusters,
+    )
 
     console = console or Console()
     rl = load_example()
@@ -294,9 +301,9 @@ def run(
                 result.by_cluster.append(step["by_cluster"])
                 per_cluster = ", ".join(f"{c} {r:5.1f}" for c, r in step["by_cluster"].items())
                 progress.console.print(
-                    f"iteration {step['iteration']:2d}: mean return "
-                    f"[bold]{step['mean_return']:6.1f}[/] ({per_cluster}); "
-                    f"{step['episodes']} episodes, {step['steps']} steps, {step['seconds']:.2f} s"
+                    f"iteration {step['iteration']:2d}: return "
+                    f"[bold]{step['mean_return']:5.1f}[/] ({per_cluster}), "
+                    f"{step['episodes']} episodes in {step['seconds']:.2f} s"
                 )
                 progress.advance(task)
         result.status = learner_driver.call(_status, timeout=60)
@@ -304,6 +311,7 @@ def run(
             [lambda d=d: d.call(rl.rollout_stats, timeout=60) for d in worker_drivers]
         )
     result.seconds = time.monotonic() - started
+    result.leftovers = sorted({pid for d in result.temp_dirs for pid in pids_mentioning(d)})
     result.expected = rl.train_locally(iterations, len(ROLLOUT_CLUSTERS), episodes, seed)
     _report(result, console)
     return result
@@ -333,7 +341,10 @@ def _report(result: DemoResult, console: Console) -> None:
             f"workers on {stats['cluster']}: {stats['episodes_played']} episodes, "
             f"{stats['policy_fetches']} policy fetches"
         )
-    console.rule(f"done in {result.seconds:.0f} s: every cluster, driver and node stopped")
+    if result.leftovers:
+        console.print(f"[red]processes left running after clean-up: {result.leftovers}[/]")
+    else:
+        console.rule(f"done in {result.seconds:.0f} s: every cluster, driver and node stopped")
 
 
 async def run_demo(mode: str = "auto", **options: Any) -> int:

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILED = 1
 DEFAULT_NAMESPACE = LatticaConfig.model_fields["namespace"].default
-PATH_LABELS = {"self": "this machine", "": "not connected"}
+PATH_LABELS = {"self": "(self)", "": "not connected"}
 
 
 class RayUnavailable(RuntimeError):
@@ -111,7 +111,7 @@ def up(
         return _fail(console, str(exc), "run `lattica-ray down` first, then `up` again")
     table = Table(title=f"LatticaActors of cluster {infos[0]['cluster']!r}" if infos else None)
     for column in ("Ray node", "peer ID", "addresses", "exports"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for info in sorted(infos, key=lambda i: i["node_id"]):
         table.add_row(
             info["node_id"][:12],
@@ -123,7 +123,8 @@ def up(
     if infos and infos[0]["addrs"]:
         console.print(
             "join another cluster to this mesh with:\n"
-            f"  lattica-ray up --bootstrap {infos[0]['addrs'][0]}"
+            f"  lattica-ray up --bootstrap {infos[0]['addrs'][0]}",
+            soft_wrap=True,
         )
     return EXIT_OK
 
@@ -221,15 +222,17 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
             str(sum(1 for a in actors if a["cluster"] == name)),
         )
 
-    machines = Table(title="machines")
-    for column in ("cluster", "peer", "status", "CPUs", "GPUs", "memory", "path", "addresses"):
+    machines = Table(title="machines (path: how this machine reaches each)")
+    for column in ("cluster", "peer", "status", "CPUs", "GPUs", "memory"):
         machines.add_column(column)
+    machines.add_column("path", no_wrap=True)
+    machines.add_column("addresses", overflow="fold")
     for member in members:
         resources = member["resources"]
         custom = ", ".join(f"{k}={v:g}" for k, v in resources.get("custom", {}).items())
         machines.add_row(
             member["cluster"],
-            member["peer_id"][-12:],
+            member["peer_id"][-8:],
             member["status"],
             _number(resources.get("cpus", 0.0)),
             _number(resources.get("gpus", 0.0)),

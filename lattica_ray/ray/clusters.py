@@ -392,7 +392,7 @@ def _stop_process(process: subprocess.Popen[bytes], timeout: float, what: str) -
 
 
 def _kill_mentioning(text: str) -> None:
-    for pid in _pids_mentioning(text):
+    for pid in pids_mentioning(text):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -402,7 +402,7 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _pids_mentioning(text: str) -> list[int]:
+def pids_mentioning(text: str) -> list[int]:
     """PIDs whose command line contains `text` (our unique temp dir), excluding ourselves."""
     needle = text.encode()
     found = []

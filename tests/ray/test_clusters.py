@@ -80,9 +80,9 @@ def test_cluster_requires_its_token_and_stops_completely(tmp_path):
         assert len(members) > 3  # gcs_server, raylet, agents...
     assert not _alive(head_pid)
     assert [pid for pid in members if _alive(pid)] == []
-    from lattica_ray.ray.clusters import _pids_mentioning
+    from lattica_ray.ray.clusters import pids_mentioning
 
-    assert _pids_mentioning(str(cluster.temp_dir)) == []
+    assert pids_mentioning(str(cluster.temp_dir)) == []
 
 
 def _pgid(pid: int) -> int | None:
