@@ -76,7 +76,8 @@ async def quic_rtt(config: QuicConfig, rounds: int) -> list[float]:
         await server.close()
 
 
-async def quic_throughput(config: QuicConfig, size: int) -> float:
+async def quic_throughput(config: QuicConfig, size: int) -> tuple[float, int]:
+    """Bytes per second over one stream, and the datagram size the sender ended with."""
     client, server, inbound = await _quic_pair(config)
     try:
         connection = await client.dial(server.local_address, server.key.peer_id)
@@ -97,7 +98,7 @@ async def quic_throughput(config: QuicConfig, size: int) -> float:
         await sender
         elapsed = time.perf_counter() - started
         assert received == size, (received, size)
-        return size / elapsed
+        return size / elapsed, connection.quic.max_datagram_size
     finally:
         await client.close()
         await server.close()
@@ -158,13 +159,18 @@ async def run(size: int, rounds: int, datagram: int, repeat: int) -> dict:
     config = QuicConfig(max_datagram_size=datagram)
     quic_samples = await quic_rtt(config, rounds)
     tcp_samples = await tcp_rtt(rounds)
-    variants = {f"{datagram} B datagrams": config}
+    variants = {
+        f"{datagram} B datagrams": config.model_copy(update={"pmtu_probing": False}),
+        "path MTU probed": config,
+    }
     rates: dict[str, list[float]] = {label: [] for label in [*variants, "tcp"]}
     cpu_rates: dict[str, list[float]] = {label: [] for label in rates}
+    sizes: dict[str, int] = {}
     for _ in range(repeat):  # interleaved, so every variant sees the same machine load
         for label, variant in variants.items():
             cpu = time.process_time()
-            rates[label].append(await quic_throughput(variant, size))
+            rate, sizes[label] = await quic_throughput(variant, size)
+            rates[label].append(rate)
             cpu_rates[label].append(size / (time.process_time() - cpu))
         cpu = time.process_time()
         rates["tcp"].append(await tcp_throughput(size))
@@ -181,6 +187,7 @@ async def run(size: int, rounds: int, datagram: int, repeat: int) -> dict:
         # other load on the machine disturbs it less than the wall clock.
         "throughput_mb_s": {
             label: {
+                "datagram_size": sizes[label],
                 "quic": max(rates[label]) / 1e6,
                 "tcp": tcp_rate / 1e6,
                 "ratio": max(rates[label]) / tcp_rate,
@@ -211,7 +218,9 @@ def main() -> None:
     for label, row in (("64 B round trip p50 (us)", rtt50), ("64 B round trip p99 (us)", rtt99)):
         print(f"{label:44}{row['quic']:10.1f}{row['tcp']:13.1f}{row['ratio']:10.2f}")
     for variant, row in result["throughput_mb_s"].items():
-        label = f"{result['size_mib']} MiB one stream, {variant} (MB/s)"
+        ending = f"{row['datagram_size']} B datagrams at the end"
+        print(f"{result['size_mib']} MiB one stream, {variant} ({ending})")
+        label = "  MB/s"
         print(f"{label:44}{row['quic']:10.1f}{row['tcp']:13.1f}{row['ratio']:10.3f}")
         label = "  per CPU-second (MB/s)"
         print(

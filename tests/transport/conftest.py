@@ -63,3 +63,67 @@ async def endpoints(quic_config: QuicConfig) -> AsyncIterator[EndpointPair]:
         yield pair
     finally:
         await pair.close()
+
+
+class LossyPath(asyncio.DatagramProtocol):
+    """A UDP forwarder between one client and one server that drops datagrams above a size.
+
+    Dial `address` instead of the server: the path in between carries datagrams of at most
+    `drop_above` bytes (None: all), as a link with a small MTU and Don't Fragment would.
+    """
+
+    def __init__(self, server: tuple[str, int], drop_above: int | None = None) -> None:
+        self.server = server
+        self.drop_above = drop_above
+        self.dropped: list[int] = []  # sizes of the datagrams dropped
+        self.largest_passed = 0
+        self._client: tuple[str, int] | None = None
+        self._front: asyncio.DatagramTransport | None = None
+        self._back: asyncio.DatagramTransport | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._front, _ = await loop.create_datagram_endpoint(
+            lambda: _Side(self, toward_server=True), local_addr=("127.0.0.1", 0)
+        )
+        self._back, _ = await loop.create_datagram_endpoint(
+            lambda: _Side(self, toward_server=False), local_addr=("127.0.0.1", 0)
+        )
+        self.address: tuple[str, int] = self._front.get_extra_info("sockname")[:2]
+
+    def forward(self, data: bytes, source: tuple[str, int], toward_server: bool) -> None:
+        if self.drop_above is not None and len(data) > self.drop_above:
+            self.dropped.append(len(data))
+            return
+        self.largest_passed = max(self.largest_passed, len(data))
+        if toward_server:
+            self._client = source
+            assert self._back is not None
+            self._back.sendto(data, self.server)
+        elif self._client is not None:
+            assert self._front is not None
+            self._front.sendto(data, self._client)
+
+    def close(self) -> None:
+        for side in (self._front, self._back):
+            if side is not None:
+                side.close()
+
+
+class _Side(asyncio.DatagramProtocol):
+    def __init__(self, path: LossyPath, toward_server: bool) -> None:
+        self.path = path
+        self.toward_server = toward_server
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.path.forward(data, addr, self.toward_server)
+
+
+@pytest.fixture
+async def lossy_path(endpoints: EndpointPair) -> AsyncIterator[LossyPath]:
+    path = LossyPath(endpoints.server_address)
+    await path.start()
+    try:
+        yield path
+    finally:
+        path.close()

@@ -23,8 +23,20 @@ class QuicConfig(BaseModel):
     max_datagram_size: int = Field(
         1350,
         ge=1200,
-        le=16384,  # aioquic hangs above 16,384 (seen on this machine)
-        description="UDP payload size; 1350 fits every common Internet path (QUIC needs 1200)",
+        le=65487,
+        description="UDP payload size a connection starts with; 1350 fits every common Internet "
+        "path (QUIC needs 1200). Path MTU probing may raise it where the path carries more",
+    )
+    pmtu_probing: bool = Field(
+        True,
+        description="probe bigger datagrams (padded PINGs, sent with Don't Fragment) and use the "
+        "biggest the path acknowledges: loopback 64 KiB, jumbo frames 9000, Ethernet 1500",
+    )
+    max_probed_datagram_size: int = Field(
+        65487,
+        ge=1200,
+        le=65487,  # the biggest UDP payload IPv6 carries in one 64 KiB packet
+        description="largest UDP payload path MTU probing tries",
     )
     stream_window: int = Field(
         4 * 1024 * 1024, ge=65536, description="receive window per stream (bytes unread)"

@@ -91,10 +91,15 @@ class QuicConnection(Connection):
         """Send what aioquic has ready and re-arm its timer."""
         self._flush_scheduled = False
         now = self._loop.time()
-        datagrams = self.quic.datagrams_to_send(now)
+        quic = self.quic
+        datagrams = quic.datagrams_to_send(now)
         if datagrams:
             self._send_datagrams(datagrams)
-        timer_at = self.quic.get_timer()
+        if quic.mtu_search is not None:
+            probe = quic.mtu_probe(now)
+            if probe is not None and not self.endpoint._send_probe(*probe):
+                quic.mtu_probe_refused(len(probe[0]))
+        timer_at = quic.get_timer()
         if timer_at != self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()

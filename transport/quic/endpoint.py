@@ -28,6 +28,7 @@ from transport.multiaddr import Multiaddr, quic_multiaddr
 from transport.quic.config import QuicConfig
 from transport.quic.connection import Address, QuicConnection
 from transport.quic.glue import Libp2pQuicConnection
+from transport.quic.pmtu import PathMtuSearch, ladder
 from transport.quic.udp import UdpSocket
 from transport.tls import ALPN, make_certificate
 
@@ -129,6 +130,7 @@ class QuicEndpoint:
             stream_window=self.config.stream_window,
             connection_window=self.config.connection_window,
             max_streams=self.config.max_streams,
+            mtu_search=self._mtu_search(address),
         )
         connection = QuicConnection(self, quic, address, True, expected_peer)
         self._register_cid(quic.host_cid, connection)
@@ -165,6 +167,19 @@ class QuicEndpoint:
 
     def _send_batch(self, datagrams: list[bytes], address: Address) -> None:
         self._socket.send_batch(datagrams, address)
+
+    def _send_probe(self, data: bytes, address: Address) -> bool:
+        return self._socket.send_unfragmented(data, address)
+
+    def _mtu_search(self, address: Address) -> PathMtuSearch | None:
+        """The path MTU search of a new connection to `address` (None: probing is off)."""
+        config = self.config
+        if not config.pmtu_probing or not self._socket.can_send_unfragmented:
+            return None
+        host = address[0]
+        ipv6 = ":" in host and not host.startswith("::ffff:")
+        sizes = ladder(config.max_datagram_size, config.max_probed_datagram_size, ipv6)
+        return PathMtuSearch(base=config.max_datagram_size, candidates=sizes) if sizes else None
 
     def _flush_dirty(self) -> None:
         """End of a receive batch: each connection that got datagrams answers once."""
@@ -219,6 +234,7 @@ class QuicEndpoint:
             stream_window=self.config.stream_window,
             connection_window=self.config.connection_window,
             max_streams=self.config.max_streams,
+            mtu_search=self._mtu_search(address),
         )
         connection = QuicConnection(self, quic, address, False)
         self._connections.add(connection)

@@ -7,21 +7,43 @@
 - aioquic doubles its receive windows as data *arrives*, whatever the application has read, so
   a slow reader makes memory grow without bound. We grant credit as the application *reads*
   (`consume`): receive memory per stream stays under one window.
+- Path MTU discovery (`transport.quic.pmtu` decides): aioquic keeps one datagram size for the
+  whole connection, in `_max_datagram_size` and in its congestion controller and pacer. We build
+  padded PING probes ourselves, raise all three when a probe is acknowledged, keep lost probes
+  out of congestion control, and watch lost big packets for black holes.
+- aioquic writes a STREAM frame's length as a 2-byte varint, which overflows (and corrupts the
+  frame) above 16,383 bytes: our STREAM frames use a varint of the length's own size.
 """
 
 from __future__ import annotations
 
+import logging
+
+from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic import connection as aioquic_connection
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.connection import END_STATES, QuicConnection
+from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_transport_parameters
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder, QuicSentPacket
+from aioquic.tls import Epoch
 from cryptography import x509
+
+from transport.quic.pmtu import PathMtuSearch
+
+log = logging.getLogger(__name__)
+NetworkAddress = tuple[str, int]
 
 
 class Libp2pQuicConnection(QuicConnection):
     """aioquic's `QuicConnection` with client certificates and reader-driven flow control."""
 
     def __init__(
-        self, *args, stream_window: int, connection_window: int, max_streams: int, **kwargs
+        self,
+        *args,
+        stream_window: int,
+        connection_window: int,
+        max_streams: int,
+        mtu_search: PathMtuSearch | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         # aioquic fixes the remote's concurrent bidirectional streams at 128.
@@ -31,6 +53,11 @@ class Libp2pQuicConnection(QuicConnection):
         self._connection_window = connection_window
         self._consumed: dict[int, int] = {}
         self._consumed_total = 0
+        self.mtu_search = mtu_search
+        self._mtu_probes: dict[int, int] = {}  # packet number -> probed size, while in flight
+        self._mtu_path: NetworkAddress | None = None  # the path the search is about
+        if mtu_search is not None:
+            self._watch_losses()
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -91,3 +118,175 @@ class Libp2pQuicConnection(QuicConnection):
             super()._write_connection_limits(builder, space)
         finally:
             max_data.used = saved_used
+
+    # -- path MTU discovery ---------------------------------------------------------------
+    @property
+    def max_datagram_size(self) -> int:
+        """The UDP payload size this connection sends now."""
+        return self._max_datagram_size
+
+    def mtu_probe(self, now: float) -> tuple[bytes, NetworkAddress] | None:
+        """A padded PING of the next size worth probing, registered as sent; or None."""
+        search = self.mtu_search
+        if (
+            search is None
+            or not self._handshake_confirmed
+            or self._state in END_STATES
+            or self._close_pending
+        ):
+            return None
+        path = self._network_paths[0]
+        if path.addr != self._mtu_path:
+            if self._mtu_path is not None:  # a new path: it has proven nothing yet
+                search.reset()
+                self._set_datagram_size(search.size)
+            self._mtu_path = path.addr
+        if not path.is_validated:
+            return None
+        size = search.next_probe(now)
+        if size is None:
+            return None
+        builder = QuicPacketBuilder(
+            host_cid=self.host_cid,
+            is_client=self._is_client,
+            max_datagram_size=size,
+            packet_number=self._packet_number,
+            peer_cid=self._peer_cid.cid,
+            peer_token=self._peer_token,
+            quic_logger=self._quic_logger,
+            spin_bit=self._spin_bit,
+            version=self._version,
+        )
+        builder.start_packet(QuicPacketType.ONE_RTT, self._cryptos[Epoch.ONE_RTT])
+        packet_number = builder.packet_number
+        builder.start_frame(
+            QuicFrameType.PING,
+            handler=self._on_mtu_probe_delivery,
+            handler_args=(packet_number, size),
+        )
+        padding = builder.remaining_buffer_space
+        builder.start_frame(QuicFrameType.PADDING, capacity=padding).push_bytes(bytes(padding - 1))
+        self._mtu_probes[packet_number] = size
+        datagrams = self._flush_builder(
+            builder=builder, network_path=path, peer_cid=self._peer_cid.cid, now=now
+        )
+        return datagrams[0]
+
+    def mtu_probe_refused(self, size: int) -> None:
+        """The local system could not send a probe of `size` (bigger than the interface)."""
+        if self.mtu_search is not None:
+            self.mtu_search.size_refused(size)
+
+    def _on_mtu_probe_delivery(
+        self, delivery: QuicDeliveryState, packet_number: int, size: int
+    ) -> None:
+        self._mtu_probes.pop(packet_number, None)
+        search = self.mtu_search
+        if search is None:
+            return
+        if delivery == QuicDeliveryState.ACKED:
+            if search.probe_acked(size):
+                log.debug("path to %s carries %d-byte datagrams", self._mtu_path, size)
+                self._set_datagram_size(size)
+        else:
+            search.probe_lost(size)
+
+    def _set_datagram_size(self, size: int) -> None:
+        self._max_datagram_size = size
+        congestion = self._loss._cc
+        if hasattr(congestion, "_max_datagram_size"):
+            congestion._max_datagram_size = size
+        if hasattr(congestion, "additive_increase_factor"):  # cubic: one segment
+            congestion.additive_increase_factor = size
+        self._loss._pacer._max_datagram_size = size
+
+    def _watch_losses(self) -> None:
+        """Keep lost probes out of congestion control; tell the search about big packets."""
+        congestion = self._loss._cc
+        acked, lost, expired = (
+            congestion.on_packet_acked,
+            congestion.on_packets_lost,
+            congestion.on_packets_expired,
+        )
+        search = self.mtu_search
+        assert search is not None
+        probes = self._mtu_probes
+
+        def on_packet_acked(*, now: float, packet: QuicSentPacket) -> None:
+            search.packet_acked(packet.sent_bytes, packet.sent_time)
+            acked(now=now, packet=packet)
+
+        def on_packets_lost(*, now: float, packets: list[QuicSentPacket]) -> None:
+            data = [p for p in packets if p.packet_number not in probes]
+            if len(data) < len(packets):
+                expired(packets=[p for p in packets if p.packet_number in probes])
+            if data:
+                lost(now=now, packets=data)
+                self._check_black_hole(data)
+
+        def on_packets_expired(*, packets: list[QuicSentPacket]) -> None:
+            packets = list(packets)
+            expired(packets=packets)
+            self._check_black_hole([p for p in packets if p.packet_number not in probes])
+
+        congestion.on_packet_acked = on_packet_acked
+        congestion.on_packets_lost = on_packets_lost
+        congestion.on_packets_expired = on_packets_expired
+
+    def _check_black_hole(self, packets: list[QuicSentPacket]) -> None:
+        search = self.mtu_search
+        if search is None or not packets:
+            return
+        if search.packets_lost([(p.sent_bytes, p.sent_time or 0.0) for p in packets]):
+            log.info(
+                "path to %s stopped carrying big datagrams: back to %d bytes",
+                self._mtu_path,
+                search.size,
+            )
+            self._set_datagram_size(search.size)
+
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)
+        if self.mtu_search is not None:
+            parameters = pull_quic_transport_parameters(Buffer(data=data))
+            if parameters.max_udp_payload_size is not None:
+                self.mtu_search.limit(parameters.max_udp_payload_size)
+
+    # -- frames aioquic writes or reads slowly ----------------------------------------------
+    def _write_stream_frame(self, builder, space, stream, max_offset: int) -> int:  # type: ignore[override]
+        sender = stream.sender
+        offset_size = size_uint_var(sender.next_offset) if sender.next_offset else 0
+        # type byte, stream ID, offset, and a length of up to 4 bytes (payloads < 1 GiB)
+        overhead = 1 + size_uint_var(stream.stream_id) + offset_size + 4
+        highest_before = sender.highest_offset
+        frame = sender.get_frame(builder.remaining_flight_space - overhead, max_offset)
+        if frame is None:
+            return 0
+        frame_type = QuicFrameType.STREAM_BASE | 2  # LEN bit
+        if frame.offset:
+            frame_type |= 4  # OFF bit
+        if frame.fin:
+            frame_type |= 1  # FIN bit
+        end = frame.offset + len(frame.data)
+        buf = builder.start_frame(
+            frame_type,
+            capacity=overhead,
+            handler=sender.on_data_delivery,
+            handler_args=(frame.offset, end, frame.fin),
+        )
+        buf.push_uint_var(stream.stream_id)
+        if frame.offset:
+            buf.push_uint_var(frame.offset)
+        buf.push_uint_var(len(frame.data))
+        buf.push_bytes(frame.data)
+        if self._quic_logger is not None:
+            builder.quic_logger_frames.append(
+                self._quic_logger.encode_stream_frame(frame, stream_id=stream.stream_id)
+            )
+        return sender.highest_offset - highest_before
+
+    def _handle_padding_frame(self, context, frame_type: int, buf: Buffer) -> None:  # type: ignore[override]
+        # aioquic steps through padding byte by byte in Python: 3 ms for a 64 KiB probe.
+        start = buf.tell()
+        rest = buf.data_slice(start, buf.capacity)
+        buf.seek(start + len(rest) - len(rest.lstrip(b"\0")))

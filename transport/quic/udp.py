@@ -35,10 +35,14 @@ UDP_SEGMENT = 103
 UDP_GRO = 104
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
+# Linux <linux/in.h>, <linux/in6.h>: "set Don't Fragment, whatever the route's cached MTU says".
+IP_MTU_DISCOVER = 10
+IPV6_MTU_DISCOVER = 23
+PMTUDISC_PROBE = 3
 GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS of older kernels (newer allow 128)
 GSO_MAX_BYTES = 65000  # one GSO send is one IP packet before segmentation: under 64 KiB
 # sendmsg errors that mean "this socket or path cannot segment": send one by one from now on.
-GSO_REFUSED = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE}
+GSO_REFUSED = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 
 
@@ -60,6 +64,7 @@ class UdpSocket:
         self._want_gso = use_gso and sys.platform == "linux"
         self._want_gro = use_gro and sys.platform == "linux" and _GRO_CMSG_SPACE > 0
         self.gso = False  # segmentation offload in use for sends
+        self._fragmentation_options: list[tuple[int, int, int]] = []  # (level, option, default)
         self.gro = False  # receive offload in use
         self.send_errors = 0
         self.datagrams_sent = 0
@@ -94,6 +99,7 @@ class UdpSocket:
                 self.gro = True
             except OSError:
                 pass  # an old kernel: one datagram per receive call
+        self._fragmentation_options = _fragmentation_options(sock)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._read_ready)
         bound = sock.getsockname()
@@ -112,6 +118,42 @@ class UdpSocket:
         except OSError as exc:
             self.send_errors += 1
             log.debug("UDP send to %s failed: %r", address, exc)
+
+    @property
+    def can_send_unfragmented(self) -> bool:
+        """Whether `send_unfragmented` can forbid fragmentation (path MTU probes need it)."""
+        return bool(self._fragmentation_options)
+
+    def send_unfragmented(self, data: bytes, address: Address) -> bool:
+        """Send with Don't Fragment: the datagram arrives whole or not at all.
+
+        A path MTU probe that IP fragmentation carried would prove nothing. Other datagrams
+        keep the system's default, which fragments rather than drops when a route shrinks.
+        False if the local system refused the size (bigger than the interface's MTU).
+        """
+        sock = self._socket
+        if sock is None or not self._fragmentation_options:
+            return False
+        self.send_calls += 1
+        try:
+            for level, option, _default in self._fragmentation_options:
+                sock.setsockopt(level, option, PMTUDISC_PROBE)
+            try:
+                sock.sendto(data, address)
+                self.datagrams_sent += 1
+                return True
+            finally:
+                for level, option, default in self._fragmentation_options:
+                    sock.setsockopt(level, option, default)
+        except (BlockingIOError, InterruptedError):
+            self.send_errors += 1
+            return True  # the size is fine; the queue was full (the probe counts as lost)
+        except OSError as exc:
+            self.send_errors += 1
+            if exc.errno == errno.EMSGSIZE:
+                return False
+            log.debug("UDP send to %s failed: %r", address, exc)
+            return True
 
     def send_batch(self, datagrams: Sequence[bytes], address: Address) -> None:
         """Send datagrams to one address, in as few system calls as the kernel allows."""
@@ -224,3 +266,19 @@ def _set_buffer(sock: socket.socket, option: int, force_option: int) -> None:
             return
         except OSError:
             continue  # not permitted, or capped: the default still works
+
+
+def _fragmentation_options(sock: socket.socket) -> list[tuple[int, int, int]]:
+    """The (level, option, current value) that control fragmentation on this socket."""
+    if sys.platform != "linux":
+        return []
+    candidates = [(socket.IPPROTO_IP, IP_MTU_DISCOVER)]
+    if sock.family == socket.AF_INET6:  # a dual-stack socket sends IPv4 too
+        candidates.append((socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER))
+    options = []
+    for level, option in candidates:
+        try:
+            options.append((level, option, sock.getsockopt(level, option)))
+        except OSError:
+            continue
+    return options
