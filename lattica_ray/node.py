@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lattica_ray import __version__
+from lattica_ray.dht import DHT, DHTConfig, DHTError
 from lattica_ray.rpc import RpcConfig, RpcService
 from transport.connection import Connection
 from transport.errors import DialError, TransportError
@@ -55,6 +56,7 @@ class Node:
         relay_client: RelayClientConfig | None = None,
         use_relays: bool | None = None,
         rpc: RpcConfig | None = None,
+        dht: DHTConfig | None = None,
         port_mapping: bool = False,
     ) -> None:
         if key is not None and key_file is not None:
@@ -78,9 +80,11 @@ class Node:
         self._identified: dict[PeerId, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
-        # The services: tensor RPC always; the DHT and the view join below as they land.
+        # The services: tensor RPC, the Kademlia DHT (peer routing, records, object directory);
+        # the cluster view joins as it lands.
         self.rpc = RpcService(self, rpc)
-        self.dht: Any = None
+        self.dht = DHT(self, self.key, dht)
+        self.swarm.address_resolvers.append(self._find_peer_in_dht)
         self.view: Any = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -99,6 +103,7 @@ class Node:
         self.swarm.add_connection_listener(self._on_connection_event)
         self.nat.start()
         await self.rpc.start()
+        await self.dht.start()
         log.info("node %s listening on %s", self.peer_id, [str(a) for a in self.addrs])
         if self.bootstrap_addrs:
             await self.bootstrap()
@@ -145,7 +150,21 @@ class Node:
         if peers:
             await self.nat.check_reachability(peers)
             self.nat.use_relays_among(peers)
+            # Serve the DHT only where strangers can reach us (kad-dht client/server modes).
+            private = self.nat.reachability == Reachability.PRIVATE
+            self.dht.set_mode("client" if private else "server")
+            try:
+                await self.dht.bootstrap([addr for addr in self.bootstrap_addrs])
+            except DHTError as exc:
+                log.warning("DHT bootstrap failed: %s", exc)
         return peers
+
+    async def _find_peer_in_dht(self, peer: PeerId) -> list[Multiaddr]:
+        try:
+            return await self.dht.find_peer(peer)
+        except DHTError as exc:
+            log.debug("DHT does not know %s: %s", peer, exc)
+            return []
 
     # -- NAT traversal ----------------------------------------------------------------------
     @property

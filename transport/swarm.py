@@ -47,6 +47,8 @@ class Swarm:
         self.handlers = StreamHandlers()
         self.endpoints: list[QuicEndpoint] = []
         self.dial_strategies: list[DialStrategy] = []
+        # Where to learn a peer's addresses when we know none (the DHT's find_peer).
+        self.address_resolvers: list[Callable[[PeerId], Awaitable[list[Multiaddr]]]] = []
         self.relay_delay = RELAY_DELAY
         self._peer_addrs: dict[PeerId, list[Multiaddr]] = {}
         self._connections: dict[PeerId, list[Connection]] = {}
@@ -236,6 +238,28 @@ class Swarm:
             self._pending_dials.pop(peer, None)
 
     async def _dial_peer(self, peer: PeerId) -> Connection:
+        """Dial with what we know; if we know nothing or it all fails, ask the resolvers (the
+        DHT) for addresses and try once more."""
+        if not self._peer_addrs.get(peer) and await self._resolve(peer):
+            return await self._dial_known(peer)
+        try:
+            return await self._dial_known(peer)
+        except PeerUnreachable:
+            if not await self._resolve(peer):
+                raise
+            return await self._dial_known(peer)
+
+    async def _resolve(self, peer: PeerId) -> bool:
+        """Ask the resolvers; whether they taught us any new address."""
+        before = set(self._peer_addrs.get(peer, []))
+        for resolve in self.address_resolvers:
+            try:
+                self.add_peer_addrs(peer, await resolve(peer))
+            except (TransportError, TimeoutError) as exc:
+                log.debug("resolving %s failed: %s", peer, exc)
+        return bool(set(self._peer_addrs.get(peer, [])) - before)
+
+    async def _dial_known(self, peer: PeerId) -> Connection:
         """Direct addresses at once; relays (and other strategies) from `relay_delay` on, or as
         soon as every direct attempt failed ("happy eyeballs"): the first connection wins."""
         errors: list[str] = []
