@@ -34,6 +34,7 @@ class Verdict:
         self.checks: list[dict[str, Any]] = []
         self.error: str | None = None
         self.unsupported: str | None = None  # set when our side lacks what the scenario needs
+        self.seconds: dict[str, float] = {}  # how long each part took
 
     def check(self, name: str, ok: bool, **detail: Any) -> bool:
         self.checks.append({"name": name, "ok": bool(ok), "detail": detail})
@@ -46,6 +47,7 @@ class Verdict:
             "checks": self.checks,
             "error": self.error,
             "unsupported": self.unsupported,
+            "seconds": self.seconds,
         }
         print(json.dumps(verdict, default=str), flush=True)
 
@@ -79,14 +81,15 @@ def run(*parts: Part, options: Callable[[argparse.ArgumentParser], None] | None 
         for part in parts:
             if verdict.unsupported:
                 break
-            left = deadline - asyncio.get_running_loop().time()
+            started = asyncio.get_running_loop().time()
             try:
-                async with asyncio.timeout(min(args.part_timeout, max(left, 0.0))):
+                async with asyncio.timeout(min(args.part_timeout, max(deadline - started, 0.0))):
                     await part(args, verdict)
             except Exception as exc:
                 print(f"--- part {part.__name__} raised:", file=sys.stderr)
                 traceback.print_exc()
                 verdict.check(f"{part.__name__} ran to the end", False, error=repr(exc))
+            verdict.seconds[part.__name__] = round(asyncio.get_running_loop().time() - started, 3)
 
     try:
         asyncio.run(main())

@@ -1,7 +1,7 @@
 """Our Node and the lattica SDK (rust-libp2p): connect, identify and ping both ways.
 
-Over QUIC-v1 this must pass. Over TCP (Noise + Yamux) it skips, with the reason, until our node
-can listen on TCP.
+Over QUIC-v1 (libp2p TLS) and over TCP (Noise + Yamux). A transport our node cannot listen on
+yet skips with the reason our node gives.
 """
 
 from __future__ import annotations
