@@ -13,7 +13,6 @@ where that is a failure.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -22,29 +21,10 @@ from typing import Any
 
 import pytest
 
+from benchmarks import lattica_sdk  # the lab shared with the benchmarks (repo root on sys.path)
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 SCENARIO_TIMEOUT_S = 100.0  # normally a few seconds; the margin is for a loaded machine
-
-
-def _load_lab() -> Any:
-    """benchmarks/lattica_sdk.py, the lab shared with the benchmarks (not an installed package)."""
-    spec = importlib.util.spec_from_file_location(
-        "lattica_sdk_lab", REPO / "benchmarks" / "lattica_sdk.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-lab_module = _load_lab()
-
-
-@pytest.fixture(scope="session")
-def lab() -> Any:
-    """The lab module (benchmarks/lattica_sdk.py): venv, namespace runner, LatticaPeer."""
-    return lab_module
 
 
 def _unavailable(reason: str) -> None:
@@ -56,12 +36,12 @@ def _unavailable(reason: str) -> None:
 @pytest.fixture(scope="session")
 def lattica_python() -> Path:
     """The python of the lattica SDK venv; skips (fails in CI) when it cannot exist here."""
-    reason = lab_module.netns_unavailable_reason()
+    reason = lattica_sdk.netns_unavailable_reason()
     if reason is not None:
         _unavailable(reason)
     try:
-        return lab_module.lattica_python()
-    except lab_module.LatticaUnavailable as exc:
+        return lattica_sdk.lattica_python()
+    except lattica_sdk.LatticaUnavailable as exc:
         _unavailable(str(exc))
         raise  # unreachable: skip/fail raise
 
@@ -87,13 +67,13 @@ def run_scenario(lattica_python: Path, tmp_path: Path) -> Callable[..., dict[str
         ]
         log_file = tmp_path / f"scenario_{name}.log"
         try:
-            result = lab_module.run_in_private_netns(argv, timeout=timeout)
+            result = lattica_sdk.run_in_private_netns(argv, timeout=timeout)
         except TimeoutError as exc:
             pytest.fail(f"scenario {name}: {exc}")
         log_file.write_text(result.stderr)
         tail = f"\n--- stderr tail ({log_file}) ---\n{result.stderr[-6000:]}"
         try:
-            verdict = lab_module.last_json_line(result.stdout)
+            verdict = lattica_sdk.last_json_line(result.stdout)
         except ValueError as exc:
             pytest.fail(
                 f"scenario {name} printed no verdict (exit {result.returncode}): {exc}{tail}"

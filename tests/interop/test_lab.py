@@ -3,7 +3,6 @@ log parser reads the SDK's lines, and the SDK baseline benchmark runs end to end
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
@@ -11,17 +10,8 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-
-
-def _load_driver():
-    spec = importlib.util.spec_from_file_location("lattica_peer", HERE / "lattica_peer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-driver = _load_driver()
+from benchmarks import lattica_sdk as lab
+from tests.interop import lattica_peer as driver
 
 PEER = "12D3KooWRDja2hPdGTyUd1tDRJ2HcdCvi8ddsmxwteVdFAiecsrB"
 SDK_LINES = [  # as lattica 1.0.21 logs them (RUST_LOG=info,lattica::network=debug, NO_COLOR)
@@ -63,13 +53,13 @@ def test_log_watcher_turns_sdk_lines_into_events():
 
 
 @pytest.fixture
-def netns(lab):
+def netns():
     reason = lab.netns_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
 
 
-def test_private_namespace_has_loopback_and_no_route_out(lab, netns):
+def test_private_namespace_has_loopback_and_no_route_out(netns):
     links = lab.run_in_private_netns(["ip", "-o", "link"], timeout=30)
     routes = lab.run_in_private_netns(["ip", "route", "get", "1.1.1.1"], timeout=30)
     assert [line.split(":")[1].strip() for line in links.stdout.splitlines()] == ["lo"]
@@ -85,7 +75,7 @@ def _gone(pid: int) -> bool:
     return state == "Z"  # killed, waiting for its (new) parent to reap it
 
 
-def test_timeout_kills_every_process_in_the_namespace(lab, netns, tmp_path):
+def test_timeout_kills_every_process_in_the_namespace(netns, tmp_path):
     pids_file = tmp_path / "pids"
     child = (
         "import os, subprocess, sys, time\n"
@@ -103,7 +93,7 @@ def test_timeout_kills_every_process_in_the_namespace(lab, netns, tmp_path):
 
 
 @pytest.mark.interop
-def test_sdk_baseline_benchmark_runs(lab, lattica_python):
+def test_sdk_baseline_benchmark_runs(lattica_python):
     figures = lab.measure_lattica_sdk(transports=("quic",), payload=1 << 20, unary_count=20)
     quic = figures["transports"]["quic"]
     assert "/quic-v1" in quic["connection"][0]
