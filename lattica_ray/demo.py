@@ -20,7 +20,6 @@ import asyncio
 import concurrent.futures
 import importlib.util
 import logging
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -138,45 +137,6 @@ def _lab_sites() -> Iterator[tuple[Site, list[Site]]]:
         lab.stop()
 
 
-@contextmanager
-def _relay(site: Site) -> Iterator[str]:
-    """A public bootstrap/relay node (with the DHT and view) at `site`; its first address."""
-    from lattica_ray.ray.clusters import child_env, netns_prefix
-
-    process = subprocess.Popen(
-        [
-            *netns_prefix(site.netns),
-            sys.executable,
-            "-m",
-            "lattica_ray.ray.mesh_node",
-            "--listen",
-            site.listen,
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=child_env({}),
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError("the relay node exited before it listened")
-        import json
-
-        yield json.loads(line)["addrs"][0]
-    finally:
-        if process.stdin is not None:
-            process.stdin.close()  # end of stdin: it leaves the mesh and exits
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-
-
 # -- functions the drivers run (by reference: this module is importable there) ------------------
 
 
@@ -217,6 +177,7 @@ def run(
         start_clusters,
         stop_clusters,
     )
+    from lattica_ray.ray.mesh_node import running_mesh_node
 
     console = console or Console()
     rl = load_example()
@@ -256,7 +217,9 @@ def run(
         result.temp_dirs = [str(c.root) for c in clusters]
         stack.callback(stop_clusters, clusters)
         with console.status("starting the relay and three Ray clusters (token auth on)"):
-            relay_addr = stack.enter_context(_relay(relay_site))
+            relay_addr = stack.enter_context(
+                running_mesh_node(relay_site.listen, netns=relay_site.netns)
+            )
             start_clusters(clusters)
         console.print(f"relay/bootstrap node: {relay_addr}", soft_wrap=True)
         for cluster in clusters:

@@ -306,13 +306,13 @@ def _show_fetch_progress(actor: Any, refs: list[GlobalRef], pending: list[Any]) 
 
     columns = (
         TextColumn("fetching {task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=20),
         DownloadColumn(binary_units=True),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
     with Progress(*columns, transient=False) as bar:
-        tasks = {r.cid: bar.add_task(repr(r), total=r.size) for r in refs}
+        tasks = {r.cid: bar.add_task(r.cid[:16] + "…", total=r.size) for r in refs}
         waiting = dict(zip([r.cid for r in refs], pending, strict=True))
         while waiting:
             ready, _ = ray.wait(list(waiting.values()), num_returns=len(waiting), timeout=0.2)

@@ -20,7 +20,9 @@ import contextlib
 import json
 import logging
 import signal
+import subprocess
 import sys
+from collections.abc import Iterator
 
 from lattica_ray.ray.config import LatticaConfig
 from lattica_ray.ray.mesh import NodeMesh
@@ -55,6 +57,40 @@ async def serve(
         await stop.wait()
     finally:
         await mesh.stop()
+
+
+@contextlib.contextmanager
+def running_mesh_node(
+    listen: str, *, netns: str | None = None, cluster: str = RELAY_CLUSTER
+) -> Iterator[str]:
+    """Run a mesh node in a child process (inside network namespace `netns`, if given) and
+    yield its first address; on exit it leaves the mesh and is waited for (killed if stuck)."""
+    from lattica_ray.ray.clusters import child_env, netns_prefix
+
+    argv = [sys.executable, "-m", __name__, "--listen", listen, "--cluster", cluster]
+    process = subprocess.Popen(
+        [*netns_prefix(netns), *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=child_env({}),
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the mesh node ({' '.join(argv)}) exited before it listened")
+        yield json.loads(line)["addrs"][0]
+    finally:
+        if process.stdin is not None:
+            process.stdin.close()  # end of stdin: it leaves the mesh and exits
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
 
 
 def main() -> None:
