@@ -16,7 +16,7 @@ from lattica_ray import __version__
 from lattica_ray.dht import DHT, DHTConfig, DHTError
 from lattica_ray.rpc import RpcConfig, RpcService
 from transport.connection import Connection
-from transport.errors import DialError, TransportError
+from transport.errors import ConnectionClosed, DialError, TransportError
 from transport.handlers import StreamHandler
 from transport.host import ConnectionEvent, ConnectionListener, PeerConnected
 from transport.identity import KeyPair, PeerId, load_or_create_key
@@ -35,8 +35,18 @@ DEFAULT_LISTEN = "/ip4/0.0.0.0/udp/0/quic-v1"
 # The Lattica network's identify protocolVersion: its nodes disconnect peers that differ.
 DEFAULT_PROTOCOL_VERSION = "/lattica/1.0.0"
 AGENT_VERSION = f"lattica-ray/{__version__}"
+BITSWAP_PROTOCOL = "/ipfs/bitswap/1.2.0"
+BITSWAP_DRAIN_LIMIT = 1024 * 1024
 BOOTSTRAP_TIMEOUT = 10.0
 IDENTIFY_TIMEOUT = 10.0
+
+
+async def _drain_bitswap(stream: Stream) -> None:
+    """Read and drop what a bitswap peer sends (at most 1 MiB), then close."""
+    received = 0
+    while received < BITSWAP_DRAIN_LIMIT and (chunk := await stream.read()):
+        received += len(chunk)
+    await stream.close()
 
 
 class Node:
@@ -100,6 +110,9 @@ class Node:
             raise
         self.swarm.set_stream_handler(ping.PROTOCOL, ping.serve_ping)
         self.swarm.set_stream_handler(identify.PROTOCOL, self._serve_identify)
+        # The Lattica SDK retries a refused bitswap stream ~2,500 times a second; accepting and
+        # draining it (bounded) keeps such peers calm. We never answer bitswap.
+        self.swarm.set_stream_handler(BITSWAP_PROTOCOL, _drain_bitswap)
         self.swarm.add_connection_listener(self._on_connection_event)
         self.nat.start()
         await self.rpc.start()
@@ -219,6 +232,11 @@ class Node:
             )
         connection = await self.swarm.connect(target)
         await self._wait_identified(connection.remote_peer)
+        if self.swarm.connection_to(connection.remote_peer) is None:
+            raise ConnectionClosed(
+                f"{connection.remote_peer} closed the connection during identify "
+                "(a Lattica peer does so when our protocol_version differs from its own)"
+            )
         return connection.remote_peer
 
     def connection_to(self, peer: PeerId) -> Connection | None:
@@ -238,7 +256,9 @@ class Node:
         return self.identify_infos.get(peer)
 
     async def _wait_identified(self, peer: PeerId) -> None:
-        event = self._identified.setdefault(peer, asyncio.Event())
+        event = self._identified.get(peer)
+        if event is None:  # identified earlier, or already gone
+            return
         try:
             async with asyncio.timeout(IDENTIFY_TIMEOUT):
                 await event.wait()
@@ -247,9 +267,13 @@ class Node:
 
     def _on_connection_event(self, event: ConnectionEvent) -> None:
         if isinstance(event, PeerConnected):
+            self._identified[event.peer] = asyncio.Event()
             self._spawn(self._identify(event.peer))
         else:
-            self._identified.pop(event.peer, None)
+            # Whoever waits for identify must not wait for a peer that is gone.
+            waiting = self._identified.pop(event.peer, None)
+            if waiting is not None:
+                waiting.set()
 
     async def _identify(self, peer: PeerId) -> None:
         try:
@@ -266,7 +290,8 @@ class Node:
                 self.observed_addrs[peer] = info.observed_addr
             self.nat.on_identified(info)
             log.debug("identified %s: %s %s", peer, info.agent_version, info.protocol_version)
-        self._identified.setdefault(peer, asyncio.Event()).set()
+        if (event := self._identified.get(peer)) is not None:
+            event.set()
 
     async def _serve_identify(self, stream: Stream) -> None:
         peer = stream.remote_peer

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from transport.connection import DIRECT, HOLEPUNCHED, RELAYED, Connection
-from transport.errors import DialError, PeerUnreachable, TransportError
+from transport.errors import DialError, PeerIdMismatch, PeerUnreachable, TransportError
 from transport.handlers import StreamHandler, StreamHandlers
 from transport.host import ConnectionListener, PeerConnected, PeerDisconnected
 from transport.identity import KeyPair, PeerId
@@ -263,6 +263,7 @@ class Swarm:
         """Direct addresses at once; relays (and other strategies) from `relay_delay` on, or as
         soon as every direct attempt failed ("happy eyeballs"): the first connection wins."""
         errors: list[str] = []
+        mismatch: PeerIdMismatch | None = None  # the most telling failure: someone else is there
         direct = [
             a
             for a in self._peer_addrs.get(peer, [])
@@ -296,6 +297,8 @@ class Swarm:
                     try:
                         connection = future.result()
                     except (DialError, OSError) as exc:
+                        if isinstance(exc, PeerIdMismatch):
+                            mismatch = mismatch or exc
                         errors.append(f"{label}: {exc}")
                         log.debug("dial %s via %s failed: %s", peer.short(), label, exc)
                         continue
@@ -306,6 +309,8 @@ class Swarm:
         finally:
             for future in attempts:
                 future.cancel()
+        if mismatch is not None and len(errors) == 1:
+            raise mismatch
         if not errors:
             raise PeerUnreachable(
                 f"no known address for {peer}; give a full multiaddr (/ip4/.../udp/PORT/"

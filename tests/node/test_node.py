@@ -10,10 +10,18 @@ import stat
 import pytest
 
 from lattica_ray import Node
-from transport.errors import DialError, KeyFileError, PeerUnreachable, ProtocolNotSupported
+from transport.errors import (
+    ConnectionClosed,
+    DialError,
+    KeyFileError,
+    PeerIdMismatch,
+    PeerUnreachable,
+    ProtocolNotSupported,
+)
 from transport.identity import KeyPair
 from transport.multiaddr import Multiaddr
 from transport.quic import QuicConfig
+from transport.stream import Stream
 
 LOOPBACK = ["/ip4/127.0.0.1/udp/0/quic-v1"]
 IMPATIENT = QuicConfig(handshake_timeout=0.5)  # for dials that must fail
@@ -158,3 +166,26 @@ async def test_tcp_transport_carries_the_same_protocols() -> None:
             return value
 
         assert await client.rpc.call(server.peer_id, "echo", [1, "two", b"3"]) == [1, "two", b"3"]
+
+
+async def test_dialing_the_wrong_peer_id_says_so() -> None:
+    async with Node(listen=LOOPBACK) as server, Node(listen=LOOPBACK) as client:
+        stranger = KeyPair.generate().peer_id
+        wrong = server.addrs[0].with_peer_id(stranger)
+        with pytest.raises(PeerIdMismatch) as caught:
+            await client.connect(wrong)
+        assert caught.value.actual == server.peer_id
+
+
+async def test_connect_fails_fast_when_the_peer_hangs_up_during_identify() -> None:
+    async with Node(listen=LOOPBACK) as server, Node(listen=LOOPBACK) as client:
+
+        async def hang_up(stream: Stream) -> None:
+            connection = server.connection_to(stream.remote_peer)
+            await connection.close("we do not like your protocol version")
+
+        server.set_stream_handler("/ipfs/id/1.0.0", hang_up)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ConnectionClosed, match="during identify"):
+            await client.connect(server.addrs[0])
+        assert asyncio.get_running_loop().time() - started < 5
