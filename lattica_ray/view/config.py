@@ -39,7 +39,7 @@ class ViewConfig(BaseModel):
         description="peers each new update is pushed to, by its author and by "
         "every replica on first receipt",
     )
-    heartbeat_fanout: int = Field(3, ge=1, le=64, description="the same for heartbeats")
+    heartbeat_fanout: int = Field(4, ge=1, le=64, description="the same for heartbeats")
     gossip_batch_delay: float = Field(
         0.005, ge=0, description="real seconds between gossip flushes: items in between batch"
     )

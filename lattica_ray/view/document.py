@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 from pycrdt import Doc, Map, MapEvent
 
+from lattica_ray.view.envelope import peer_name
 from lattica_ray.view.errors import MissingDependency, WriteRuleViolation
 from lattica_ray.view.yupdate import (
     CONTENT_ANY,
     CONTENT_DELETED,
     DecodedUpdate,
-    decode_state_vector,
     decode_update,
 )
 from transport.identity import PeerId
@@ -56,11 +56,11 @@ class EntryChange:
 
 
 def author_prefix(author: PeerId) -> str:
-    return f"{author}/"
+    return f"{peer_name(author)}/"
 
 
 def chain_prefix(author: PeerId, incarnation: int) -> str:
-    return f"{author}/{incarnation}"
+    return f"{peer_name(author)}/{incarnation}"
 
 
 def key_owner(key: str) -> str:
@@ -78,9 +78,9 @@ class ViewDocument:
         self._changes: list[EntryChange] = []
         for name, root in self._main_roots.items():
             root.observe(self._recorder(name, self._changes))
-        self._local_updates: list[bytes] = []
-        self._capturing = False
-        self._main.observe(self._capture_local)
+        self._integrated: list[bytes] = []  # what each transaction on the real document did
+        self._main.observe(lambda event: self._integrated.append(event.update))
+        self._probe_integrated: list[bytes] = []
         self._probe_changes: list[EntryChange] = []
         self._new_probe()
         self.state: dict[int, int] = {}  # client -> next clock, kept in step with both documents
@@ -95,22 +95,18 @@ class ViewDocument:
         that would carry the whole delete set, other authors' deletions included) and the changes.
         """
         self._changes.clear()
-        self._local_updates.clear()
-        self._capturing = True
-        try:
-            with self._main.transaction():
-                for root, key, value in changes:
-                    target = self._main_roots[root]
-                    if value is None:
-                        if key in target:
-                            del target[key]
-                    else:
-                        target[key] = value
-        finally:
-            self._capturing = False
-        if not self._local_updates:
+        self._integrated.clear()
+        with self._main.transaction():
+            for root, key, value in changes:
+                target = self._main_roots[root]
+                if value is None:
+                    if key in target:
+                        del target[key]
+                else:
+                    target[key] = value
+        if not self._integrated:
             return b"", []
-        update = self._local_updates[0]
+        update = self._integrated[0]
         self._probe.apply_update(update)
         self._advance(decode_update(update))
         changes_made = list(self._changes)
@@ -197,40 +193,41 @@ class ViewDocument:
 
     def apply(self, update: bytes, decoded: DecodedUpdate, author: PeerId) -> list[EntryChange]:
         """Apply a `check`ed update: to the probe, inspect the effect, then to the real document."""
-        expected = dict(self.state)
-        for client, (_, end) in decoded.clock_ranges().items():
-            expected[client] = end
+        expected = decoded.clock_ranges()
         self._probe_changes.clear()
+        self._probe_integrated.clear()
         self._probe.apply_update(update)
         try:
-            self._inspect_effect(self._probe, self._probe_changes, expected, author)
+            self._inspect_effect(expected, author)
         except (WriteRuleViolation, MissingDependency):
             self._new_probe()
             raise
         self._changes.clear()
+        self._integrated.clear()
         self._main.apply_update(update)
-        actual = decode_state_vector(self._main.get_state())
-        if actual != expected:  # the probe agreed, so this is a pycrdt surprise: say so loudly
-            log.error("view document state %s differs from the expected %s", actual, expected)
-        self.state = actual
+        integrated = _integrated_ranges(self._integrated)
+        if integrated != expected:  # the probe agreed, so this is a pycrdt surprise: say so
+            log.error("view document integrated %s, expected %s", integrated, expected)
+        for client, (_, end) in integrated.items():
+            self.state[client] = max(self.state.get(client, 0), end)
         changes = list(self._changes)
         self._changes.clear()
         return changes
 
-    def _inspect_effect(
-        self, doc: Doc, changes: list[EntryChange], expected: dict[int, int], author: PeerId
-    ) -> None:
+    def _inspect_effect(self, expected: dict[int, tuple[int, int]], author: PeerId) -> None:
+        """What applying the update did to the probe: only the author's keys, all of it."""
         prefix = author_prefix(author)
-        for change in changes:
+        for change in self._probe_changes:
             if not change.key.startswith(prefix):
                 raise WriteRuleViolation(
                     f"on a copy, the update changed {change.root}[{change.key!r}], which "
                     f"{author.short()} does not own"
                 )
-        actual = decode_state_vector(doc.get_state())
-        if actual != expected:
+        integrated = _integrated_ranges(self._probe_integrated)
+        if integrated != expected:
             raise MissingDependency(
-                "on a copy, pycrdt held (part of) the update back: its predecessors are missing"
+                f"on a copy, pycrdt integrated {integrated} of the update's {expected}: it holds "
+                "the rest back silently until predecessors arrive"
             )
 
     # -- reading -----------------------------------------------------------------------------------
@@ -254,21 +251,30 @@ class ViewDocument:
 
         return record
 
-    def _capture_local(self, event: object) -> None:
-        if self._capturing:
-            self._local_updates.append(event.update)  # type: ignore[attr-defined]
-
     def _new_probe(self) -> None:
         self._probe = Doc()
-        roots = {name: self._probe.get(name, type=Map) for name in ROOTS}
-        for name, root in roots.items():
+        # Keep the root objects: pycrdt drops a Map's observers when its Python object goes.
+        self._probe_roots = {name: self._probe.get(name, type=Map) for name in ROOTS}
+        for name, root in self._probe_roots.items():
             root.observe(self._recorder(name, self._probe_changes))
+        self._probe.observe(lambda event: self._probe_integrated.append(event.update))
         self._probe.apply_update(self._main.get_update())
         self._probe_changes.clear()
+        self._probe_integrated.clear()
 
     def _advance(self, decoded: DecodedUpdate) -> None:
         for client, (_, end) in decoded.clock_ranges().items():
             self.state[client] = max(self.state.get(client, 0), end)
+
+
+def _integrated_ranges(updates: list[bytes]) -> dict[int, tuple[int, int]]:
+    """Clock ranges per client of what transactions integrated (their own encoded updates)."""
+    ranges: dict[int, tuple[int, int]] = {}
+    for update in updates:
+        for client, (start, end) in decode_update(update).clock_ranges().items():
+            old = ranges.get(client)
+            ranges[client] = (start, end) if old is None else (min(old[0], start), max(old[1], end))
+    return ranges
 
 
 def _key_in_chain(root: str, key: str, own_key: str) -> bool:

@@ -32,6 +32,12 @@ def derive_client_id(author: PeerId, incarnation: int) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << CLIENT_ID_BITS) - 1)
 
 
+@lru_cache(maxsize=65_536)
+def peer_name(peer: PeerId) -> str:
+    """The base58 form of a peer ID, cached: it prefixes every document key and costs a bignum."""
+    return str(peer)
+
+
 @lru_cache(maxsize=4096)
 def _public_key(author: PeerId) -> PublicKey:
     key = author.public_key()

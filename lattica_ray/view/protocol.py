@@ -42,7 +42,13 @@ from lattica_ray.view.document import (
     ViewDocument,
     chain_prefix,
 )
-from lattica_ray.view.envelope import ChainId, EquivocationProof, Heartbeat, SignedUpdate
+from lattica_ray.view.envelope import (
+    ChainId,
+    EquivocationProof,
+    Heartbeat,
+    SignedUpdate,
+    peer_name,
+)
 from lattica_ray.view.errors import (
     InvalidEnvelope,
     InvalidValue,
@@ -142,7 +148,7 @@ class ViewReplica:
         self.document = ViewDocument(self.chain_id.client_id)
         self.stats: Counter[str] = Counter()
         self._rng = rng or random.Random()
-        self._me = str(self.peer_id)
+        self._me = peer_name(self.peer_id)
         self._chains: dict[ChainId, _Chain] = {}
         self._clients: dict[int, _Chain] = {}
         self._authors: dict[PeerId, _Author] = {}
@@ -159,6 +165,10 @@ class ViewReplica:
         self._pending_count = 0
         self._heartbeat_counter = 0
         self._next_heartbeat = now
+        self._next_sweep = now
+        self._gossip_pool: list[PeerId] | None = None  # members worth gossiping to, cached
+        self._member_peers: list[PeerId] | None = None
+        self._proofs: list[EquivocationProof] = []
         self._next_anti_entropy = now + config.anti_entropy_interval * self._rng.uniform(0.5, 1)
         self._stale_incarnations: set[int] = set()
         self._digest: bytes | None = None
@@ -454,8 +464,9 @@ class ViewReplica:
         if author is None or author.proof is not None:
             return
         self.stats["equivocations"] += 1
-        before = self._visible_actors(str(proof.author), now)
+        before = self._visible_actors(peer_name(proof.author), now)
         author.proof = proof
+        self._proofs.append(proof)
         log.warning(
             "%s signed two different updates numbered %s/%d: refusing its updates from now on",
             proof.author.short(),
@@ -464,12 +475,12 @@ class ViewReplica:
         )
         self._events.append(
             Misbehaviour(
-                sender=str(sender),
-                author=str(proof.author),
+                sender=peer_name(sender),
+                author=peer_name(proof.author),
                 reason=f"equivocation: two updates signed as {proof.first.chain}/{proof.first.seq}",
             )
         )
-        member = self.member(str(proof.author), now)
+        member = self.member(peer_name(proof.author), now)
         if member is not None:
             self._events.append(MemberChanged(change="misbehaving", member=member))
         for actor in before.values():
@@ -485,9 +496,14 @@ class ViewReplica:
     ) -> None:
         score = self._scores.get(sender, 0.0) - amount
         self._scores[sender] = score
+        self._gossip_pool = None
         log.warning("refused from %s: %s (score now %.0f)", sender.short(), reason, score)
         self._events.append(
-            Misbehaviour(sender=str(sender), author=str(author) if author else None, reason=reason)
+            Misbehaviour(
+                sender=peer_name(sender),
+                author=peer_name(author) if author else None,
+                reason=reason,
+            )
         )
 
     def penalize_malformed(self, sender: PeerId, reason: str) -> None:
@@ -499,7 +515,7 @@ class ViewReplica:
         return self._scores.get(peer, 0.0)
 
     def scores(self) -> dict[str, float]:
-        return {str(peer): score for peer, score in self._scores.items()}
+        return {peer_name(peer): score for peer, score in self._scores.items()}
 
     def is_refused(self, peer: PeerId) -> bool:
         """Senders whose score fell to `ban_score`: their streams are reset, no gossip to them."""
@@ -552,6 +568,24 @@ class ViewReplica:
                 )
             )
             self._next_heartbeat = now + self.config.heartbeat_interval
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.config.heartbeat_interval / 4
+            self._sweep(now)
+        if now >= self._next_anti_entropy:
+            self._next_anti_entropy = now + self.config.anti_entropy_interval * self._rng.uniform(
+                0.75, 1.25
+            )
+            peer = self.pick_anti_entropy_peer()
+            if peer is not None:
+                self._request_sync(peer, "anti-entropy")
+        if self._pending_count:
+            self._expire_pending(now)
+        for peer in [p for p, until in self._unreachable.items() if until <= now]:
+            del self._unreachable[peer]
+            self._gossip_pool = None
+
+    def _sweep(self, now: float) -> None:
+        """Liveness of every member, and gaps that heartbeats showed and gossip did not fill."""
         for author in self._authors.values():
             self._refresh_status(author, now)
             if author.gap is not None:
@@ -562,16 +596,6 @@ class ViewReplica:
                 elif now - since >= self.config.gap_grace:
                     self._request_sync(told_by, f"heartbeat of {author.peer.short()} shows gap")
                     author.gap = None
-        if now >= self._next_anti_entropy:
-            self._next_anti_entropy = now + self.config.anti_entropy_interval * self._rng.uniform(
-                0.75, 1.25
-            )
-            peer = self.pick_anti_entropy_peer()
-            if peer is not None:
-                self._request_sync(peer, "anti-entropy")
-        self._expire_pending(now)
-        for peer in [p for p, until in self._unreachable.items() if until <= now]:
-            del self._unreachable[peer]
 
     def leaving_heartbeat(self, now: float) -> Heartbeat:
         """A last heartbeat saying we are going: receivers mark us gone without waiting."""
@@ -608,13 +632,14 @@ class ViewReplica:
         return MemberStatus.GONE
 
     def _refresh_status(self, author: _Author, now: float) -> None:
-        peer = str(author.peer)
+        peer = peer_name(author.peer)
         if peer not in self._members:
             return
         status = self._status(author, now)
         if status == author.status:
             return
         previous, author.status = author.status, status
+        self._gossip_pool = None
         if previous is None:
             return  # the member was just added: `joined` was reported
         member = self.member(peer, now)
@@ -633,43 +658,59 @@ class ViewReplica:
                 self.stats["authors_refused"] += 1
                 return None
             author = self._authors[peer] = _Author(peer, first_seen=now)
-            self._authors_by_name[str(peer)] = author
+            self._authors_by_name[peer_name(peer)] = author
         return author
 
     # ================================================================ peers
     def known_peers(self) -> list[PeerId]:
-        """Every member in the view other than us."""
-        return [
-            a.peer
-            for a in self._authors.values()
-            if a.peer != self.peer_id and str(a.peer) in self._members
-        ]
+        """Every member in the view other than us, in a stable order."""
+        if self._member_peers is None:
+            self._member_peers = sorted(
+                a.peer
+                for a in self._authors.values()
+                if a.peer != self.peer_id and peer_name(a.peer) in self._members
+            )
+        return self._member_peers
 
     def pick_gossip_peers(self, count: int, extra: Iterable[PeerId], now: float) -> list[PeerId]:
-        """Up to `count` random peers that are not gone, refused or recently unreachable."""
-        candidates = {
-            a.peer
-            for a in self._authors.values()
-            if str(a.peer) in self._members and self._status(a, now) != MemberStatus.GONE
-        }
-        candidates.update(extra)
-        candidates.discard(self.peer_id)
-        pool = sorted(
-            p for p in candidates if not self.is_refused(p) and p not in self._unreachable
-        )
+        """Up to `count` random members that are not gone, refused or recently unreachable;
+        `extra` peers (connected, not yet in the view) fill in while the view is small."""
+        if self._gossip_pool is None:
+            self._gossip_pool = [
+                a.peer
+                for a in self._authors.values()
+                if a.peer != self.peer_id
+                and peer_name(a.peer) in self._members
+                and a.status != MemberStatus.GONE
+                and not self.is_refused(a.peer)
+                and a.peer not in self._unreachable
+            ]
+        pool = self._gossip_pool
+        if len(pool) < count:
+            known = set(pool)
+            pool = pool + sorted(
+                p
+                for p in set(extra)
+                if p not in known
+                and p != self.peer_id
+                and not self.is_refused(p)
+                and p not in self._unreachable
+            )
         return self._rng.sample(pool, min(count, len(pool)))
 
     def pick_anti_entropy_peer(self, extra: Iterable[PeerId] = ()) -> PeerId | None:
         """Any member, gone ones included: that is how the halves of a healed partition meet."""
-        pool = sorted({*self.known_peers(), *extra} - {self.peer_id}, key=lambda p: p.multihash)
-        pool = [p for p in pool if not self.is_refused(p)]
+        pool = [p for p in self.known_peers() if not self.is_refused(p)]
+        pool.extend(p for p in extra if p != self.peer_id and not self.is_refused(p))
         return self._rng.choice(pool) if pool else None
 
     def mark_unreachable(self, peer: PeerId, now: float) -> None:
         self._unreachable[peer] = now + self.config.unreachable_backoff
+        self._gossip_pool = None
 
     def mark_reachable(self, peer: PeerId) -> None:
-        self._unreachable.pop(peer, None)
+        if self._unreachable.pop(peer, None) is not None:
+            self._gossip_pool = None
 
     def _request_sync(self, peer: PeerId, reason: str) -> None:
         if peer != self.peer_id and not self.is_refused(peer):
@@ -740,7 +781,7 @@ class ViewReplica:
         return missing
 
     def proofs(self) -> list[EquivocationProof]:
-        return [a.proof for a in self._authors.values() if a.proof is not None]
+        return list(self._proofs)
 
     def envelope(self, author: PeerId, incarnation: int, seq: int) -> SignedUpdate | None:
         chain = self._chains.get(ChainId(author, incarnation))
@@ -882,7 +923,7 @@ class ViewReplica:
             return None
         return AuditRecord(
             entry=f"{root}[{key}]",
-            author=str(envelope.author),
+            author=peer_name(envelope.author),
             incarnation=envelope.incarnation,
             seq=envelope.seq,
             update_hash=envelope.update_hash.hex(),
@@ -893,7 +934,7 @@ class ViewReplica:
     def equivocations(self) -> list[EquivocationRecord]:
         return [
             EquivocationRecord(
-                author=str(proof.author),
+                author=peer_name(proof.author),
                 incarnation=proof.first.incarnation,
                 seq=proof.first.seq,
                 first=proof.first.encode(),
@@ -905,7 +946,7 @@ class ViewReplica:
     # ================================================================ caches and change events
     def _absorb(self, envelope: SignedUpdate, changes: list[EntryChange], now: float) -> None:
         """Bring the parsed entries in step with the document; report what readers now see."""
-        peer = str(envelope.author)
+        peer = peer_name(envelope.author)
         member_before = self.member(peer, now)
         actors_before = self._visible_actors(peer, now)
         user_keys = {
@@ -965,6 +1006,7 @@ class ViewReplica:
                 return
             peer, incarnation = parsed
             runs = self._members.setdefault(peer, {})
+            self._gossip_pool = self._member_peers = None
             record = _parse_record(MemberRecord, change.value)
             if record is None:
                 runs.pop(incarnation, None)

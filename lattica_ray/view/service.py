@@ -21,7 +21,7 @@ from pydantic import TypeAdapter, ValidationError
 
 import lattica_ray
 from lattica_ray.view.config import ViewConfig
-from lattica_ray.view.envelope import EquivocationProof
+from lattica_ray.view.envelope import EquivocationProof, peer_name
 from lattica_ray.view.errors import (
     InvalidValue,
     MalformedMessage,
@@ -461,7 +461,7 @@ class ClusterView:
     def _on_connection(self, event: ConnectionEvent) -> None:
         if not self._running or not isinstance(event, PeerConnected):
             return
-        member = self.member(event.peer)
+        member = self._replica.member(peer_name(event.peer), self._clock())
         if member is None or member.status != "alive":
             self._want_sync(event.peer, "connected")
 
@@ -518,6 +518,7 @@ class ClusterView:
                     raise
             except STREAM_ERRORS as exc:
                 log.debug("gossip to %s failed: %r", peer.short(), exc)
+                self.stats["gossip_failed"] += 1
                 self._replica.mark_unreachable(peer, self._clock())
 
     # ================================================================ sync
@@ -554,6 +555,7 @@ class ClusterView:
             await self.sync_with(peer)
         except STREAM_ERRORS as exc:
             log.debug("sync with %s (%s) failed: %r", peer.short(), reason, exc)
+            self.stats["syncs_failed"] += 1
             self._replica.mark_unreachable(peer, self._clock())
         finally:
             self._syncing.discard(peer)
