@@ -50,9 +50,15 @@ def ray_driver(address: str | None) -> Iterator[None]:
 
     target = address or os.environ.get("RAY_ADDRESS") or "auto"
     kwargs: dict[str, Any] = {"address": target, "logging_level": logging.WARNING}
-    host = target.rsplit(":", 1)[0] if ":" in target else ""
-    if host and not host.startswith(("ray://", "auto")) and _local_ip(host):
-        kwargs["_node_ip_address"] = host
+    host, _, port = target.rpartition(":")
+    if host and port.isdigit() and "://" not in target:
+        # Ray retries an absent cluster for a minute; say at once that nothing listens.
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise RayUnavailable(f"no Ray cluster at {target!r}: {exc}") from exc
+        if _local_ip(host):
+            kwargs["_node_ip_address"] = host
     try:
         ray.init(log_to_driver=False, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:

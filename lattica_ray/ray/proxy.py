@@ -20,15 +20,20 @@ from lattica_ray.ray.protocol import ActorRecord, MethodKind, payload_bytes, to_
 logger = logging.getLogger(__name__)
 
 _UNSET: Any = object()
-# LatticaActor handles by namespace, per process (tasks and actors reuse them).
-_local_actors: dict[str, Any] = {}
+# LatticaActor handles by namespace, per process and Ray connection (tasks and actors reuse
+# them; a handle from before a ray.shutdown() / ray.init() would point at a dead session).
+_local_actors: dict[str, tuple[Any, Any]] = {}
+
+
+def _connection() -> Any:
+    return getattr(ray._private.worker.global_worker, "core_worker", None)
 
 
 def local_lattica_actor(namespace: str) -> Any:
     """The LatticaActor of this node (or, on a node without one, of another node)."""
-    actor = _local_actors.get(namespace)
-    if actor is not None:
-        return actor
+    cached = _local_actors.get(namespace)
+    if cached is not None and cached[1] is _connection():
+        return cached[0]
     if not ray.is_initialized():
         raise NotInitialized("Ray is not initialized: call lattica_ray.init() first")
     node_id = ray.get_runtime_context().get_node_id()
@@ -45,7 +50,7 @@ def local_lattica_actor(namespace: str) -> Any:
                 f"no LatticaActor runs in namespace {namespace!r}: call lattica_ray.init() first"
             ) from None
         actor = ray.get_actor(names[0], namespace=namespace)
-    _local_actors[namespace] = actor
+    _local_actors[namespace] = (actor, _connection())
     return actor
 
 
