@@ -80,15 +80,25 @@ class QuicConnection(Connection):
 
     # -- endpoint side ----------------------------------------------------------------------
     def datagram_received(self, data: bytes, address: Address) -> None:
-        """Feed one datagram; the endpoint calls `_flush` once its receive batch ends."""
+        """Feed one datagram; the endpoint calls `_on_receive_batch_end` once its batch ends."""
         now = self._loop.time()
         self._last_activity = now
         self.bytes_received += len(data)
         self.quic.receive_datagram(data, address, now)
+
+    def _on_receive_batch_end(self) -> None:
+        """Handle what the batch of datagrams produced; answer them all at once, soon.
+
+        The answer waits for the readers this batch woke up: a reply they write (and the credit
+        for what they read) goes out in that one flush, and no empty flush sits on the path of
+        a request and its reply. (ACKs keep aioquic's delay: riding on the reply, they would put
+        their processing on that path too, which measured slower.)
+        """
         self._process_events()
+        self._schedule_flush()
 
     def _flush(self) -> None:
-        """Send what aioquic has ready and re-arm its timer."""
+        """Send what aioquic has ready and make sure its timer will fire."""
         self._flush_scheduled = False
         now = self._loop.time()
         quic = self.quic
@@ -100,10 +110,12 @@ class QuicConnection(Connection):
             if probe is not None and not self.endpoint._send_probe(*probe):
                 quic.mtu_probe_refused(len(probe[0]))
         timer_at = quic.get_timer()
-        if timer_at != self._timer_at:
+        # Re-arm only for an earlier deadline: the loss-detection deadline moves later with
+        # every packet sent, and a timer that fires early just re-arms (see `_on_timer`).
+        if timer_at is not None and (self._timer_at is None or timer_at < self._timer_at):
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = self._loop.call_at(timer_at, self._on_timer) if timer_at else None
+            self._timer = self._loop.call_at(timer_at, self._on_timer)
             self._timer_at = timer_at
         if self._drain_waiters:
             self._wake_drained()
@@ -120,14 +132,25 @@ class QuicConnection(Connection):
         self.endpoint._send_batch(run, address)
 
     def _schedule_flush(self) -> None:
+        """Flush at the end of this loop iteration: the writes of one iteration share packets."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        if self._flush_scheduled:  # else a receive batch has flushed since
+            self._flush()
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.quic.handle_timer(self._loop.time())
+        now = self._loop.time()
+        due = self.quic.get_timer()
+        if due is not None and due > now:  # armed for a deadline that has moved later
+            self._timer = self._loop.call_at(due, self._on_timer)
+            self._timer_at = due
+            return
+        self.quic.handle_timer(now)
         self._process_events()
         self._flush()
 
@@ -262,8 +285,8 @@ class QuicConnection(Connection):
         self.quic.forget_stream(stream_id)
 
     def _consume(self, stream_id: int, nbytes: int) -> None:
-        self.quic.consume(stream_id, nbytes)
-        self._schedule_flush()
+        if self.quic.consume(stream_id, nbytes):  # flow-control credit is due to the remote
+            self._schedule_flush()
 
     def _send_buffer_below_high_water(self, stream_id: int) -> bool:
         return self.quic.send_buffer_size(stream_id) < self.endpoint.config.send_buffer_high_water

@@ -185,7 +185,7 @@ class QuicEndpoint:
         """End of a receive batch: each connection that got datagrams answers once."""
         dirty, self._dirty = self._dirty, set()
         for connection in dirty:
-            connection._flush()
+            connection._on_receive_batch_end()
 
     def _datagram_received(self, data: bytes, address: Address) -> None:
         # Fast path: a short-header (1-RTT) packet carries our fixed-length CID at bytes 1..8.

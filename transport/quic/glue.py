@@ -79,10 +79,24 @@ class Libp2pQuicConnection(QuicConnection):
             return 0
         return len(stream.sender._buffer)
 
-    def consume(self, stream_id: int, nbytes: int) -> None:
-        """The application has read `nbytes` more of `stream_id`: credit may be granted."""
-        self._consumed[stream_id] = self._consumed.get(stream_id, 0) + nbytes
+    def consume(self, stream_id: int, nbytes: int) -> bool:
+        """The application has read `nbytes` more of `stream_id`: credit may be granted.
+
+        True if that is enough for a MAX_STREAM_DATA or MAX_DATA update (the rules below).
+        """
+        consumed = self._consumed.get(stream_id, 0) + nbytes
+        self._consumed[stream_id] = consumed
         self._consumed_total += nbytes
+        if (
+            self._consumed_total + self._connection_window - self._local_max_data.value
+            >= self._connection_window // 2
+        ):
+            return True
+        stream = self._streams.get(stream_id)
+        return stream is not None and (
+            consumed + self._stream_window - stream.max_stream_data_local
+            >= self._stream_window // 2
+        )
 
     def forget_stream(self, stream_id: int) -> None:
         self._consumed.pop(stream_id, None)
