@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 from lattica_ray.ray.config import LatticaConfig
 from lattica_ray.ray.mesh import NodeMesh
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 RELAY_CLUSTER = "relay"
 
 
-async def serve(
+def mesh_node(
     listen: list[str],
     *,
     cluster: str = RELAY_CLUSTER,
@@ -41,22 +42,23 @@ async def serve(
     key_file: str | None = None,
     circuit_bytes: int = 0,
     circuit_seconds: float = 0.0,
-    stop: asyncio.Event | None = None,
-) -> None:
-    """Run until `stop` is set (or SIGTERM/SIGINT/stdin EOF when run as a program)."""
+) -> NodeMesh:
+    """A mesh node (start()/stop() it): RPC, DHT, view, and a relay whose circuits are
+    limited to `circuit_bytes` per direction and `circuit_seconds` (0: no limit)."""
     config = LatticaConfig(cluster=cluster, listen=tuple(listen), bootstrap=tuple(bootstrap or ()))
-    mesh = NodeMesh(
-        config,
-        key_file,
-        relay=RelayConfig(circuit_data=circuit_bytes, circuit_duration=circuit_seconds),
-    )
-    stop = stop or asyncio.Event()
-    await mesh.start()
+    relay = RelayConfig(circuit_data=circuit_bytes, circuit_duration=circuit_seconds)
+    return NodeMesh(config, key_file, relay=relay)
+
+
+async def serve(listen: list[str], stop: asyncio.Event, **options: Any) -> None:
+    """Run a mesh node until `stop` is set; print {"peer_id", "addrs"} once it listens."""
+    node = mesh_node(listen, **options)
+    await node.start()
     try:
-        print(json.dumps({"peer_id": mesh.peer_id, "addrs": mesh.addrs}), flush=True)
+        print(json.dumps({"peer_id": node.peer_id, "addrs": node.addrs}), flush=True)
         await stop.wait()
     finally:
-        await mesh.stop()
+        await node.stop()
 
 
 @contextlib.contextmanager
@@ -114,12 +116,12 @@ def main() -> None:
             loop.add_reader(sys.stdin.fileno(), lambda: sys.stdin.read(1) or stop.set())
         await serve(
             args.listen,
+            stop,
             cluster=args.cluster,
             bootstrap=args.bootstrap,
             key_file=args.key,
             circuit_bytes=args.circuit_bytes,
             circuit_seconds=args.circuit_seconds,
-            stop=stop,
         )
 
     with contextlib.suppress(KeyboardInterrupt):
