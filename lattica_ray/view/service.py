@@ -626,7 +626,10 @@ class ClusterView:
                 self._dispatch()
                 return applied
             for update in assembler.feed(message.chunk.data):
-                outcome = self._replica.receive_update(update, peer, self._clock(), fresh=False)
+                # The peer's own updates may be news to everyone (a newcomer's first entry):
+                # forward those; the rest is old news that gossip already spread.
+                fresh = update.author == peer
+                outcome = self._replica.receive_update(update, peer, self._clock(), fresh=fresh)
                 applied += outcome is Outcome.APPLIED
             self._dispatch()
 

@@ -224,3 +224,16 @@ class Forger:
     def announce(self, cluster_name: str = "rogue") -> SignedUpdate:
         record = MemberRecord(cluster_name=cluster_name).model_dump_json()
         return self.write(lambda roots: roots["members"].__setitem__(self.prefix, record))
+
+
+async def settle(
+    mesh: Mesh, views: list[ClusterView], predicate: Callable[[], bool], timeout: float = 30.0
+) -> None:
+    """Wait for `predicate`, moving the clock an anti-entropy interval whenever nothing happens
+    for a while: gossip may miss a replica, and the periodic sync is what repairs that."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            try:
+                await wait_all(views, predicate, timeout=0.5)
+            except TimeoutError:
+                mesh.tick(mesh.views[0].config.anti_entropy_interval)
