@@ -111,4 +111,6 @@ class ViewConfig(BaseModel):
             )
         if self.max_update_bytes + 256 > self.max_message_bytes:
             raise ValueError("max_message_bytes must leave room for one max_update_bytes update")
+        if self.sync_chunk_bytes + 64 > self.max_message_bytes:
+            raise ValueError("sync_chunk_bytes must fit in max_message_bytes")
         return self

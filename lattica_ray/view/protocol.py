@@ -585,8 +585,16 @@ class ViewReplica:
             self._gossip_pool = None
 
     def _sweep(self, now: float) -> None:
-        """Liveness of every member, and gaps that heartbeats showed and gossip did not fill."""
+        """Liveness of every member, gaps that heartbeats showed and gossip did not fill, and
+        authors known only from heartbeats that fell silent (so sybil heartbeats cost nothing
+        lasting)."""
+        silent: list[_Author] = []
         for author in self._authors.values():
+            if author.peer != self.peer_id and not author.incarnations and author.proof is None:
+                last = author.last_seen if author.last_seen is not None else author.first_seen
+                if now - last > self.config.gone_after:
+                    silent.append(author)
+                    continue
             self._refresh_status(author, now)
             if author.gap is not None:
                 incarnation, head, told_by, since = author.gap
@@ -596,6 +604,9 @@ class ViewReplica:
                 elif now - since >= self.config.gap_grace:
                     self._request_sync(told_by, f"heartbeat of {author.peer.short()} shows gap")
                     author.gap = None
+        for author in silent:
+            del self._authors[author.peer]
+            del self._authors_by_name[peer_name(author.peer)]
 
     def leaving_heartbeat(self, now: float) -> Heartbeat:
         """A last heartbeat saying we are going: receivers mark us gone without waiting."""

@@ -56,6 +56,7 @@ from lattica_ray.view.protocol import (
     parse_gossip,
     vector_message,
 )
+from lattica_ray.view.status import status_text as render_status
 from transport.errors import InvalidMultiaddr, TransportError
 from transport.host import ConnectionEvent, Host, PeerConnected
 from transport.identity import KeyPair, PeerId
@@ -361,6 +362,10 @@ class ClusterView:
     def scores(self) -> dict[str, float]:
         return self._replica.scores()
 
+    def status_text(self) -> str:
+        """Members and actors as text tables (what `lattica-ray status` prints)."""
+        return render_status(self.members(), self.actors(), self._clock())
+
     def digest(self) -> bytes:
         """Equal on two replicas exactly when they applied the same updates."""
         return self._replica.digest()
@@ -429,6 +434,7 @@ class ClusterView:
 
     async def join(self, peers: Iterable[PeerId]) -> int:
         """Sync with each of `peers` (bootstrap); returns how many syncs succeeded."""
+        peers = list(peers)
         results = await asyncio.gather(
             *(self.sync_with(peer) for peer in peers), return_exceptions=True
         )

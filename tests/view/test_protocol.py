@@ -591,3 +591,15 @@ def test_gossip_frames_respect_limits() -> None:
 def test_undecodable_messages_are_malformed(data: bytes) -> None:
     with pytest.raises(MalformedMessage):
         decode_message(data)
+
+
+def test_authors_known_only_from_heartbeats_are_forgotten_when_silent() -> None:
+    observer = new_replica()
+    for _ in range(50):  # heartbeats from keys that never write anything
+        stranger = new_replica()
+        stranger.handle_timer(T0)
+        (beat,) = stranger.take_gossip()[1]
+        observer.receive_heartbeat(beat, SENDER, T0)
+    assert len(observer._authors) == 51
+    observer.handle_timer(T0 + FAST.gone_after + 1)
+    assert len(observer._authors) == 1  # just ourselves

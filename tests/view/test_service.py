@@ -355,3 +355,14 @@ async def test_many_nodes_converge_after_random_concurrent_updates(mesh: Mesh, c
     for view in views[1:]:
         assert view.actors() == reference.actors()
         assert view.map("run").items() == reference.map("run").items()
+
+
+async def test_status_text_lists_members_and_actors(mesh: Mesh) -> None:
+    a, b = await mesh.add_many(2)
+    a.export_actor("learner", "Learner", {"act": "async"})
+    await wait_all([a, b], lambda: len(b.actors()) == 1 and len(b.members()) == 2)
+    text = b.status_text()
+    members, actors = text.split("\n\n")
+    assert members.splitlines()[0].split()[:3] == ["PEER", "CLUSTER", "STATUS"]
+    assert str(a.peer_id) in members and str(b.peer_id) in members
+    assert "learner" in actors and "act(async)" in actors
