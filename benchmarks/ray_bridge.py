@@ -1,13 +1,20 @@
-"""Cross-cluster actor calls and transfers beside local Ray, in the same run.
+"""Cross-cluster actor calls and transfers beside Ray's own, measured in the same run.
 
 Starts two local Ray clusters ("a" on 127.0.0.2, "b" on 127.0.0.3, token auth on), a LatticaActor
-on each (real Nodes, QUIC on loopback), exports an actor on "a" and, from a driver of "b",
-measures:
-  - small call round trip: `get_actor(...).echo.remote(x)` vs a local Ray actor's `echo.remote(x)`
-  - a 64 MiB tensor: through `get_actor(...).method.remote(t)`, through `lattica_ray.get(ref)`,
-    and Ray's own object transfer of the same tensor to a local actor, as ratios.
+on each (real Nodes on loopback), exports an actor on "a", joins a second Ray node to "b"
+(127.0.0.4, its own raylet, object store and temp dir, with a resource that pins an actor on it)
+and, from a driver of "b", measures:
 
-    .venv/bin/python benchmarks/ray_bridge.py [--calls 300] [--mib 64]
+- small call round trip, interleaved call by call so both see the same machine load:
+  `get_actor(...).echo.remote(x)` (cluster b -> cluster a over the mesh) beside a Ray actor on
+  the driver's node and a Ray actor on the other node of the same cluster;
+- a 64 MiB tensor pushed as an argument: through `get_actor(...).nbytes.remote(t)`, beside Ray
+  passing it to an actor on the same node and to an actor on the other node (Ray's cross-node
+  object transfer);
+- a 64 MiB tensor pulled: `lattica_ray.get(ref)` of an object put on cluster a, beside
+  `ray.get` of a tensor made by the actor on the other node.
+
+    .venv/bin/python benchmarks/ray_bridge.py [--calls 300] [--mib 64] [--transport quic|tcp]
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lattica_ray.ray.clusters import LocalRayCluster, RayDriver
+from lattica_ray.ray.clusters import LocalRayCluster, RayDriver, start_clusters, stop_clusters
+
+SIDE = "side_node"  # the custom resource of b's second node
+TRANSPORTS = {"quic": "udp/0/quic-v1", "tcp": "tcp/0"}
 
 
 class Echo:
@@ -28,30 +38,35 @@ class Echo:
     def nbytes(self, t):
         return int(t.numel() * t.element_size())
 
+    def make(self, mib, fill):
+        import torch
 
-def _start_a():
+        return torch.full((mib * 1024 * 1024 // 4,), float(fill))
+
+
+def _start_a(listen):
     import lattica_ray.ray as lr
 
-    lr.init(cluster="a", listen="/ip4/127.0.0.2/udp/0/quic-v1")
+    lr.init(cluster="a", listen=listen)
     lr.remote(Echo).options(name="echo", lifetime="detached").remote()
     return lr.init()
 
 
-def _start_b(bootstrap):
+def _start_b(listen, bootstrap):
     import lattica_ray.ray as lr
 
-    return lr.init(cluster="b", listen="/ip4/127.0.0.3/udp/0/quic-v1", bootstrap=[bootstrap])
+    return lr.init(cluster="b", listen=listen, bootstrap=[bootstrap])
 
 
-def _put(mib):
+def _put(mib, fill):
     import torch
 
     import lattica_ray.ray as lr
 
-    return lr.put(torch.ones(mib * 1024 * 1024 // 4))
+    return lr.put(torch.full((mib * 1024 * 1024 // 4,), float(fill)))
 
 
-def _measure(calls, mib, ref):
+def _measure(calls, mib, refs):
     import time
 
     import numpy as np
@@ -61,81 +76,92 @@ def _measure(calls, mib, ref):
     import lattica_ray.ray as lr
 
     remote = lr.get_actor("echo", cluster="a", wait=30)
-    local = ray.remote(Echo).remote()
-    ray.get(local.echo.remote(0))
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    def latencies(method):
-        for _ in range(20):  # warm up
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    local = ray.remote(Echo).options(scheduling_strategy=here).remote()
+    other = ray.remote(Echo).options(resources={SIDE: 1}).remote()
+    ray.get([local.echo.remote(0), other.echo.remote(0), remote.echo.remote(0)])
+
+    methods = {"local": local.echo, "other_node": other.echo, "mesh": remote.echo}
+    for _ in range(30):  # warm up
+        for method in methods.values():
             ray.get(method.remote(1))
-        samples = []
-        for i in range(calls):
+    samples = {name: [] for name in methods}
+    for i in range(calls):
+        for name, method in methods.items():
             t0 = time.perf_counter()
             ray.get(method.remote(i))
-            samples.append(time.perf_counter() - t0)
-        return np.percentile(samples, [50, 99]) * 1e3
-
-    local_p = latencies(local.echo)
-    remote_p = latencies(remote.echo)
+            samples[name].append(time.perf_counter() - t0)
+    latency = {name: np.percentile(s, [50, 99]) * 1e3 for name, s in samples.items()}
 
     tensor = torch.ones(mib * 1024 * 1024 // 4)
 
     def best_of(fn, n=3):
         times = []
-        for _ in range(n):
+        for i in range(n):
             t0 = time.perf_counter()
-            fn()
+            fn(i)
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    t_local = best_of(lambda: ray.get(local.nbytes.remote(tensor)))
-    t_call = best_of(lambda: ray.get(remote.nbytes.remote(tensor)))
-    t0 = time.perf_counter()
-    lr.get(ref)  # first get fetches over the mesh; later ones would hit the local cache
-    t_get = time.perf_counter() - t0
-    return {
-        "local_p50": local_p[0],
-        "local_p99": local_p[1],
-        "remote_p50": remote_p[0],
-        "remote_p99": remote_p[1],
-        "t_local": t_local,
-        "t_call": t_call,
-        "t_get": t_get,
+    transfer = {
+        "push_local": best_of(lambda i: ray.get(local.nbytes.remote(tensor))),
+        "push_other_node": best_of(lambda i: ray.get(other.nbytes.remote(tensor))),
+        "push_mesh": best_of(lambda i: ray.get(remote.nbytes.remote(tensor))),
+        "pull_other_node": best_of(lambda i: ray.get(other.make.remote(mib, i + 2))),
+        # each ref is a different object: every get fetches over the mesh
+        "pull_mesh": best_of(lambda i: lr.get(refs[i], progress=False)),
     }
+    return latency, transfer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--transport", choices=sorted(TRANSPORTS), default="quic")
     args = parser.parse_args()
-    a = LocalRayCluster("a", node_ip="127.0.0.2", object_store_memory=1024 << 20)
-    b = LocalRayCluster("b", node_ip="127.0.0.3", object_store_memory=1024 << 20)
+    store = max(1024, 6 * args.mib) << 20
+    a = LocalRayCluster("a", node_ip="127.0.0.2", object_store_memory=store)
+    b = LocalRayCluster("b", node_ip="127.0.0.3", object_store_memory=store)
+    suffix = TRANSPORTS[args.transport]
     try:
-        a.start()
-        b.start()
+        start_clusters([a, b])
+        b.add_node("127.0.0.4", num_cpus=1, resources={SIDE: 1})
         with RayDriver(a) as driver_a, RayDriver(b) as driver_b:
-            info_a = driver_a.call(_start_a, timeout=120)
-            driver_b.call(_start_b, info_a["addrs"][0], timeout=120)
-            ref = driver_a.call(_put, args.mib, timeout=120)
-            r = driver_b.call(_measure, args.calls, args.mib, ref, timeout=600)
+            info_a = driver_a.call(_start_a, f"/ip4/127.0.0.2/{suffix}", timeout=120)
+            driver_b.call(_start_b, f"/ip4/127.0.0.3/{suffix}", info_a["addrs"][0], timeout=120)
+            refs = [driver_a.call(_put, args.mib, fill, timeout=120) for fill in (2, 3, 4)]
+            latency, transfer = driver_b.call(_measure, args.calls, args.mib, refs, timeout=900)
     finally:
-        a.stop()
-        b.stop()
-    mib = args.mib
-    print(f"small call round trip ({args.calls} calls), ms:")
-    print(f"  local Ray actor       p50 {r['local_p50']:7.2f}  p99 {r['local_p99']:7.2f}")
-    print(f"  cross-cluster (mesh)  p50 {r['remote_p50']:7.2f}  p99 {r['remote_p99']:7.2f}")
-    print(f"  ratio                 p50 {r['remote_p50'] / r['local_p50']:7.2f}x (goal < 2.5x)")
-    print(f"{mib} MiB tensor, seconds (MiB/s):")
+        stop_clusters([a, b])
+
+    local = latency["local"]
+    print(f"small call round trip, ms ({args.calls} calls each, interleaved; {args.transport}):")
     for label, key in [
-        ("local Ray actor arg", "t_local"),
-        ("cross-cluster call arg", "t_call"),
-        ("lattica_ray.get", "t_get"),
+        ("Ray actor, same node", "local"),
+        ("Ray actor, other node", "other_node"),
+        ("cross-cluster (mesh)", "mesh"),
     ]:
-        print(f"  {label:24s} {r[key]:6.3f} s ({mib / r[key]:8.1f} MiB/s)")
-    print(f"  call / local   {r['t_call'] / r['t_local']:6.2f}x")
-    print(f"  get  / local   {r['t_get'] / r['t_local']:6.2f}x")
-    print("  (Ray's cross-node object transfer baseline: not yet measured, needs a 2-node cluster)")
+        p50, p99 = latency[key]
+        print(f"  {label:24s} p50 {p50:6.2f}  p99 {p99:6.2f}  ({p50 / local[0]:4.2f}x)")
+    print(f"  cross-cluster / same-node p50: {latency['mesh'][0] / local[0]:.2f}x (goal < 2.5x)")
+    mib = args.mib
+    print(f"{mib} MiB tensor, best of 3, seconds (MiB/s):")
+    rows = [
+        ("push: Ray, same node", "push_local"),
+        ("push: Ray, other node", "push_other_node"),
+        ("push: mesh call argument", "push_mesh"),
+        ("pull: Ray, other node", "pull_other_node"),
+        ("pull: lattica_ray.get", "pull_mesh"),
+    ]
+    for label, key in rows:
+        print(f"  {label:26s} {transfer[key]:6.3f} s ({mib / transfer[key]:7.1f} MiB/s)")
+    push = transfer["push_mesh"] / transfer["push_other_node"]
+    pull = transfer["pull_mesh"] / transfer["pull_other_node"]
+    print(f"  mesh call argument / Ray cross-node push: {push:5.2f}x")
+    print(f"  lattica_ray.get    / Ray cross-node pull: {pull:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -117,6 +118,8 @@ class LatticaActor:
 
     def __init__(self, config_json: str) -> None:
         self.config = LatticaConfig.model_validate_json(config_json)
+        if self.config.gil_switch_interval is not None:
+            sys.setswitchinterval(self.config.gil_switch_interval)
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
         self.restarted = context.was_current_actor_reconstructed

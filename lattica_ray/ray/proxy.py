@@ -7,6 +7,7 @@ handle itself is plain data that pickles into tasks and actors.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,8 +22,9 @@ logger = logging.getLogger(__name__)
 
 _UNSET: Any = object()
 # LatticaActor handles by namespace, per process and Ray connection (tasks and actors reuse
-# them; a handle from before a ray.shutdown() / ray.init() would point at a dead session).
-_local_actors: dict[str, tuple[Any, Any]] = {}
+# them; a handle from before a ray.shutdown() / ray.init() would point at a dead session),
+# with the method wrappers calls use (made once: building them per call costs).
+_local_actors: dict[str, tuple[Any, Any, dict[tuple[str, str], Any]]] = {}
 
 
 def _connection() -> Any:
@@ -50,12 +52,23 @@ def local_lattica_actor(namespace: str) -> Any:
                 f"no LatticaActor runs in namespace {namespace!r}: call lattica_ray.init() first"
             ) from None
         actor = ray.get_actor(names[0], namespace=namespace)
-    _local_actors[namespace] = (actor, _connection())
+    _local_actors[namespace] = (actor, _connection(), {})
     return actor
 
 
 def forget_local_actors() -> None:
     _local_actors.clear()
+
+
+def _lattica_method(namespace: str, kind: MethodKind, group: str) -> Any:
+    """`call_remote` / `stream_remote` of this node's LatticaActor, in concurrency `group`."""
+    actor = local_lattica_actor(namespace)
+    methods = _local_actors[namespace][2]
+    method = methods.get((kind, group))
+    if method is None:
+        entry = actor.stream_remote if kind == "stream" else actor.call_remote
+        method = methods[(kind, group)] = entry.options(concurrency_group=group)
+    return method
 
 
 def _is_object_ref(value: Any) -> bool:
@@ -98,13 +111,8 @@ class RemoteMethod:
             bulk = payload_bytes([args, kwargs]) > handle._bulk_argument_bytes
         group = BULK if bulk else CONTROL
         timeout = self.timeout if self.timeout is not None else handle._timeout
-        actor = local_lattica_actor(handle._namespace)
-        record = handle._record.to_wire()
-        if self.kind == "stream":
-            method = actor.stream_remote.options(concurrency_group=group)
-        else:
-            method = actor.call_remote.options(concurrency_group=group)
-        return method.remote(record, self.name, timeout, kwargs, *args)
+        method = _lattica_method(handle._namespace, self.kind, group)
+        return method.remote(handle._record_wire, self.name, timeout, kwargs, *args)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -121,6 +129,10 @@ class RemoteActorHandle:
     _namespace: str = "lattica_ray"
     _timeout: float | None = None
     _bulk_argument_bytes: int = 1024 * 1024
+
+    @functools.cached_property
+    def _record_wire(self) -> dict[str, Any]:
+        return self._record.to_wire()
 
     @property
     def actor_name(self) -> str:
