@@ -30,6 +30,7 @@ import numpy as np
 WORKER_NAME = "rollouts"  # the name rollout workers are exported under, on every cluster
 OBSERVATION_SIZE = 4
 MAX_STEPS = 200  # CartPole-v0's episode limit; "solved" is a mean return of 195
+REPLAY_STEPS = 10_000  # how many recent steps a worker's replay buffer keeps
 
 
 # -- the environment ----------------------------------------------------------------------------
@@ -170,6 +171,7 @@ class RolloutWorker:
         self.cluster = cluster
         self.episodes_played = 0
         self.policy_fetches = 0
+        self._replay: list[np.ndarray] = []  # observations of recent episodes
 
     def rollouts(self, policy: Any, seeds: list[int]) -> Iterator[dict[str, Any]]:
         """Fetch the policy (a GlobalRef) and stream one trajectory per seed as it finishes."""
@@ -183,7 +185,21 @@ class RolloutWorker:
             trajectory["cluster"] = self.cluster
             trajectory["policy_version"] = int(published["version"])
             self.episodes_played += 1
+            self._remember(trajectory["observations"])
             yield trajectory
+
+    def _remember(self, observations: np.ndarray) -> None:
+        self._replay.append(observations)
+        while sum(len(o) for o in self._replay) - len(self._replay[0]) >= REPLAY_STEPS:
+            self._replay.pop(0)
+
+    def publish_replay(self) -> Any:
+        """Publish the observations of the latest episodes (up to REPLAY_STEPS steps) as a
+        global object; returns its GlobalRef, which any cluster can `lattica_ray.get`."""
+        import lattica_ray.ray as lattica_ray
+
+        steps = np.concatenate(self._replay) if self._replay else np.zeros((0, OBSERVATION_SIZE))
+        return lattica_ray.put({"observations": steps[-REPLAY_STEPS:], "cluster": self.cluster})
 
     def stats(self) -> dict[str, Any]:
         return {

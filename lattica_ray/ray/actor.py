@@ -18,6 +18,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,9 @@ class LatticaActor:
             sys.setswitchinterval(self.config.gil_switch_interval)
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
-        self.restarted = context.was_current_actor_reconstructed
+        with warnings.catch_warnings():  # Ray's own property trips its deprecation warning
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.restarted = context.was_current_actor_reconstructed
         self.started_at = time.time()
         self.state_dir = _state_dir()
         self._exports_file = self.state_dir / f"exports-{self.node_id}.json"
