@@ -1,11 +1,16 @@
 """One QUIC connection on loopback against asyncio TCP on loopback, measured in the same run.
 
     python benchmarks/transport.py [--size-mib 64] [--rounds 2000] [--datagram 1350] [--repeat 3]
-                                   [--json]
+                                   [--stripes 1,2] [--json]
 
 Prints small-message round-trip p50/p99 and bulk throughput over one stream for both, and the
 ratios (QUIC / TCP), by the wall clock and per CPU-second (both ends run in this process, so
 that is sender plus receiver). The machines are noisy: read the ratios, and the CPU figures.
+
+`--stripes N,...` also measures one transfer striped over N QUIC connections, each served by
+its own sender process and receiver process, the payload shared through shared memory (the
+prototype of spreading a big transfer over cores; 1 = one connection, sender and receiver in
+two processes).
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import os
 import pathlib
 import statistics
 import sys
 import time
+from multiprocessing import shared_memory
 
 # Run as a script, this directory heads sys.path and this file would shadow the package.
 if pathlib.Path(sys.path[0]).resolve() == pathlib.Path(__file__).resolve().parent:
@@ -28,6 +36,7 @@ from transport.stream import Stream
 
 MESSAGE = b"x" * 64
 CHUNK = 1024 * 1024
+STRIPE_TIMEOUT = 300.0
 
 
 def _percentiles(samples: list[float]) -> tuple[float, float]:
@@ -155,7 +164,123 @@ async def tcp_throughput(size: int) -> float:
     return size / elapsed
 
 
-async def run(size: int, rounds: int, datagram: int, repeat: int) -> dict:
+# -- one transfer striped over connections and processes ------------------------------------
+def _stripe_receiver(key: bytes, config: str, memory: str, span: tuple[int, int], pipe) -> None:
+    asyncio.run(_receive_stripe(KeyPair.from_protobuf(key), config, memory, span, pipe))
+
+
+async def _receive_stripe(key: KeyPair, config: str, memory: str, span: tuple[int, int], pipe):
+    """Listen, tell the parent the port, write what arrives at `span` of the shared output."""
+    inbound: asyncio.Queue[Stream] = asyncio.Queue()
+    endpoint = QuicEndpoint(
+        key,
+        QuicConfig.model_validate_json(config),
+        lambda connection: connection.set_inbound_stream_callback(inbound.put_nowait),
+    )
+    output = shared_memory.SharedMemory(name=memory)
+    try:
+        address = await endpoint.listen("127.0.0.1")
+        pipe.send(address)
+        stream = await inbound.get()
+        cpu = time.process_time()
+        start, stop = span
+        view = output.buf
+        while data := await stream.read(CHUNK):
+            view[start : start + len(data)] = data
+            start += len(data)
+        del view
+        await stream.close()
+        pipe.send((time.perf_counter(), time.process_time() - cpu, start == stop))
+        await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # bye
+        await endpoint.close()
+    finally:
+        output.close()
+
+
+def _stripe_sender(key: bytes, config: str, memory: str, span: tuple[int, int], pipe) -> None:
+    asyncio.run(_send_stripe(KeyPair.from_protobuf(key), config, memory, span, pipe))
+
+
+async def _send_stripe(key: KeyPair, config: str, memory: str, span: tuple[int, int], pipe):
+    """Dial the receiver the parent names, wait for "go", send `span` of the shared input."""
+    endpoint = QuicEndpoint(key, QuicConfig.model_validate_json(config))
+    payload = shared_memory.SharedMemory(name=memory)
+    try:
+        await endpoint.listen("127.0.0.1")
+        address, server = pipe.recv()
+        connection = await endpoint.dial(tuple(address), server)
+        stream = await connection.open_stream()
+        pipe.send("ready")
+        pipe.recv()  # go
+        cpu = time.process_time()
+        view = payload.buf
+        for offset in range(span[0], span[1], CHUNK):
+            await stream.write(view[offset : min(offset + CHUNK, span[1])])
+        await stream.close()
+        del view
+        await stream.read()  # the receiver closes once it has everything
+        pipe.send(time.process_time() - cpu)
+        await endpoint.close()
+    finally:
+        payload.close()
+
+
+def striped_throughput(config: QuicConfig, size: int, stripes: int) -> tuple[float, float]:
+    """(bytes per second, bytes per CPU-second of all processes) of one striped transfer."""
+    context = multiprocessing.get_context("spawn")
+    source = shared_memory.SharedMemory(create=True, size=size)
+    target = shared_memory.SharedMemory(create=True, size=size)
+    processes, pipes = [], []
+    try:
+        source.buf[:size] = os.urandom(size)
+        client_key, server_key = KeyPair.generate(), KeyPair.generate()
+        spans = [(size * i // stripes, size * (i + 1) // stripes) for i in range(stripes)]
+        for span in spans:
+            receiver_end, receiver_pipe = context.Pipe()
+            sender_end, sender_pipe = context.Pipe()
+            for target_function, key, memory, pipe in (
+                (_stripe_receiver, server_key, target.name, receiver_pipe),
+                (_stripe_sender, client_key, source.name, sender_pipe),
+            ):
+                process = context.Process(
+                    target=target_function,
+                    args=(key.to_protobuf(), config.model_dump_json(), memory, span, pipe),
+                    daemon=True,
+                )
+                process.start()
+                processes.append(process)
+            sender_end.send((receiver_end.recv(), server_key.peer_id))
+            pipes.append((receiver_end, sender_end))
+        for _, sender_end in pipes:
+            assert sender_end.recv() == "ready"
+        started = time.perf_counter()
+        for _, sender_end in pipes:
+            sender_end.send("go")
+        finished, cpu = [], 0.0
+        for receiver_end, sender_end in pipes:
+            if not receiver_end.poll(STRIPE_TIMEOUT) or not sender_end.poll(STRIPE_TIMEOUT):
+                raise TimeoutError(f"a striped transfer took over {STRIPE_TIMEOUT} s")
+            done_at, receiver_cpu, complete = receiver_end.recv()
+            assert complete
+            finished.append(done_at)
+            cpu += receiver_cpu + sender_end.recv()
+        for receiver_end, _ in pipes:
+            receiver_end.send("bye")
+        assert bytes(target.buf[:size]) == bytes(source.buf[:size])
+        return size / (max(finished) - started), size / cpu
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+        for memory in (source, target):
+            memory.close()
+            memory.unlink()
+
+
+async def run(
+    size: int, rounds: int, datagram: int, repeat: int, stripes: list[int] | None = None
+) -> dict:
     config = QuicConfig(max_datagram_size=datagram)
     quic_samples = await quic_rtt(config, rounds)
     tcp_samples = await tcp_rtt(rounds)
@@ -178,6 +303,16 @@ async def run(size: int, rounds: int, datagram: int, repeat: int) -> dict:
     quic_p50, quic_p99 = _percentiles(quic_samples)
     tcp_p50, tcp_p99 = _percentiles(tcp_samples)
     tcp_rate, tcp_cpu = max(rates["tcp"]), max(cpu_rates["tcp"])
+    striped: dict[str, dict[str, float]] = {}
+    for count in stripes or []:
+        for label, variant in variants.items():
+            runs = [striped_throughput(variant, size, count) for _ in range(repeat)]
+            striped[f"{count} x ({label})"] = {
+                "stripes": count,
+                "quic": max(rate for rate, _ in runs) / 1e6,
+                "quic_per_cpu_s": max(cpu for _, cpu in runs) / 1e6,
+                "ratio": max(rate for rate, _ in runs) / tcp_rate,
+            }
     return {
         "datagram_size": datagram,
         "rtt_p50_us": {"quic": quic_p50 * 1e6, "tcp": tcp_p50 * 1e6, "ratio": quic_p50 / tcp_p50},
@@ -197,7 +332,12 @@ async def run(size: int, rounds: int, datagram: int, repeat: int) -> dict:
             }
             for label in variants
         },
+        "striped_mb_s": striped,
     }
+
+
+def result_tcp(result: dict) -> float:
+    return next(iter(result["throughput_mb_s"].values()))["tcp"]
 
 
 def main() -> None:
@@ -206,9 +346,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--datagram", type=int, default=1350, help="QUIC max datagram size")
     parser.add_argument("--repeat", type=int, default=3, help="throughput runs; best is shown")
+    parser.add_argument(
+        "--stripes",
+        default="",
+        help="comma-separated connection counts for the striped multi-process transfer",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = asyncio.run(run(args.size_mib * 2**20, args.rounds, args.datagram, args.repeat))
+    stripes = [int(count) for count in args.stripes.split(",") if count]
+    result = asyncio.run(
+        run(args.size_mib * 2**20, args.rounds, args.datagram, args.repeat, stripes)
+    )
     if args.json:
         print(json.dumps(result))
         return
@@ -226,6 +374,13 @@ def main() -> None:
         print(
             f"{label:44}{row['quic_per_cpu_s']:10.1f}{row['tcp_per_cpu_s']:13.1f}"
             f"{row['ratio_per_cpu_s']:10.3f}"
+        )
+    for variant, row in result["striped_mb_s"].items():
+        print(f"{result['size_mib']} MiB striped, {variant}: one process per end of each")
+        label = "  MB/s (per CPU-second of all processes)"
+        print(
+            f"{label:44}{row['quic']:10.1f}{result_tcp(result):13.1f}{row['ratio']:10.3f}"
+            f"  ({row['quic_per_cpu_s']:.1f})"
         )
 
 
