@@ -295,6 +295,7 @@ def train_locally(
 # Each returns plain data, so a driver can run it for someone else (`lattica-ray demo` does).
 
 LEARNER_NAME = "learner"  # the learner's Ray actor name (it stays on its cluster)
+NAMESPACE = "rl_rollouts"  # Ray namespace of the example's (detached) actors
 
 
 def serve_worker(cluster: str | None = None) -> str:
@@ -304,20 +305,22 @@ def serve_worker(cluster: str | None = None) -> str:
 
     info = lattica_ray.init(cluster=cluster)
     actor_class = lattica_ray.remote(num_cpus=1)(RolloutWorker)
-    actor_class.options(name=WORKER_NAME, lifetime="detached").remote(info["cluster"])
+    actor_class.options(name=WORKER_NAME, namespace=NAMESPACE, lifetime="detached").remote(
+        info["cluster"]
+    )
     return info["cluster"]
 
 
 def stop_worker() -> None:
     import ray
 
-    ray.kill(ray.get_actor(WORKER_NAME), no_restart=True)
+    ray.kill(ray.get_actor(WORKER_NAME, namespace=NAMESPACE), no_restart=True)
 
 
 def rollout_stats() -> dict[str, Any]:
     import ray
 
-    return ray.get(ray.get_actor(WORKER_NAME).stats.remote(), timeout=60)
+    return ray.get(ray.get_actor(WORKER_NAME, namespace=NAMESPACE).stats.remote(), timeout=60)
 
 
 def start_learner(workers: list[str], episodes: int, seed: int) -> None:
@@ -328,20 +331,22 @@ def start_learner(workers: list[str], episodes: int, seed: int) -> None:
 
     lattica_ray.init()
     learner = ray.remote(num_cpus=0)(Learner)
-    learner.options(name=LEARNER_NAME, lifetime="detached").remote(workers, episodes, seed)
+    learner.options(name=LEARNER_NAME, namespace=NAMESPACE, lifetime="detached").remote(
+        workers, episodes, seed
+    )
 
 
 def stop_learner() -> None:
     import ray
 
-    ray.kill(ray.get_actor(LEARNER_NAME), no_restart=True)
+    ray.kill(ray.get_actor(LEARNER_NAME, namespace=NAMESPACE), no_restart=True)
 
 
 def learner_step() -> dict[str, Any]:
     """One learning iteration (see `Learner.step`)."""
     import ray
 
-    return ray.get(ray.get_actor(LEARNER_NAME).step.remote(), timeout=300)
+    return ray.get(ray.get_actor(LEARNER_NAME, namespace=NAMESPACE).step.remote(), timeout=300)
 
 
 def main() -> None:
