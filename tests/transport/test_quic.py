@@ -10,6 +10,7 @@ import ssl
 import pytest
 from aioquic.asyncio.client import connect as aioquic_connect
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.congestion.cubic import CubicCongestionControl
 from aioquic.quic.connection import QuicConnection as RawQuicConnection
 
 from tests.transport.conftest import EndpointPair, wait_until
@@ -275,3 +276,20 @@ async def test_bulk_transfer_is_intact(endpoints: EndpointPair) -> None:
     inbound = await endpoints.server_streams.get()
     assert await inbound.read_to_end(max_size=len(payload)) == payload
     await sender
+
+
+async def test_cubic_congestion_control_moves_data(quic_config: QuicConfig) -> None:
+    pair = EndpointPair(quic_config.model_copy(update={"congestion_control": "cubic"}))
+    await pair.start()
+    try:
+        connection = await pair.dial()
+        assert isinstance(connection.quic._loss._cc, CubicCongestionControl)
+        stream = await connection.open_stream()
+        payload = os.urandom(1024 * 1024)
+        await stream.write(payload)
+        await stream.close()
+        inbound = await pair.server_streams.get()
+        assert await inbound.read_to_end(max_size=len(payload)) == payload
+        assert isinstance(pair.server_connections[0].quic._loss._cc, CubicCongestionControl)
+    finally:
+        await pair.close()

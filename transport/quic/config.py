@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -51,6 +53,11 @@ class QuicConfig(BaseModel):
         description="a writer waits while this many bytes of its stream are unacknowledged",
     )
     max_connections: int = Field(1024, ge=1, description="inbound connections accepted at once")
+    congestion_control: Literal["reno", "cubic"] = Field(
+        "reno",
+        description="aioquic's congestion controller (the same figures on loopback; cubic may "
+        "suit long, lossy paths better)",
+    )
     udp_offload: bool = Field(
         True,
         description="batch datagrams through the kernel with Linux UDP GSO/GRO where it offers "

@@ -265,6 +265,7 @@ class QuicEndpoint:
             max_stream_data=config.stream_window,
             supported_versions=list(SUPPORTED_VERSIONS),
             connection_id_length=CONNECTION_ID_LENGTH,
+            congestion_control_algorithm=config.congestion_control,
         )
 
     def _normalize_address(self, address: Address) -> Address:
