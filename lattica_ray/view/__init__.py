@@ -11,7 +11,6 @@ user maps), kept in step between nodes by protocol `/lattica-ray/view/1`.
 
 from lattica_ray.view.config import ViewConfig
 from lattica_ray.view.errors import (
-    Equivocation,
     InvalidEnvelope,
     InvalidValue,
     MalformedMessage,
@@ -46,7 +45,6 @@ __all__ = [
     "ActorMethod",
     "AuditRecord",
     "ClusterView",
-    "Equivocation",
     "EquivocationRecord",
     "ExportedActor",
     "InvalidEnvelope",

@@ -63,11 +63,6 @@ def chain_prefix(author: PeerId, incarnation: int) -> str:
     return f"{peer_name(author)}/{incarnation}"
 
 
-def key_owner(key: str) -> str:
-    """The peer ID string a document key belongs to."""
-    return key.split("/", 1)[0]
-
-
 class ViewDocument:
     """The real document and its probe copy; the only module that touches pycrdt."""
 
@@ -108,6 +103,8 @@ class ViewDocument:
             return b"", []
         update = self._integrated[0]
         self._probe.apply_update(update)
+        self._probe_changes.clear()
+        self._probe_integrated.clear()
         self._advance(decode_update(update))
         changes_made = list(self._changes)
         self._changes.clear()

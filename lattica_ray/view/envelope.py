@@ -54,6 +54,7 @@ def _author_bytes(author: PeerId) -> bytes:
     return bytes([len(author.multihash)]) + author.multihash
 
 
+@lru_cache(maxsize=65_536)
 def _peer(raw: bytes) -> PeerId:
     try:
         return PeerId.from_bytes(raw)

@@ -28,10 +28,6 @@ class MissingDependency(ViewError):
     """An update builds on items this replica does not have yet; it is held and the gap fetched."""
 
 
-class Equivocation(ViewError):
-    """An author signed two different updates with the same sequence number."""
-
-
 class InvalidValue(ViewError, ValueError):
     """A value given to the view cannot be stored (not JSON-serialisable, too large, bad name)."""
 

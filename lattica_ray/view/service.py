@@ -494,16 +494,19 @@ class ClusterView:
             if not targets:
                 self._replica.requeue_gossip(updates, heartbeats, proofs)
                 continue
+            encoded: dict[tuple[bool, bool], list[bytes]] = {}  # the same frames for most targets
             for index, peer in enumerate(targets):
-                frames = gossip_messages(
-                    updates if index < fanout else [],
-                    heartbeats if index < heartbeat_fanout else [],
-                    proofs,
-                    self.config.max_gossip_items,
-                    self.config.max_message_bytes,
-                )
-                if frames:
-                    self._spawn(self._push(peer, frames))
+                which = (index < fanout, index < heartbeat_fanout)
+                if which not in encoded:
+                    encoded[which] = gossip_messages(
+                        updates if which[0] else [],
+                        heartbeats if which[1] else [],
+                        proofs,
+                        self.config.max_gossip_items,
+                        self.config.max_message_bytes,
+                    )
+                if encoded[which]:
+                    self._spawn(self._push(peer, encoded[which]))
             if self.config.gossip_batch_delay:
                 await asyncio.sleep(self.config.gossip_batch_delay)
 

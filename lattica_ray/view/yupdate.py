@@ -69,9 +69,6 @@ class DecodedUpdate:
         default_factory=dict
     )  # client -> (clock, len)
 
-    def clients(self) -> set[int]:
-        return {s.client for s in self.structs}
-
     def clock_ranges(self) -> dict[int, tuple[int, int]]:
         """client -> (first clock, end clock) of the structs in this update."""
         ranges: dict[int, tuple[int, int]] = {}
