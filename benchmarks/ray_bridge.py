@@ -131,7 +131,8 @@ def main() -> None:
         b.add_node("127.0.0.4", num_cpus=1, resources={SIDE: 1})
         with RayDriver(a) as driver_a, RayDriver(b) as driver_b:
             info_a = driver_a.call(_start_a, f"/ip4/127.0.0.2/{suffix}", timeout=120)
-            driver_b.call(_start_b, f"/ip4/127.0.0.3/{suffix}", info_a["addrs"][0], timeout=120)
+            listen_b = f"/ip4/127.0.0.3/{suffix}"
+            driver_b.call(_start_b, listen_b, info_a["addrs"][0], timeout=120)
             refs = [driver_a.call(_put, args.mib, fill, timeout=120) for fill in (2, 3, 4)]
             latency, transfer = driver_b.call(_measure, args.calls, args.mib, refs, timeout=900)
     finally:

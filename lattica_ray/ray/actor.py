@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import sys
 import tempfile
 import time
 import warnings
@@ -119,8 +118,6 @@ class LatticaActor:
 
     def __init__(self, config_json: str) -> None:
         self.config = LatticaConfig.model_validate_json(config_json)
-        if self.config.gil_switch_interval is not None:
-            sys.setswitchinterval(self.config.gil_switch_interval)
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
         with warnings.catch_warnings():  # Ray's own property trips its deprecation warning

@@ -46,10 +46,6 @@ class LatticaConfig(BaseModel):
     """Fetches larger than this log their progress."""
     max_value_depth: int = Field(default=64, ge=1)
     """Deepest nesting of lists/dicts accepted in an argument or result."""
-    gil_switch_interval: float | None = Field(default=0.0005, gt=0)
-    """`sys.setswitchinterval` of the LatticaActor's process. Every call crosses between Ray's
-    threads and the Node's loop thread; with Python's default (5 ms) a thread that is busy
-    (e.g. with QUIC packets) keeps the GIL that long while the other waits. None: leave it."""
 
     def identity(self) -> dict[str, object]:
         """The settings that make two LatticaActors different meshes (not mere limits)."""
