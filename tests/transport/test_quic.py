@@ -293,3 +293,33 @@ async def test_cubic_congestion_control_moves_data(quic_config: QuicConfig) -> N
         assert isinstance(pair.server_connections[0].quic._loss._cc, CubicCongestionControl)
     finally:
         await pair.close()
+
+
+@pytest.mark.parametrize("read", ["readexactly", "read_message"])
+async def test_a_reader_waiting_for_more_than_the_window_gets_it(
+    quic_config: QuicConfig, read: str
+) -> None:
+    """The reader asks for more than both windows: credit must follow, or both sides wait."""
+    window = 64 * 1024
+    config = quic_config.model_copy(
+        update={"stream_window": window, "connection_window": 2 * window}
+    )
+    pair = EndpointPair(config)
+    await pair.start()
+    try:
+        connection = await pair.dial()
+        stream = await connection.open_stream()
+        payload = os.urandom(1024 * 1024)
+        if read == "read_message":
+            writer = asyncio.ensure_future(stream.write_message(payload))
+        else:
+            writer = asyncio.ensure_future(stream.write(payload))
+        inbound = await pair.server_streams.get()
+        async with asyncio.timeout(10):
+            if read == "read_message":
+                assert await inbound.read_message(max_size=len(payload)) == payload
+            else:
+                assert await inbound.readexactly(len(payload)) == payload
+            await writer
+    finally:
+        await pair.close()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.recovery import QuicPacketPacer
 
 from tests.transport.conftest import EndpointPair, wait_until
-from transport.quic.glue import Libp2pQuicConnection
+from transport.quic import QuicConfig
+from transport.quic.glue import MAX_PACING_BURST, BurstPacer, Libp2pQuicConnection
 
 WINDOW = 256 * 1024
 
@@ -71,3 +75,50 @@ async def test_an_echo_round_trip_costs_few_flushes(endpoints: EndpointPair, rou
         await stream.readexactly(64)
     # One flush per side per round trip, plus a few for delayed ACKs (4.5 before batching).
     assert flushes <= 3 * rounds
+
+
+def test_a_pacing_burst_carries_2_ms_of_data_at_the_same_rate() -> None:
+    ours, aioquics = BurstPacer(max_datagram_size=1350), QuicPacketPacer(max_datagram_size=1350)
+    for pacer in (ours, aioquics):
+        pacer.update_rate(congestion_window=1_000_000, smoothed_rtt=0.010)
+    assert ours.packet_time == aioquics.packet_time  # the rate is aioquic's
+    assert aioquics.bucket_max == pytest.approx(16 * 1350 * 0.010 / 1_000_000)
+    assert ours.bucket_max == pytest.approx(0.002)  # 200 kB at 100 MB/s
+    ours.update_rate(congestion_window=100_000_000, smoothed_rtt=0.010)
+    assert ours.bucket_max == pytest.approx(MAX_PACING_BURST * 0.010 / 100_000_000)
+    # The bucket still empties: after a burst the sender waits for the rate.
+    now = 1.0
+    ours.update_rate(congestion_window=1_000_000, smoothed_rtt=0.010)
+    ours.evaluation_time, ours.bucket_time = now, ours.bucket_max
+    sent = 0
+    while ours.next_send_time(now) is None:
+        ours.update_after_send(now)
+        sent += 1
+    assert sent == pytest.approx(200_000 / 1350, abs=2)
+
+
+async def test_a_bulk_sender_sends_many_datagrams_per_flush() -> None:
+    """aioquic's pacer alone lets a flush send at most 16 datagrams."""
+    pair = EndpointPair(QuicConfig(pmtu_probing=False))
+    await pair.start()
+    try:
+        connection = await pair.dial()
+        flushes = 0
+        original = connection.quic.datagrams_to_send
+
+        def counted(now: float) -> list:
+            nonlocal flushes
+            flushes += 1
+            return original(now)
+
+        connection.quic.datagrams_to_send = counted  # type: ignore[method-assign]
+        stream = await connection.open_stream()
+        size = 8 * 1024 * 1024
+        writer = asyncio.ensure_future(stream.write(bytes(size)))
+        inbound = await pair.server_streams.get()
+        assert len(await inbound.readexactly(size)) == size
+        await writer
+        packets = size // 1350
+        assert flushes < packets / 16
+    finally:
+        await pair.close()

@@ -288,6 +288,10 @@ class QuicConnection(Connection):
         if self.quic.consume(stream_id, nbytes):  # flow-control credit is due to the remote
             self._schedule_flush()
 
+    def _reader_needs(self, stream_id: int, needed: int) -> None:
+        if self.quic.reader_needs(stream_id, needed):
+            self._schedule_flush()
+
     def _send_buffer_below_high_water(self, stream_id: int) -> bool:
         return self.quic.send_buffer_size(stream_id) < self.endpoint.config.send_buffer_high_water
 

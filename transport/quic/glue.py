@@ -13,6 +13,8 @@
   out of congestion control, and watch lost big packets for black holes.
 - aioquic writes a STREAM frame's length as a 2-byte varint, which overflows (and corrupts the
   frame) above 16,383 bytes: our STREAM frames use a varint of the length's own size.
+- aioquic's pacer lets a burst carry at most 16 datagrams, so a sender wakes (timer, flush,
+  system call) every 16 datagrams; `BurstPacer` lets a burst carry 2 ms of data.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from aioquic.quic import connection as aioquic_connection
 from aioquic.quic.connection import END_STATES, QuicConnection
 from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_transport_parameters
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder, QuicSentPacket
+from aioquic.quic.recovery import K_MICRO_SECOND, QuicPacketPacer
 from aioquic.tls import Epoch
 from cryptography import x509
 
@@ -31,6 +34,22 @@ from transport.quic.pmtu import PathMtuSearch
 
 log = logging.getLogger(__name__)
 NetworkAddress = tuple[str, int]
+PACING_BURST_INTERVAL = 0.002  # seconds of data one burst may carry (as quinn's pacer)
+MAX_PACING_BURST = 256 * 1024  # bytes per burst, well within the kernel's socket buffers
+
+
+class BurstPacer(QuicPacketPacer):
+    """aioquic's token-bucket pacer with bursts of up to 2 ms of data (aioquic: 16 datagrams).
+
+    The rate is unchanged (congestion window per RTT); only the bucket is deeper, so a sender
+    spends one flush, one timer and one batched system call on many datagrams.
+    """
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        super().update_rate(congestion_window=congestion_window, smoothed_rtt=smoothed_rtt)
+        rtt = max(smoothed_rtt, K_MICRO_SECOND)
+        burst = min(congestion_window * PACING_BURST_INTERVAL / rtt, MAX_PACING_BURST)
+        self.bucket_max = max(self.bucket_max, burst * rtt / congestion_window)
 
 
 class Libp2pQuicConnection(QuicConnection):
@@ -46,6 +65,7 @@ class Libp2pQuicConnection(QuicConnection):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._loss._pacer = BurstPacer(max_datagram_size=self._max_datagram_size)
         # aioquic fixes the remote's concurrent bidirectional streams at 128.
         self._local_max_streams_bidi.value = max_streams
         self._local_max_streams_bidi.sent = max_streams
@@ -53,6 +73,8 @@ class Libp2pQuicConnection(QuicConnection):
         self._connection_window = connection_window
         self._consumed: dict[int, int] = {}
         self._consumed_total = 0
+        self._reserved: dict[int, int] = {}  # offsets a waiting reader asked to be granted
+        self._reserved_total = 0
         self.mtu_search = mtu_search
         self._mtu_probes: dict[int, int] = {}  # packet number -> probed size, while in flight
         self._mtu_path: NetworkAddress | None = None  # the path the search is about
@@ -98,8 +120,26 @@ class Libp2pQuicConnection(QuicConnection):
             >= self._stream_window // 2
         )
 
+    def reader_needs(self, stream_id: int, needed: int) -> bool:
+        """A reader waits for `needed` unread bytes: grant that much even beyond the window.
+
+        Without it a reader waiting for more than one window (readexactly, a big message)
+        and the remote writer, out of credit, would wait for each other forever. True if
+        this needs a MAX_STREAM_DATA or MAX_DATA update.
+        """
+        target = self._consumed.get(stream_id, 0) + needed
+        if target <= self._reserved.get(stream_id, 0):
+            return False
+        self._reserved[stream_id] = target
+        self._reserved_total = max(self._reserved_total, self._consumed_total + needed)
+        stream = self._streams.get(stream_id)
+        return self._reserved_total > self._local_max_data.value or (
+            stream is not None and target > stream.max_stream_data_local
+        )
+
     def forget_stream(self, stream_id: int) -> None:
         self._consumed.pop(stream_id, None)
+        self._reserved.pop(stream_id, None)
 
     # -- flow control: credit follows what the application read ---------------------------
     def _write_stream_limits(self, builder, space, stream) -> None:  # type: ignore[override]
@@ -107,7 +147,10 @@ class Libp2pQuicConnection(QuicConnection):
             return  # a locally opened unidirectional stream: nothing to grant
         target = self._consumed.get(stream.stream_id, 0) + self._stream_window
         # Batch updates: grant once half a window has been read since the last grant.
-        if target - stream.max_stream_data_local >= self._stream_window // 2:
+        if target - stream.max_stream_data_local < self._stream_window // 2:
+            target = stream.max_stream_data_local
+        target = max(target, self._reserved.get(stream.stream_id, 0))  # a waiting reader
+        if target > stream.max_stream_data_local:
             stream.max_stream_data_local = target
         if stream.max_stream_data_local_sent != stream.max_stream_data_local:
             buf = builder.start_frame(
@@ -123,7 +166,10 @@ class Libp2pQuicConnection(QuicConnection):
     def _write_connection_limits(self, builder, space) -> None:  # type: ignore[override]
         max_data = self._local_max_data
         target = self._consumed_total + self._connection_window
-        if target - max_data.value >= self._connection_window // 2:
+        if target - max_data.value < self._connection_window // 2:
+            target = max_data.value
+        target = max(target, self._reserved_total)
+        if target > max_data.value:
             max_data.value = target
         # Keep aioquic's own doubling from firing: it would grant credit nobody has read.
         saved_used = max_data.used

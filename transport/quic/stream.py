@@ -31,6 +31,9 @@ class QuicStream(Stream):
     def _on_consumed(self, nbytes: int) -> None:
         self.connection._consume(self.stream_id, nbytes)
 
+    def _on_waiting(self, needed: int) -> None:
+        self.connection._reader_needs(self.stream_id, needed)
+
     # -- writing ------------------------------------------------------------------------
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
