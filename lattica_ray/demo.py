@@ -222,10 +222,14 @@ def run(
             )
             start_clusters(clusters)
         console.print(f"relay/bootstrap node: {relay_addr}", soft_wrap=True)
+        nat = {name: kind.replace("_", "-") for name, _, kind in SITES}
         for cluster in clusters:
+            where_it_is = f", behind a {nat[cluster.name]} NAT, netns {cluster.netns}"
             console.print(
-                f"Ray cluster [bold]{cluster.name}[/] at {cluster.address} "
-                f"(pid {cluster.pid}, temp dir {cluster.root})"
+                f"Ray cluster [bold]{cluster.name}[/] at {cluster.address}"
+                f"{where_it_is if mode == 'lab' else ''} "
+                f"(pid {cluster.pid}, temp dir {cluster.root})",
+                soft_wrap=True,
             )
 
         drivers = [RayDriver(c) for c in clusters]
