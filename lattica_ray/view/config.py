@@ -60,6 +60,13 @@ class ViewConfig(BaseModel):
     )
     tick_interval: float = Field(0.25, gt=0, description="real seconds between timer checks")
 
+    compact_after_updates: int = Field(
+        1000,
+        ge=10,
+        description="after this many updates of one run, start a new run holding only the live "
+        "entries and retire the old one: the log and document stay the size of what is live",
+    )
+
     # -- I/O ---------------------------------------------------------------------------------
     request_timeout: float = Field(10.0, gt=0, description="one gossip push or one whole sync")
     max_concurrent_streams: int = Field(32, ge=1, description="outbound view streams at once")

@@ -7,14 +7,16 @@ Layout: three root maps of JSON strings, every key starting with its author's pe
     user     "<peer>/<incarnation>/<json [map, key]>" -> UserRecord
 
 Because no two authors (or two runs of one author) ever share a key, concurrent writes never
-conflict inside Yjs, and an honest update only creates items of its author's client ID, references
-only its author's items, and deletes only its author's items. A received update is checked twice:
+conflict inside Yjs, and an honest update only creates items of its own chain's client ID, under
+its own keys, builds only on its own chain's items, and deletes only those. (A run never edits an
+earlier run's items: it copies what it keeps and retires the earlier run, see protocol.py.) A
+received update is checked twice:
 
-1. structurally, by decoding it (`yupdate`): item clients, origins, parents, map keys, content kinds
-   and the delete set, and that every item it builds on is already here (else `MissingDependency`:
-   pycrdt would hold it silently and report success);
-2. by effect, on a copy (the probe document): apply it there, see which keys changed and that the
-   state vector advanced by exactly the update; only then apply it to the real document.
+1. structurally, by decoding it (`yupdate`): item clients and clocks, origins, parents, map keys,
+   content kinds and the delete set;
+2. by effect, on a copy (the probe document): apply it there, see which keys changed and that
+   pycrdt integrated exactly the update (it holds back, silently and reporting success, whatever
+   builds on items it lacks: `MissingDependency`); only then apply it to the real document.
 
 A rejected update leaves the probe dirty; it is rebuilt from the real document.
 """
@@ -119,7 +121,8 @@ class ViewDocument:
         client_id: int,
         owner_of: Callable[[int], PeerId | None],
     ) -> DecodedUpdate:
-        """Structural write-rule check; raises `WriteRuleViolation` or `MissingDependency`."""
+        """Structural write-rule check; raises `WriteRuleViolation`. `owner_of` only names the
+        author of a foreign client ID in the error message."""
         decoded = decode_update(update)
         own_start = self.state.get(client_id, 0)
         own_end = own_start
@@ -172,21 +175,22 @@ class ViewDocument:
         own_end: int,
         owner_of: Callable[[int], PeerId | None],
     ) -> None:
-        """Items up to clock `end` of `client` must be the author's and already known."""
+        """Items up to clock `end` of `client` must be this chain's own, and exist."""
         if client == client_id:
             if end > own_end:
                 raise WriteRuleViolation("update refers to its own items that do not exist")
             return
         owner = owner_of(client)
-        if owner is None:
-            raise MissingDependency(f"update builds on Yjs client {client}, unknown here")
-        if owner != author:
-            raise WriteRuleViolation(
-                f"{author.short()} refers to or deletes items of {owner.short()}; authors may "
-                "only touch their own"
-            )
-        if end > self.state.get(client, 0):
-            raise MissingDependency(f"update builds on items of client {client} not here yet")
+        if owner == author:
+            whose = "its author's earlier run (earlier runs are retired, never edited)"
+        elif owner is not None:
+            whose = f"{owner.short()}"
+        else:
+            whose = "an unknown author"
+        raise WriteRuleViolation(
+            f"{author.short()} refers to or deletes items of {whose}; an update may only touch "
+            "items of its own chain"
+        )
 
     def apply(self, update: bytes, decoded: DecodedUpdate, author: PeerId) -> list[EntryChange]:
         """Apply a `check`ed update: to the probe, inspect the effect, then to the real document."""

@@ -54,6 +54,11 @@ class MemberRecord(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     versions: dict[str, str] = Field(default_factory=dict)
     started_at: float = Field(0.0, description="author clock, seconds")
+    retires_older_runs: bool = Field(
+        False,
+        description="this run holds everything the author keeps: earlier runs are retired "
+        "(their updates forgotten, the document rebuilt without them)",
+    )
 
 
 class ActorRecord(BaseModel):

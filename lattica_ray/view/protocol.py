@@ -55,6 +55,7 @@ from lattica_ray.view.errors import (
     MalformedMessage,
     MalformedUpdate,
     MissingDependency,
+    ViewError,
     WriteRuleViolation,
 )
 from lattica_ray.view.models import (
@@ -94,6 +95,7 @@ class Outcome(StrEnum):
     REJECTED = "rejected"  # forged, out of rule, malformed or over a limit
     EQUIVOCATION = "equivocation"  # a second, different update with a used number
     BANNED = "banned"  # its author was caught equivocating
+    RETIRED = "retired"  # from a run its author has since retired (compaction, restart)
 
 
 @dataclass
@@ -170,7 +172,11 @@ class ViewReplica:
         self._member_peers: list[PeerId] | None = None
         self._proofs: list[EquivocationProof] = []
         self._next_anti_entropy = now + config.anti_entropy_interval * self._rng.uniform(0.5, 1)
-        self._stale_incarnations: set[int] = set()
+        self._older_run_seen: float | None = None  # when we learned of an earlier run of ours
+        self._retired_below: dict[PeerId, int] = {}  # author -> runs below this are retired
+        self._retiring: dict[PeerId, int] = {}  # retirements applied, not yet carried out
+        self._retired_since_rebuild = 0  # updates forgotten whose items the document still holds
+        self._quiet = False  # while compacting: report the net change once, at the end
         self._digest: bytes | None = None
         # outputs
         self._events: list[ViewChange] = []
@@ -185,7 +191,16 @@ class ViewReplica:
     # ================================================================ local writes
     def announce(self, record: MemberRecord, now: float) -> SignedUpdate | None:
         """Write (or rewrite) our own member entry."""
-        return self._write([(MEMBERS, chain_prefix(self.peer_id, self.incarnation), record)], now)
+        known = self._members.get(self._me, {}).get(self.incarnation)
+        if known is not None and known.retires_older_runs:
+            record = record.model_copy(update={"retires_older_runs": True})
+        envelope = self._write(
+            [(MEMBERS, chain_prefix(self.peer_id, self.incarnation), record)], now
+        )
+        return envelope
+
+    def _own_chains(self) -> list[_Chain]:
+        return [c for c in self._chains.values() if c.id.author == self.peer_id]
 
     def export_actor(self, name: str, record: ActorRecord, now: float) -> SignedUpdate | None:
         self._check_name(name, "actor name")
@@ -252,6 +267,7 @@ class ViewReplica:
         self._record_applied(chain, envelope, entry_changes, now)
         self._gossip_updates.append(envelope)
         self.stats["updates_created"] += 1
+        self._retire(now)
         return envelope
 
     # ================================================================ received updates
@@ -263,6 +279,9 @@ class ViewReplica:
         if len(envelope.update) > self.config.max_update_bytes:
             self._penalize(sender, self.config.penalty_malformed, "update over max_update_bytes")
             return Outcome.REJECTED
+        if envelope.incarnation < self._retired_below.get(envelope.author, 0):
+            self.stats["retired"] += 1
+            return Outcome.RETIRED
         if fresh and envelope.envelope_id in self._seen:
             self.stats["duplicates"] += 1
             return Outcome.DUPLICATE
@@ -346,8 +365,9 @@ class ViewReplica:
         self.stats["updates_applied"] += 1
         if fresh:
             self._gossip_updates.append(envelope)
-        if envelope.author == self.peer_id and envelope.incarnation != self.incarnation:
-            self._stale_incarnations.add(envelope.incarnation)
+        if envelope.author == self.peer_id and envelope.incarnation < self.incarnation:
+            if self._older_run_seen is None:
+                self._older_run_seen = now
         return Outcome.APPLIED
 
     def _record_applied(
@@ -360,6 +380,13 @@ class ViewReplica:
         if author is not None:
             author.incarnations.add(envelope.incarnation)
         self._absorb(envelope, changes, now)
+        own_key = chain_prefix(envelope.author, envelope.incarnation)
+        for change in changes:
+            if change.root == MEMBERS and change.key == own_key and change.value is not None:
+                record = _parse_record(MemberRecord, change.value)
+                if record is not None and record.retires_older_runs:
+                    retiring = max(self._retiring.get(envelope.author, 0), envelope.incarnation)
+                    self._retiring[envelope.author] = retiring
 
     def _drain(self, now: float) -> None:
         """Apply held updates whose predecessors have arrived, until nothing moves."""
@@ -375,7 +402,7 @@ class ViewReplica:
                 outcome = self._try_apply(chain, held.update, held.sender, now, held.fresh)
                 if outcome is Outcome.APPLIED:
                     progress = True
-        self._clean_stale_incarnations(now)
+        self._retire(now)
 
     def _hold(
         self, chain: _Chain, envelope: SignedUpdate, sender: PeerId, now: float, fresh: bool
@@ -418,19 +445,219 @@ class ViewReplica:
         chain = self._clients.get(client_id)
         return chain.id.author if chain is not None else None
 
-    def _clean_stale_incarnations(self, now: float) -> None:
-        """Delete our own member entry and actors left by earlier runs of this node."""
-        if not self._stale_incarnations:
+    # ================================================================ runs: adopt, retire, compact
+    def _adopt_older_runs(self, now: float) -> None:
+        """Our node ran before (a restart): keep that run's user-map values under this run, and
+        retire it, so nothing ever has to hold or edit its items again. Done `gone_after` after
+        we first heard of it, so that its last updates have had time to reach us."""
+        if not any(c.id.incarnation < self.incarnation for c in self._own_chains()):
+            self._older_run_seen = None
             return
-        stale, self._stale_incarnations = self._stale_incarnations, set()
+        current = self._members.get(self._me, {}).get(self.incarnation)
+        if current is None:
+            return  # not announced yet: adopted with the first announce
         changes: list[tuple[str, str, BaseModel | None]] = []
-        for incarnation in sorted(stale):
-            if incarnation in self._members.get(self._me, {}):
-                changes.append((MEMBERS, chain_prefix(self.peer_id, incarnation), None))
-            for name in self._actors.get(self._me, {}).get(incarnation, {}):
-                changes.append((ACTORS, self._actor_key(self._me, incarnation, name), None))
-        if changes:
-            self._write(changes, now)
+        for map_name, key, record in self._own_user_records():
+            if self._user.get(map_name, {}).get(key, {}).get((self._me, self.incarnation)) is None:
+                changes.append(
+                    (USER, self._user_key(self._me, self.incarnation, map_name, key), record)
+                )
+        changes.append(
+            (
+                MEMBERS,
+                chain_prefix(self.peer_id, self.incarnation),
+                current.model_copy(update={"retires_older_runs": True}),
+            )
+        )
+        self._write_batches(changes, now)
+
+    def _own_user_records(self) -> list[tuple[str, str, UserRecord]]:
+        """Our latest record of every user-map key we wrote, in any of our runs."""
+        out = []
+        for map_name, keys in self._user.items():
+            for key, entries in keys.items():
+                ours = [(i, r) for (p, i), r in entries.items() if p == self._me]
+                if ours:
+                    _, record = max(ours, key=lambda pair: (pair[1].version, pair[0]))
+                    out.append((map_name, key, record))
+        return out
+
+    def compact(self, now: float) -> SignedUpdate | None:
+        """Start a new run that holds only our live entries, and retire the old run's log.
+
+        Every update we ever wrote stays in every replica's log and document until the run that
+        wrote it is retired; a fresh run re-writes our member entry, actors and user-map values
+        (same versions) in a few updates and retires all earlier runs, so the log and the
+        document shrink back to what is live. Returns the last update of the new run.
+        """
+        member_record = self._members.get(self._me, {}).get(self.incarnation)
+        if member_record is None:
+            return None
+        actors = dict(self._actors.get(self._me, {}).get(self.incarnation, {}))
+        user = self._own_user_records()
+        before = self._projection(self._me, {(m, k) for m, k, _ in user}, now)
+        self._quiet = True
+        try:
+            last = self._start_run_with(member_record, actors, user, now)
+        finally:
+            self._quiet = False
+        self._report(self.peer_id, before, self._projection(self._me, set(before[2]), now))
+        self.stats["compactions"] += 1
+        return last
+
+    def _start_run_with(
+        self,
+        member_record: MemberRecord,
+        actors: dict[str, ActorRecord],
+        user: list[tuple[str, str, UserRecord]],
+        now: float,
+    ) -> SignedUpdate | None:
+        self.incarnation = max(c.id.incarnation for c in self._own_chains()) + 1
+        self.chain_id = ChainId(self.peer_id, self.incarnation)
+        self._register_chain(self.chain_id)
+        self._retiring[self.peer_id] = self.incarnation
+        self._retire(now, rebuild_as=self.chain_id.client_id)
+        changes: list[tuple[str, str, BaseModel | None]] = [
+            (ACTORS, self._actor_key(self._me, self.incarnation, name), record)
+            for name, record in actors.items()
+        ]
+        changes += [
+            (USER, self._user_key(self._me, self.incarnation, map_name, key), record)
+            for map_name, key, record in user
+        ]
+        changes.append(
+            (
+                MEMBERS,
+                chain_prefix(self.peer_id, self.incarnation),
+                member_record.model_copy(update={"retires_older_runs": True}),
+            )
+        )
+        return self._write_batches(changes, now)
+
+    def _write_batches(
+        self, changes: list[tuple[str, str, BaseModel | None]], now: float
+    ) -> SignedUpdate | None:
+        """Write in updates of at most half `max_update_bytes` of JSON; the last change last."""
+        budget = self.config.max_update_bytes // 2
+        batch: list[tuple[str, str, BaseModel | None]] = []
+        size = 0
+        last = None
+        for index, change in enumerate(changes):
+            record = change[2]
+            cost = len(record.model_dump_json()) + len(change[1]) + 32 if record else 64
+            if batch and (size + cost > budget or index == len(changes) - 1):
+                last = self._write(batch, now) or last
+                batch, size = [], 0
+            batch.append(change)
+            size += cost
+        if batch:
+            last = self._write(batch, now) or last
+        return last
+
+    def _retire(self, now: float, rebuild_as: int | None = None) -> None:
+        """Carry out retirements: forget the retired runs' updates and entries at once; rebuild
+        the document without them (a Yjs document cannot drop items, a new one can leave them
+        out) once enough has been retired to pay for it, so retiring stays cheap per update."""
+        if not self._retiring and rebuild_as is None:
+            return
+        retiring, self._retiring = self._retiring, {}
+        dropped: dict[PeerId, list[_Chain]] = {}
+        for author, below in retiring.items():
+            if below <= self._retired_below.get(author, 0):
+                continue
+            self._retired_below[author] = below
+            for chain in list(self._chains.values()):
+                if chain.id.author == author and chain.id.incarnation < below:
+                    dropped.setdefault(author, []).append(chain)
+        before = {a: self._projection(peer_name(a), self._user_keys_of(a), now) for a in dropped}
+        for author, chains in dropped.items():
+            state = self._authors.get(author)
+            for chain in chains:
+                self._pending_count -= len(chain.pending)
+                del self._chains[chain.id]
+                self._clients.pop(chain.id.client_id, None)
+                for envelope in chain.applied:
+                    self._apply_order.pop(envelope.envelope_id, None)
+                if state is not None:
+                    state.incarnations.discard(chain.id.incarnation)
+                self._purge_run(peer_name(author), chain.id.incarnation)
+                self._retired_since_rebuild += len(chain.applied)
+                self.stats["updates_retired"] += len(chain.applied)
+        if rebuild_as is not None:
+            self._rebuild(rebuild_as)
+        elif self._retired_since_rebuild >= max(64, len(self._apply_order) // 4):
+            self._rebuild(self.document.client_id)
+        self._gossip_pool = self._member_peers = None
+        self._digest = None
+        for author, old in before.items():
+            self._report(author, old, self._projection(peer_name(author), set(old[2]), now))
+
+    def _purge_run(self, peer: str, incarnation: int) -> None:
+        """Drop a retired run's parsed entries (its items stay in the document until rebuilt)."""
+        runs = self._members.get(peer, {})
+        runs.pop(incarnation, None)
+        if not runs:
+            self._members.pop(peer, None)
+        actor_runs = self._actors.get(peer, {})
+        actor_runs.pop(incarnation, None)
+        if not actor_runs:
+            self._actors.pop(peer, None)
+        for map_name in list(self._user):
+            keys = self._user[map_name]
+            for key in list(keys):
+                keys[key].pop((peer, incarnation), None)
+                if not keys[key]:
+                    del keys[key]
+            if not keys:
+                del self._user[map_name]
+        prefix = f"{peer}/{incarnation}"
+        for root, key in [k for k in self._writers if _in_run(k[1], prefix)]:
+            del self._writers[(root, key)]
+
+    def _user_keys_of(self, author: PeerId) -> set[tuple[str, str]]:
+        name = peer_name(author)
+        return {
+            (map_name, key)
+            for map_name, keys in self._user.items()
+            for key, entries in keys.items()
+            if any(peer == name for peer, _ in entries)
+        }
+
+    def _rebuild(self, client_id: int) -> None:
+        """A fresh document from the updates we keep, replayed in the order we applied them."""
+        live = sorted(
+            (e for chain in self._chains.values() for e in chain.applied),
+            key=lambda e: self._apply_order[e.envelope_id],
+        )
+        self.document = ViewDocument(client_id)
+        self._members.clear()
+        self._actors.clear()
+        self._user.clear()
+        self._writers.clear()
+        self._apply_order = {}
+        self._retired_since_rebuild = 0
+        for envelope in live:
+            chain_id = envelope.chain
+            try:
+                decoded = self.document.check(
+                    envelope.update,
+                    envelope.author,
+                    envelope.incarnation,
+                    chain_id.client_id,
+                    self._owner_of,
+                )
+                changes = self.document.apply(envelope.update, decoded, envelope.author)
+            except ViewError as exc:  # each was checked when it first arrived: a bug if it fails
+                log.error("rebuilding the view: %s no longer applies: %s", envelope, exc)
+                continue
+            self._apply_order[envelope.envelope_id] = len(self._apply_order)
+            for change in changes:
+                if change.value is not None:
+                    self._writers[(change.root, change.key)] = envelope
+                self._absorb_entry(change)
+        self._gossip_pool = self._member_peers = None
+        self._digest = None
+        self.stats["rebuilds"] += 1
 
     # ================================================================ equivocation, scores
     def _equivocation(
@@ -526,6 +753,8 @@ class ViewReplica:
         """True if the heartbeat was new, valid and fresh (and is to be forwarded)."""
         if heartbeat.author == self.peer_id:
             return False
+        if heartbeat.incarnation < self._retired_below.get(heartbeat.author, 0):
+            return False
         author = self._authors.get(heartbeat.author)
         if author is not None and not heartbeat.is_newer_than(author.heartbeat):
             self.stats["heartbeat_duplicates"] += 1
@@ -578,6 +807,13 @@ class ViewReplica:
             peer = self.pick_anti_entropy_peer()
             if peer is not None:
                 self._request_sync(peer, "anti-entropy")
+        if (
+            self._older_run_seen is not None
+            and now - self._older_run_seen >= self.config.gone_after
+        ):
+            self._adopt_older_runs(now)
+        if self._chains[self.chain_id].head >= self.config.compact_after_updates:
+            self.compact(now)
         if self._pending_count:
             self._expire_pending(now)
         for peer in [p for p, until in self._unreachable.items() if until <= now]:
@@ -958,20 +1194,38 @@ class ViewReplica:
     def _absorb(self, envelope: SignedUpdate, changes: list[EntryChange], now: float) -> None:
         """Bring the parsed entries in step with the document; report what readers now see."""
         peer = peer_name(envelope.author)
-        member_before = self.member(peer, now)
-        actors_before = self._visible_actors(peer, now)
-        user_keys = {
-            parsed for c in changes if c.root == USER and (parsed := _parse_user_key(c.key))
+        map_keys = {
+            (parsed[2], parsed[3])
+            for c in changes
+            if c.root == USER and (parsed := _parse_user_key(c.key))
         }
-        user_before = {(m, k): self.map_get(m, k) for (_, _, m, k) in user_keys}
+        before = self._projection(peer, map_keys, now)
         for change in changes:
             if change.value is None:
                 self._writers.pop((change.root, change.key), None)
             else:
                 self._writers[(change.root, change.key)] = envelope
             self._absorb_entry(change)
-        member_after = self.member(peer, now)
-        author = self._authors.get(envelope.author)
+        self._report(envelope.author, before, self._projection(peer, map_keys, now))
+
+    def _projection(
+        self, peer: str, map_keys: set[tuple[str, str]], now: float
+    ) -> tuple[Member | None, dict[str, ExportedActor], dict[tuple[str, str], MapEntry | None]]:
+        """What readers see of one author's entries (and of the given user-map keys)."""
+        entries = {(m, k): self.map_get(m, k) for m, k in map_keys}
+        return self.member(peer, now), self._visible_actors(peer, now), entries
+
+    def _report(
+        self,
+        author_id: PeerId,
+        before: tuple[Member | None, dict[str, ExportedActor], dict[tuple[str, str], Any]],
+        after: tuple[Member | None, dict[str, ExportedActor], dict[tuple[str, str], Any]],
+    ) -> None:
+        if self._quiet:
+            return
+        member_before, actors_before, user_before = before
+        member_after, actors_after, user_after = after
+        author = self._authors.get(author_id)
         if member_after is not None and author is not None and author.status is None:
             author.status = member_after.status
         if member_after is not None and member_after != member_before:
@@ -986,8 +1240,7 @@ class ViewReplica:
             if member_after.peer_id != self._me and learned != (
                 member_before.addrs if member_before else None
             ):
-                self._learned_addrs[envelope.author] = learned
-        actors_after = self._visible_actors(peer, now)
+                self._learned_addrs[author_id] = learned
         for name, actor in actors_after.items():
             old = actors_before.get(name)
             if old is None:
@@ -997,16 +1250,16 @@ class ViewReplica:
         for name, actor in actors_before.items():
             if name not in actors_after:
                 self._events.append(ActorChanged(change="unexported", actor=actor))
-        for (map_name, key), before in user_before.items():
-            after = self.map_get(map_name, key)
-            if after != before:
+        for (map_name, key), old_entry in user_before.items():
+            new_entry = user_after[(map_name, key)]
+            if new_entry != old_entry:
                 self._events.append(
                     MapChanged(
                         map=map_name,
                         key=key,
-                        value=after.value if after else None,
-                        deleted=after is None,
-                        author=after.author if after else peer,
+                        value=new_entry.value if new_entry else None,
+                        deleted=new_entry is None,
+                        author=new_entry.author if new_entry else peer_name(author_id),
                     )
                 )
 
@@ -1079,11 +1332,28 @@ class ViewReplica:
         return f"{peer}/{incarnation}/" + json.dumps([map_name, key], separators=(",", ":"))
 
     def document_entries(self) -> dict[str, dict[str, str]]:
-        """The raw document, read directly (for checks that the caches tell the truth)."""
-        return {root: self.document.entries(root) for root in (MEMBERS, ACTORS, USER)}
+        """The document's entries of live runs, read directly (for checks that what readers see
+        tells the truth); retired runs' items may linger in the document until it is rebuilt."""
+        out = {}
+        for root in (MEMBERS, ACTORS, USER):
+            entries = self.document.entries(root)
+            out[root] = {k: v for k, v in entries.items() if not self._retired_key(k)}
+        return out
+
+    def _retired_key(self, key: str) -> bool:
+        peer, _, rest = key.partition("/")
+        incarnation = rest.split("/", 1)[0]
+        author = self._authors_by_name.get(peer)
+        if author is None or not incarnation.isdigit():
+            return False
+        return int(incarnation) < self._retired_below.get(author.peer, 0)
 
 
 # ==================================================================== document keys and records
+def _in_run(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + "/")
+
+
 def _parse_member_key(key: str) -> tuple[str, int] | None:
     peer, _, incarnation = key.partition("/")
     return (peer, int(incarnation)) if incarnation.isdigit() else None

@@ -230,11 +230,14 @@ class ClusterView:
         self._resources = _resources(resources)
         self._versions = dict(versions) if versions is not None else default_versions()
         self._clock = clock
-        self.incarnation = incarnation if incarnation is not None else time.time_ns()
         self._rng = random.Random(seed)
         self._started_at = clock()
         self._replica = ViewReplica(
-            key, self.config, incarnation=self.incarnation, now=clock(), rng=self._rng
+            key,
+            self.config,
+            incarnation=incarnation if incarnation is not None else time.time_ns(),
+            now=clock(),
+            rng=self._rng,
         )
         self.stats: Counter[str] = Counter()
         self._subscriptions: set[ViewSubscription] = set()
@@ -252,6 +255,12 @@ class ClusterView:
     @property
     def peer_id(self) -> PeerId:
         return self._replica.peer_id
+
+    @property
+    def incarnation(self) -> int:
+        """This run's number: a restart (default: the start time in ns) or a compaction
+        starts a new one."""
+        return self._replica.incarnation
 
     # ================================================================ lifecycle
     async def start(self) -> None:

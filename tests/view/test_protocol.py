@@ -295,24 +295,85 @@ def test_pycrdt_holds_an_update_with_missing_predecessors_silently() -> None:
     assert observer.member(str(author.peer_id), T0).resources.cpus == 2
 
 
-def test_an_update_building_on_an_unseen_chain_waits_for_it() -> None:
-    """A restarted node deletes its old run's entries: receivers without the old run wait."""
+def test_a_restarted_node_adopts_its_earlier_run_and_retires_it() -> None:
     key = KeyPair.generate()
     old = new_replica(key, incarnation=1)
-    old_log = [old.announce(member(), T0), old.export_actor("svc", actor(), T0)]
+    old_log = [
+        old.announce(member(), T0),
+        old.export_actor("svc", actor(), T0),
+        old.set_user("rl", "policy", 5, T0),
+    ]
+    seen_old = _replica_with(old_log)
     new = new_replica(key, incarnation=2)
-    new_log = [new.announce(member(), T0)]
-    deliver(new, old_log)  # the new run learns of the old one and cleans up after it
-    cleanup = [u for u in new.take_gossip()[0] if u.chain == new.chain_id and u.seq > 1]
-    assert cleanup and new.document_entries()["actors"] == {}
-    assert list(new.document_entries()["members"]) == [f"{key.peer_id}/2"]
+    new.announce(member(), T0)
+    deliver(new, old_log[:2])  # the new run learns of the old one...
+    new.handle_timer(T0 + FAST.gone_after / 2)
+    deliver(new, old_log[2:], now=T0 + FAST.gone_after / 2)  # ...whose last update comes late
+    assert new.document_entries()["members"].keys() == {f"{key.peer_id}/1", f"{key.peer_id}/2"}
+    assert [a.name for a in new.actors(T0)] == []  # only the current run's actors are shown
+    new.handle_timer(T0 + FAST.gone_after)  # adopted and retired now
+    new_log = [u for u in new.take_gossip()[0] if u.chain == new.chain_id]  # (and forwards old)
+    assert [u.seq for u in new_log] == list(range(1, len(new_log) + 1))
+    entries = new.document_entries()
+    assert list(entries["members"]) == [f"{key.peer_id}/2"] and entries["actors"] == {}
+    assert new.map_get("rl", "policy").value == 5  # kept, under the new run
+    assert new.map_get("rl", "policy").version == 1  # with its version
 
-    observer = new_replica()
-    assert deliver(observer, [*new_log, *cleanup])[:2] == [Outcome.APPLIED, Outcome.PENDING]
-    assert deliver(observer, old_log) == [Outcome.APPLIED, Outcome.APPLIED]
-    assert observer._pending_count == 0
-    assert observer.document_entries() == new.document_entries()
-    assert [m.incarnation for m in observer.members(T0) if m.peer_id == str(key.peer_id)] == [2]
+    never_saw_old = _replica_with(new_log)
+    assert deliver(seen_old, new_log) == [Outcome.APPLIED] * len(new_log)
+    for r in (seen_old, never_saw_old):
+        assert r.document_entries() == entries
+        assert r.digest() == new.digest()
+        assert r.map_get("rl", "policy").value == 5
+        assert [m.incarnation for m in r.members(T0) if m.peer_id == str(key.peer_id)] == [2]
+    assert seen_old.stats["updates_retired"] == 3
+    assert deliver(seen_old, old_log) == [Outcome.RETIRED] * 3  # late copies of the old run
+
+
+def test_compaction_keeps_the_log_and_document_the_size_of_what_is_live() -> None:
+    config = FAST.model_copy(update={"compact_after_updates": 50})
+    author = new_replica(config=config)
+    observer, late = new_replica(config=config), new_replica(config=config)
+    author.announce(member(), T0)
+    author.export_actor("svc", actor(), T0)
+    deliver(observer, author.take_gossip()[0])
+    author.take_events(), observer.take_events()
+    sizes = []
+    for round_ in range(6):
+        for i in range(100):
+            author.set_user("run", f"k{i % 10}", round_ * 100 + i, T0)
+            author.handle_timer(T0)  # compacts once the run reaches 50 updates
+        deliver(observer, author.take_gossip()[0])
+        sizes.append((observer.document.encoded_size(), len(observer.updates_missing_from({}))))
+    assert author.stats["compactions"] >= 10
+    # nothing a reader sees changed but the values written: no actor or member churn reported
+    for replica in (author, observer):
+        kinds = {(type(e).__name__, getattr(e, "change", None)) for e in replica.take_events()}
+        assert not any(kind == "ActorChanged" for kind, _ in kinds)
+        assert ("MemberChanged", "updated") not in kinds
+    assert observer.digest() == author.digest()
+    assert max(n for _, n in sizes) <= 60  # updates held: one run, never the whole history
+    assert max(b for b, _ in sizes) < 2 * min(b for b, _ in sizes)  # bytes do not creep up
+    assert observer.map_entries("run") == author.map_entries("run")
+    assert observer.map_get("run", "k9").value == 599
+    assert [a.name for a in observer.actors(T0)] == ["svc"]
+    assert observer.member(str(author.peer_id), T0).incarnation == author.incarnation
+    # a newcomer syncing now receives only the live run
+    missing = author.updates_missing_from(late.heads())
+    assert len(missing) <= 60
+    deliver(late, missing, fresh=False)
+    assert late.document_entries() == author.document_entries()
+
+
+def test_an_update_touching_its_authors_earlier_run_is_refused() -> None:
+    key = KeyPair.generate()
+    first, second = Forger(key, incarnation=1), Forger(key, incarnation=2)
+    old = first.announce()
+    second.see(old)
+    observer = _replica_with([old, second.announce()])
+    edit = second.write(lambda r: r["members"].pop(first.prefix))
+    assert deliver(observer, [edit]) == [Outcome.REJECTED]
+    assert observer.stats["rejected_rule"] == 1
 
 
 def test_the_pending_buffer_is_bounded() -> None:

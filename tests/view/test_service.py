@@ -195,12 +195,13 @@ async def test_graceful_stop_is_seen_at_once(mesh: Mesh) -> None:
     await wait_all([a], lambda: a.member(b.peer_id).status == MemberStatus.GONE)
 
 
-async def test_restart_starts_a_new_incarnation_and_cleans_up_the_old(mesh: Mesh) -> None:
+async def test_restart_starts_a_new_run_that_adopts_and_retires_the_old(mesh: Mesh) -> None:
     a = await mesh.add()
     key = KeyPair.generate()
     b = await mesh.add(key=key, incarnation=1)
     b.export_actor("old-actor", "Old")
-    await wait_all([a, b], lambda: len(a.actors()) == 1)
+    b.map("rl").set("policy", 41)
+    await wait_all([a, b], lambda: len(a.actors()) == 1 and "policy" in a.map("rl"))
     await b.stop()
 
     b2 = await mesh.add(key=key, incarnation=2)
@@ -210,9 +211,17 @@ async def test_restart_starts_a_new_incarnation_and_cleans_up_the_old(mesh: Mesh
         lambda: converged([a, b2])() and [x.name for x in a.actors()] == ["new-actor"],
     )
     assert a.member(key.peer_id).incarnation == 2
-    # the new run deleted what the old one left in the document
-    entries = a._replica.document_entries()
-    assert not any(f"{key.peer_id}/1" in k for root in entries.values() for k in root)
+    assert a.map("rl")["policy"] == 41  # the old run's value, until the new run adopts it
+
+    def old_run_gone() -> bool:
+        entries = a._replica.document_entries()
+        return not any(f"{key.peer_id}/1" in k for root in entries.values() for k in root)
+
+    await beat(mesh, FAST.gone_after, [a, b2])  # the new run adopts the old one's values...
+    await wait_all([a, b2], old_run_gone)  # ...and retires it: a rebuilt its document without it
+    assert a.map("rl")["policy"] == 41
+    assert a.audit_map("rl", "policy").incarnation == 2
+    assert a._replica.stats["updates_retired"] == 3
 
 
 async def test_forged_replayed_and_out_of_rule_updates_over_the_wire(mesh: Mesh) -> None:
