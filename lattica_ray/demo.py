@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib.util
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -47,6 +49,10 @@ SITES = (
     ("campus", "127.0.0.4", "full_cone"),
 )
 RELAY_LOOPBACK_IP = "127.0.0.5"
+
+
+class DemoStopped(RuntimeError):
+    """The demo was asked to stop (Ctrl-C); everything it started has been stopped."""
 
 
 @dataclass
@@ -167,9 +173,17 @@ def run(
     episodes: int = 8,
     seed: int = 0,
     console: Console | None = None,
+    stop: threading.Event | None = None,
 ) -> DemoResult:
     """Run the demo (mode "auto", "lab" or "loopback") and clean up; the result says how the
-    return moved. Raises if the stage cannot be set (the reason is in the message)."""
+    return moved. Raises if the stage cannot be set (the reason is in the message), and
+    `DemoStopped` soon after `stop` is set (between steps), having cleaned up."""
+    stop = stop or threading.Event()
+
+    def check_stop() -> None:
+        if stop.is_set():
+            raise DemoStopped("the demo was stopped; cleaning up")
+
     from lattica_ray.ray.clusters import (
         LocalRayCluster,
         RayDriver,
@@ -232,6 +246,7 @@ def run(
                 soft_wrap=True,
             )
 
+        check_stop()
         drivers = [RayDriver(c) for c in clusters]
         for driver in drivers:
             stack.callback(driver.stop)
@@ -246,6 +261,7 @@ def run(
             )
         for info in infos:
             console.print(f"cluster [bold]{info['cluster']}[/] joined as {info['peer_id']}")
+        check_stop()
         learner_driver, *worker_drivers = drivers
         with console.status("exporting the rollout workers and starting the learner"):
             _parallel([lambda d=d: d.call(rl.serve_worker, timeout=120) for d in worker_drivers])
@@ -263,6 +279,7 @@ def run(
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("training", total=iterations)
             for _ in range(iterations):
+                check_stop()
                 step = learner_driver.call(rl.learner_step, timeout=300)
                 result.returns.append(step["mean_return"])
                 result.by_cluster.append(step["by_cluster"])
@@ -315,6 +332,18 @@ def _report(result: DemoResult, console: Console) -> None:
 
 
 async def run_demo(mode: str = "auto", **options: Any) -> int:
-    """`lattica-ray demo`: exit code 0 when the policy improved."""
-    result = await asyncio.to_thread(run, mode, **options)
+    """`lattica-ray demo`: exit code 0 when the policy improved.
+
+    Cancelling it (Ctrl-C under `asyncio.run`) stops the demo at its next step and waits for
+    the clean-up, so no cluster outlives it.
+    """
+    stop = threading.Event()
+    demo = asyncio.ensure_future(asyncio.to_thread(run, mode, stop=stop, **options))
+    try:
+        result = await asyncio.shield(demo)
+    except asyncio.CancelledError:
+        stop.set()
+        with contextlib.suppress(DemoStopped):
+            await demo
+        raise
     return 0 if result.improved else 1
