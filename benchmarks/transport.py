@@ -1,7 +1,7 @@
 """One QUIC connection on loopback against asyncio TCP on loopback, measured in the same run.
 
     python benchmarks/transport.py [--size-mib 64] [--rounds 2000] [--datagram 1350] [--repeat 3]
-                                   [--stripes 1,2] [--json]
+                                   [--stripes 1,2] [--sdk] [--json]
 
 Prints small-message round-trip p50/p99 and bulk throughput over one stream for both, and the
 ratios (QUIC / TCP), by the wall clock and per CPU-second (both ends run in this process, so
@@ -10,7 +10,10 @@ that is sender plus receiver). The machines are noisy: read the ratios, and the 
 `--stripes N,...` also measures one transfer striped over N QUIC connections, each served by
 its own sender process and receiver process, the payload shared through shared memory (the
 prototype of spreading a big transfer over cores; 1 = one connection, sender and receiver in
-two processes).
+two processes). `--sdk` also measures the `lattica` SDK (rust-libp2p on quinn, two processes
+in a private network namespace: see benchmarks/lattica_sdk.py) in the same run, and prints each
+QUIC figure as a fraction of the SDK's best `call_stream` (the two-process QUIC rows, `--stripes
+1`, are the like-for-like ones).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from multiprocessing import shared_memory
 
 # Run as a script, this directory heads sys.path and this file would shadow the package.
 if pathlib.Path(sys.path[0]).resolve() == pathlib.Path(__file__).resolve().parent:
-    sys.path.pop(0)
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # the repo: `benchmarks.*`
 
 from transport.identity import KeyPair
 from transport.quic import QuicConfig, QuicEndpoint
@@ -336,6 +339,39 @@ async def run(
     }
 
 
+def _sdk_figures(size: int) -> dict:
+    """The lattica SDK's QUIC figures, or the reason they could not be measured here."""
+    from benchmarks.lattica_sdk import LatticaUnavailable, NetnsUnavailable, measure_lattica_sdk
+
+    try:
+        figures = measure_lattica_sdk(transports=("quic",), payload=size, unary_count=1000)
+    except (LatticaUnavailable, NetnsUnavailable, RuntimeError) as exc:
+        return {"unavailable": str(exc)}
+    quic = figures["transports"]["quic"]
+    return {
+        "call_stream_upload_mb_s": quic["call_stream_upload_mb_s"],
+        "call_stream_download_mb_s": quic["call_stream_download_mb_s"],
+        "best_call_stream_mb_s": figures["best_call_stream_mb_s"],
+        "unary_100B_p50_us": quic["unary_100B_p50_s"] * 1e6,
+    }
+
+
+def _print_sdk(result: dict, sdk: dict) -> None:
+    if "unavailable" in sdk:
+        print(f"lattica SDK not measured: {sdk['unavailable']}")
+        return
+    best = sdk["best_call_stream_mb_s"]
+    print(
+        f"lattica SDK (quinn) call_stream upload {sdk['call_stream_upload_mb_s']:.1f} MB/s, "
+        f"download {sdk['call_stream_download_mb_s']:.1f} MB/s; 100 B unary p50 "
+        f"{sdk['unary_100B_p50_us']:.0f} us"
+    )
+    rows = {f"one process, {k}": v for k, v in result["throughput_mb_s"].items()}
+    rows.update({f"striped {k}": v for k, v in result["striped_mb_s"].items()})
+    for label, row in rows.items():
+        print(f"  {label:58} {row['quic']:8.1f} MB/s = {row['quic'] / best:5.2f} x SDK best")
+
+
 def result_tcp(result: dict) -> float:
     return next(iter(result["throughput_mb_s"].values()))["tcp"]
 
@@ -351,12 +387,17 @@ def main() -> None:
         default="",
         help="comma-separated connection counts for the striped multi-process transfer",
     )
+    parser.add_argument("--sdk", action="store_true", help="also measure the lattica SDK")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     stripes = [int(count) for count in args.stripes.split(",") if count]
+    if args.sdk and 1 not in stripes:
+        stripes.insert(0, 1)
     result = asyncio.run(
         run(args.size_mib * 2**20, args.rounds, args.datagram, args.repeat, stripes)
     )
+    if args.sdk:
+        result["sdk"] = _sdk_figures(args.size_mib * 2**20)
     if args.json:
         print(json.dumps(result))
         return
@@ -382,6 +423,9 @@ def main() -> None:
             f"{label:44}{row['quic']:10.1f}{result_tcp(result):13.1f}{row['ratio']:10.3f}"
             f"  ({row['quic_per_cpu_s']:.1f})"
         )
+    sdk = result.get("sdk")
+    if sdk is not None:
+        _print_sdk(result, sdk)
 
 
 if __name__ == "__main__":
