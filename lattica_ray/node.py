@@ -7,6 +7,7 @@ The DHT, RPC and view services hang on it as `node.dht`, `node.rpc` and `node.vi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -110,6 +111,8 @@ class Node:
             raise
         self.swarm.set_stream_handler(ping.PROTOCOL, ping.serve_ping)
         self.swarm.set_stream_handler(identify.PROTOCOL, self._serve_identify)
+        self.swarm.set_stream_handler(identify.PUSH_PROTOCOL, self._receive_identify_push)
+        self.swarm.add_addrs_listener(self._on_addrs_changed)
         # The Lattica SDK retries a refused bitswap stream ~2,500 times a second; accepting and
         # draining it (bounded) keeps such peers calm. We never answer bitswap.
         self.swarm.set_stream_handler(BITSWAP_PROTOCOL, _drain_bitswap)
@@ -161,16 +164,23 @@ class Node:
         reached = await asyncio.gather(*(reach(addr) for addr in self.bootstrap_addrs))
         peers = [peer for peer in reached if peer is not None]
         if peers:
-            await self.nat.check_reachability(peers)
+            # Relays first, from what identify showed (our address as others see it); AutoNAT
+            # takes seconds when we are unreachable, so it runs in the background and then
+            # settles our DHT mode (kad-dht: client when strangers cannot reach us).
             self.nat.use_relays_among(peers)
-            # Serve the DHT only where strangers can reach us (kad-dht client/server modes).
-            private = self.nat.reachability == Reachability.PRIVATE
-            self.dht.set_mode("client" if private else "server")
+            self.dht.set_mode("client" if self.nat.behind_nat() else "server")
+            self._spawn(self._check_reachability(peers))
             try:
-                await self.dht.bootstrap([addr for addr in self.bootstrap_addrs])
+                await self.dht.bootstrap(list(self.bootstrap_addrs))
             except DHTError as exc:
                 log.warning("DHT bootstrap failed: %s", exc)
         return peers
+
+    async def _check_reachability(self, peers: list[PeerId]) -> None:
+        reachability = await self.nat.check_reachability(peers)
+        self.nat.use_relays_among(peers)
+        if reachability != Reachability.UNKNOWN:
+            self.dht.set_mode("server" if reachability == Reachability.PUBLIC else "client")
 
     async def _find_peer_in_dht(self, peer: PeerId) -> list[Multiaddr]:
         try:
@@ -293,12 +303,8 @@ class Node:
         if (event := self._identified.get(peer)) is not None:
             event.set()
 
-    async def _serve_identify(self, stream: Stream) -> None:
-        peer = stream.remote_peer
-        assert peer is not None
-        connection = self.swarm.connection_to(peer)
-        observed = getattr(connection, "remote_addr", None)
-        message = identify.encode_identify(
+    def _identify_message(self, observed: Multiaddr | None) -> bytes:
+        return identify.encode_identify(
             self.key.public_key,
             [addr.without_peer_id() for addr in self.addrs],
             observed,
@@ -306,8 +312,43 @@ class Node:
             self.protocol_version,
             self.agent_version,
         )
-        await stream.write_message(message)
+
+    async def _serve_identify(self, stream: Stream) -> None:
+        peer = stream.remote_peer
+        assert peer is not None
+        connection = self.swarm.connection_to(peer)
+        await stream.write_message(self._identify_message(getattr(connection, "remote_addr", None)))
         await stream.close()
+
+    def _on_addrs_changed(self) -> None:
+        """Tell every connected peer (identify push), so relays and the DHT hand out the
+        addresses that work now (a NAT'd node's relay circuits appear only after it joined)."""
+        if self._started:
+            for peer in self.connected_peers():
+                self._spawn(self._push_identify(peer))
+
+    async def _push_identify(self, peer: PeerId) -> None:
+        try:
+            async with asyncio.timeout(IDENTIFY_TIMEOUT):
+                stream = await self.swarm.open_stream(peer, [identify.PUSH_PROTOCOL])
+                await stream.write_message(self._identify_message(None))
+                await stream.close()
+        except (TransportError, TimeoutError) as exc:
+            log.debug("identify push to %s failed: %r", peer, exc)
+
+    async def _receive_identify_push(self, stream: Stream) -> None:
+        info = await identify.read_pushed_identify(stream)
+        self.swarm.replace_peer_addrs(info.peer, info.listen_addrs)
+        previous = self.identify_infos.get(info.peer)
+        if previous is not None:  # a push carries what changed; keep what it leaves out
+            info = dataclasses.replace(
+                info,
+                protocol_version=info.protocol_version or previous.protocol_version,
+                agent_version=info.agent_version or previous.agent_version,
+                protocols=info.protocols or previous.protocols,
+                observed_addr=previous.observed_addr,
+            )
+        self.identify_infos[info.peer] = info
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

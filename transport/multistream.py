@@ -99,6 +99,10 @@ async def select_inbound(stream: Stream, supported: Collection[str]) -> str:
             proposal = await _read_text(stream)
         except (EOFError, StreamReset) as exc:  # the remote gave up after our refusals
             raise ProtocolNotSupported(refused, stream.remote_peer) from exc
+        except ProtocolViolation as exc:
+            if refused:  # a lazy dialer's early data, sent before it saw our "na"
+                raise ProtocolNotSupported(refused, stream.remote_peer) from exc
+            raise
         if proposal in supported:
             await stream.write(encode_message(proposal))
             stream.protocol = proposal

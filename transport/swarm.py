@@ -55,6 +55,7 @@ class Swarm:
         self._listeners: list[ConnectionListener] = []
         self._pending_dials: dict[PeerId, asyncio.Future[Connection]] = {}
         self._advertised: list[Multiaddr] = []
+        self._addr_listeners: list[Callable[[], None]] = []
         self._closing = False
         self._punching: set[PeerId] = set()
         self._adopted: list[QuicEndpoint] = []
@@ -132,7 +133,20 @@ class Swarm:
         return [addr.with_peer_id(self.peer_id) for addr in base]
 
     def set_advertised_addrs(self, addrs: list[Multiaddr]) -> None:
-        self._advertised = [addr.without_peer_id() for addr in addrs]
+        advertised = [addr.without_peer_id() for addr in addrs]
+        if advertised != self._advertised:
+            self._advertised = advertised
+            for listener in list(self._addr_listeners):
+                listener()
+
+    def add_addrs_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever our advertised addresses change (identify push uses it)."""
+        self._addr_listeners.append(listener)
+
+    def replace_peer_addrs(self, peer: PeerId, addrs: list[Multiaddr]) -> None:
+        """Forget what we knew of `peer`'s addresses: it told us its current ones."""
+        self._peer_addrs.pop(peer, None)
+        self.add_peer_addrs(peer, addrs)
 
     async def open_stream(self, peer: PeerId, protocols: list[str]) -> Stream:
         connection = await self.connect(peer)

@@ -420,6 +420,17 @@ class RecordQuery:
 
 
 # -- serving requests -----------------------------------------------------------------------------
+def _connected_target(
+    key: bytes, requester: PeerId, is_connected: Callable[[PeerId], bool]
+) -> PeerId | None:
+    """The peer a FIND_NODE key names, if it is a peer we are connected to (not the asker)."""
+    try:
+        peer = PeerId.from_bytes(key)
+    except (InvalidPeerId, ValueError):
+        return None
+    return peer if peer != requester and is_connected(peer) else None
+
+
 class KadServer:
     """Answers one request from the routing table and stores. Raises `InvalidRecord` on a bad
     PUT_VALUE and `MalformedMessage` on a request that breaks the spec; returns None for
@@ -438,9 +449,11 @@ class KadServer:
         max_addrs_per_peer: int = 16,
         max_providers_per_response: int = 20,
         peer_info_ttl: float = 10.0,
+        is_connected: Callable[[PeerId], bool] = lambda peer: False,
     ) -> None:
         self.local = local
         self.table = table
+        self.is_connected = is_connected
         self.records = records
         self.providers = providers
         self.addrs_of = addrs_of
@@ -482,6 +495,11 @@ class KadServer:
         if key == self.local.multihash:
             return (self.peer_info(self.local),)  # exact match: just us (spec)
         closest = self.table.closest(kad_id(key), self.k, exclude=(requester,))
+        # A peer in client mode (behind a NAT) is in no routing table, yet those it is connected
+        # to can vouch for its (relay) addresses: as go-libp2p does, answer with it first.
+        target = _connected_target(key, requester, self.is_connected)
+        if target is not None and target not in closest:
+            closest = [target, *closest[: self.k - 1]]
         infos = (self.table_peer_info(peer, now) for peer in closest)
         return tuple(info for info in infos if info.addrs)  # no address: of no use (as go)
 

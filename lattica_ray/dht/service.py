@@ -183,6 +183,7 @@ class DHT:
             config.max_addrs_per_peer,
             config.max_providers_per_response,
             config.peer_info_cache_ttl,
+            is_connected=lambda peer: peer in host.connected_peers(),
         )
         self.limits = DecodeLimits(
             config.max_key_size,

@@ -35,7 +35,9 @@ async def _wait_ready(node: Node) -> None:
     """Until our relay slots are held (when NAT'd) and our advertised addresses settled."""
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
-        if not node.nat.wants_relays() or node.relay_client.circuit_addrs:
+        settled = str(node.reachability) != "unknown" or not node.bootstrap_addrs
+        relays_held = not node.nat.wants_relays() or node.relay_client.circuit_addrs
+        if settled and relays_held:
             return
         await asyncio.sleep(0.05)
 

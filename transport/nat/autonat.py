@@ -130,19 +130,33 @@ class AutoNAT:
             host = "::" if local and ":" in local[0] else "0.0.0.0"
             await endpoint.listen(host, 0)
             try:
-                for addr in addrs:
-                    try:
-                        connection = await endpoint.dial(
-                            quic_socket_address(addr), peer, timeout=self.dial_back_timeout
-                        )
-                    except TransportError as exc:
-                        log.debug("autonat: dial-back to %s at %s failed: %s", peer, addr, exc)
-                        continue
-                    await connection.close("autonat dial-back done")
-                    return addr
-                return None
+                return await self._first_reached(endpoint, peer, addrs)
             finally:
                 await endpoint.close()
+
+    async def _first_reached(
+        self, endpoint: QuicEndpoint, peer: PeerId, addrs: list[Multiaddr]
+    ) -> Multiaddr | None:
+        """Dial every candidate at once; the first that answers (the others are dropped)."""
+
+        async def reach(addr: Multiaddr) -> Multiaddr:
+            connection = await endpoint.dial(
+                quic_socket_address(addr), peer, timeout=self.dial_back_timeout
+            )
+            await connection.close("autonat dial-back done")
+            return addr
+
+        attempts = [asyncio.ensure_future(reach(addr)) for addr in addrs]
+        try:
+            for attempt in asyncio.as_completed(attempts):
+                try:
+                    return await attempt
+                except TransportError as exc:
+                    log.debug("autonat: a dial-back to %s failed: %s", peer, exc)
+            return None
+        finally:
+            for attempt in attempts:
+                attempt.cancel()
 
     async def _respond(
         self, stream: Stream, status: int, text: str, addr: Multiaddr | None = None

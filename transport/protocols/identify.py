@@ -96,6 +96,14 @@ def decode_identify(data: bytes, remote_peer: PeerId) -> IdentifyInfo:
     )
 
 
+async def read_pushed_identify(stream: Stream) -> IdentifyInfo:
+    """The message a peer pushed to us (`/ipfs/id/push/1.0.0`) because something changed."""
+    assert stream.remote_peer is not None
+    data = await stream.read_message(MAX_MESSAGE_SIZE)
+    await stream.close()
+    return decode_identify(data, stream.remote_peer)
+
+
 async def read_identify(stream: Stream) -> IdentifyInfo:
     """The responder's message from an identify stream we opened."""
     assert stream.remote_peer is not None
