@@ -6,6 +6,7 @@ import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicPacketType
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicSentPacket
+from aioquic.quic.rangeset import RangeSet
 from aioquic.tls import Epoch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -171,28 +172,63 @@ def _sent(packet_number: int, size: int, sent_time: float = 1.0) -> QuicSentPack
     )
 
 
-@pytest.mark.parametrize("algorithm", ["reno", "cubic"])
-def test_a_lost_probe_leaves_the_congestion_window_alone(algorithm: str) -> None:
-    """RFC 9000 14.4: loss of a PMTU probe is no sign of congestion."""
+def _probing_connection(algorithm: str = "reno") -> Libp2pQuicConnection:
     quic = Libp2pQuicConnection(
-        configuration=QuicConfiguration(is_client=True, congestion_control_algorithm=algorithm),
+        configuration=QuicConfiguration(
+            is_client=True, congestion_control_algorithm=algorithm, max_datagram_size=1350
+        ),
         stream_window=1 << 20,
         connection_window=1 << 22,
         max_streams=16,
         mtu_search=PathMtuSearch(base=1350, candidates=[9000]),
     )
-    congestion = quic._loss._cc
-    probe, data = _sent(7, 9000), _sent(8, 1350)
-    quic._mtu_probes[7] = 9000
-    congestion.on_packet_sent(packet=probe)
-    congestion.on_packet_sent(packet=data)
-    window = congestion.congestion_window
-    congestion.on_packets_lost(now=2.0, packets=[probe])
+    quic.connect(("127.0.0.1", 4433), now=0.0)  # creates the packet spaces
+    quic.datagrams_to_send(now=0.0)
+    return quic
+
+
+def _send_probe(quic: Libp2pQuicConnection, packet_number: int, size: int) -> QuicSentPacket:
+    """Register a probe as `mtu_probe` does, without the 1-RTT keys a real one needs."""
+    assert quic.mtu_search.next_probe(now=0.0) == size
+    probe = _sent(packet_number, size)
+    probe.delivery_handlers.append((quic._on_mtu_probe_delivery, (size,)))
+    quic._mtu_probes[packet_number] = size
+    quic._loss.on_packet_sent(packet=probe, space=quic._spaces[Epoch.ONE_RTT])
+    return probe
+
+
+@pytest.mark.parametrize("algorithm", ["reno", "cubic"])
+def test_a_lost_probe_leaves_the_congestion_window_alone(algorithm: str) -> None:
+    """RFC 9000 14.4: loss of a PMTU probe is no sign of congestion."""
+    quic = _probing_connection(algorithm)
+    congestion, space = quic._loss._cc, quic._spaces[Epoch.ONE_RTT]
+    window, in_flight = congestion.congestion_window, congestion.bytes_in_flight
+    probe = _send_probe(quic, 1000, 9000)
+    assert congestion.bytes_in_flight == in_flight  # a probe does not take window either
+    # Loss detection: delivery handlers run, then the congestion controller hears of it.
+    quic._loss._on_packets_lost(now=2.0, packets=[probe], space=space)
     assert congestion.congestion_window == window
-    assert congestion.bytes_in_flight == 1350
-    congestion.on_packets_lost(now=2.0, packets=[data])  # a lost data packet is congestion
-    assert congestion.congestion_window < window
-    assert congestion.bytes_in_flight == 0
+    assert congestion.bytes_in_flight == in_flight
+    assert quic.mtu_search.probing is None  # the search heard of the loss
+    assert quic._mtu_probes == {}
+    data = _sent(1001, 1350, sent_time=1.5)
+    quic._loss.on_packet_sent(packet=data, space=space)
+    quic._loss._on_packets_lost(now=2.0, packets=[data], space=space)
+    assert congestion.congestion_window < window  # a lost data packet is congestion
+
+
+def test_an_acknowledged_probe_neither_grows_the_window_nor_counts_as_data() -> None:
+    quic = _probing_connection()
+    congestion, space = quic._loss._cc, quic._spaces[Epoch.ONE_RTT]
+    window, in_flight = congestion.congestion_window, congestion.bytes_in_flight
+    _send_probe(quic, 1000, 9000)
+    ranges = RangeSet()
+    ranges.add(1000, 1001)
+    quic._loss.on_ack_received(ack_rangeset=ranges, ack_delay=0.0, now=1.1, space=space)
+    assert quic.max_datagram_size == 9000
+    assert congestion.bytes_in_flight == in_flight
+    assert congestion.congestion_window == window  # padding is no evidence of capacity
+    assert quic._mtu_probes == {}
 
 
 def test_a_raised_size_reaches_the_congestion_controller_and_the_pacer() -> None:
@@ -204,7 +240,7 @@ def test_a_raised_size_reaches_the_congestion_controller_and_the_pacer() -> None
         mtu_search=PathMtuSearch(base=1350, candidates=[9000]),
     )
     quic.mtu_search.next_probe(now=0.0)
-    quic._on_mtu_probe_delivery(QuicDeliveryState.ACKED, 7, 9000)
+    quic._on_mtu_probe_delivery(QuicDeliveryState.ACKED, 9000)
     assert quic.max_datagram_size == 9000
     assert quic._loss._cc._max_datagram_size == 9000
     assert quic._loss._pacer._max_datagram_size == 9000

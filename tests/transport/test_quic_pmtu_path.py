@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 
 import pytest
 from aioquic.buffer import Buffer
 from aioquic.quic.packet import pull_quic_transport_parameters, push_quic_transport_parameters
 
 from tests.transport.conftest import EndpointPair, LossyPath, wait_until
-from transport.quic import QuicConfig, QuicConnection
+from transport.identity import KeyPair
+from transport.quic import QuicConfig, QuicConnection, QuicEndpoint
+from transport.quic import endpoint as endpoint_module
 from transport.quic.glue import Libp2pQuicConnection
+from transport.quic.udp import route_mtu
 
 BASE = 1200  # the smallest size QUIC allows: every path must carry it
 LOOPBACK_CEILING = 65487  # QuicConfig.max_probed_datagram_size
@@ -136,3 +140,17 @@ async def test_probing_off_keeps_the_configured_size(quic_config: QuicConfig) ->
         assert connection.quic.max_datagram_size == BASE
     finally:
         await pair.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="IP_MTU is a Linux socket option")
+def test_the_local_route_caps_the_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No probe bigger than the interface toward the peer could send (it would only fail)."""
+    assert route_mtu(("127.0.0.1", 9)) >= 65535
+    endpoint = QuicEndpoint(KeyPair.generate(), QuicConfig(max_datagram_size=1350))
+    endpoint._socket._fragmentation_options = [(0, 0, 0)]  # as if bound: probes can be sent
+    assert endpoint._mtu_search(("127.0.0.1", 9)).candidates == [LOOPBACK_CEILING, 8972, 1472]
+    monkeypatch.setattr(endpoint_module, "route_mtu", lambda address: 1500)
+    assert endpoint._mtu_search(("192.0.2.1", 9)).candidates == [1472]
+    assert endpoint._mtu_search(("2001:db8::1", 9)).candidates == [1452]
+    monkeypatch.setattr(endpoint_module, "route_mtu", lambda address: 1378)
+    assert endpoint._mtu_search(("192.0.2.1", 9)) is None  # nothing above 1350 to try

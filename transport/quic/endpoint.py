@@ -28,8 +28,8 @@ from transport.multiaddr import Multiaddr, quic_multiaddr
 from transport.quic.config import QuicConfig
 from transport.quic.connection import Address, QuicConnection
 from transport.quic.glue import Libp2pQuicConnection
-from transport.quic.pmtu import PathMtuSearch, ladder
-from transport.quic.udp import UdpSocket
+from transport.quic.pmtu import IPV4_HEADER, IPV6_HEADER, UDP_HEADER, PathMtuSearch, ladder
+from transport.quic.udp import UdpSocket, route_mtu
 from transport.tls import ALPN, make_certificate
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,11 @@ class QuicEndpoint:
             return None
         host = address[0]
         ipv6 = ":" in host and not host.startswith("::ffff:")
-        sizes = ladder(config.max_datagram_size, config.max_probed_datagram_size, ipv6)
+        ceiling = config.max_probed_datagram_size
+        mtu = route_mtu(address)  # no probe bigger than the local interface could leave
+        if mtu is not None:
+            ceiling = min(ceiling, mtu - UDP_HEADER - (IPV6_HEADER if ipv6 else IPV4_HEADER))
+        sizes = ladder(config.max_datagram_size, ceiling, ipv6)
         return PathMtuSearch(base=config.max_datagram_size, candidates=sizes) if sizes else None
 
     def _flush_dirty(self) -> None:

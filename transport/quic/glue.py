@@ -222,7 +222,7 @@ class Libp2pQuicConnection(QuicConnection):
         builder.start_frame(
             QuicFrameType.PING,
             handler=self._on_mtu_probe_delivery,
-            handler_args=(packet_number, size),
+            handler_args=(size,),
         )
         padding = builder.remaining_buffer_space
         builder.start_frame(QuicFrameType.PADDING, capacity=padding).push_bytes(bytes(padding - 1))
@@ -237,10 +237,7 @@ class Libp2pQuicConnection(QuicConnection):
         if self.mtu_search is not None:
             self.mtu_search.size_refused(size)
 
-    def _on_mtu_probe_delivery(
-        self, delivery: QuicDeliveryState, packet_number: int, size: int
-    ) -> None:
-        self._mtu_probes.pop(packet_number, None)
+    def _on_mtu_probe_delivery(self, delivery: QuicDeliveryState, size: int) -> None:
         search = self.mtu_search
         if search is None:
             return
@@ -261,9 +258,17 @@ class Libp2pQuicConnection(QuicConnection):
         self._loss._pacer._max_datagram_size = size
 
     def _watch_losses(self) -> None:
-        """Keep lost probes out of congestion control; tell the search about big packets."""
+        """Keep probes away from congestion control; tell the search about big packets.
+
+        A probe is in flight for loss detection (its PTO, its ACK), but neither takes nor
+        grows the congestion window, and its loss is no congestion (RFC 9000 section 14.4).
+        aioquic calls the controller for every in-flight packet once when it is sent and
+        once when it is acknowledged, lost or expired: those calls are where a probe leaves
+        `_mtu_probes` (its delivery handler, which tells the search, may run earlier).
+        """
         congestion = self._loss._cc
-        acked, lost, expired = (
+        sent, acked, lost, expired = (
+            congestion.on_packet_sent,
             congestion.on_packet_acked,
             congestion.on_packets_lost,
             congestion.on_packets_expired,
@@ -272,23 +277,27 @@ class Libp2pQuicConnection(QuicConnection):
         assert search is not None
         probes = self._mtu_probes
 
+        def on_packet_sent(*, packet: QuicSentPacket) -> None:
+            if packet.packet_number not in probes:
+                sent(packet=packet)
+
         def on_packet_acked(*, now: float, packet: QuicSentPacket) -> None:
-            search.packet_acked(packet.sent_bytes, packet.sent_time)
-            acked(now=now, packet=packet)
+            if probes.pop(packet.packet_number, None) is None:
+                search.packet_acked(packet.sent_bytes, packet.sent_time)
+                acked(now=now, packet=packet)
 
         def on_packets_lost(*, now: float, packets: list[QuicSentPacket]) -> None:
-            data = [p for p in packets if p.packet_number not in probes]
-            if len(data) < len(packets):
-                expired(packets=[p for p in packets if p.packet_number in probes])
+            data = [p for p in packets if probes.pop(p.packet_number, None) is None]
             if data:
                 lost(now=now, packets=data)
                 self._check_black_hole(data)
 
         def on_packets_expired(*, packets: list[QuicSentPacket]) -> None:
-            packets = list(packets)
-            expired(packets=packets)
-            self._check_black_hole([p for p in packets if p.packet_number not in probes])
+            data = [p for p in packets if probes.pop(p.packet_number, None) is None]
+            expired(packets=data)
+            self._check_black_hole(data)
 
+        congestion.on_packet_sent = on_packet_sent
         congestion.on_packet_acked = on_packet_acked
         congestion.on_packets_lost = on_packets_lost
         congestion.on_packets_expired = on_packets_expired

@@ -39,6 +39,8 @@ SO_SNDBUFFORCE = 32
 IP_MTU_DISCOVER = 10
 IPV6_MTU_DISCOVER = 23
 PMTUDISC_PROBE = 3
+IP_MTU = 14
+IPV6_MTU = 24
 GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS of older kernels (newer allow 128)
 GSO_MAX_BYTES = 65000  # one GSO send is one IP packet before segmentation: under 64 KiB
 # sendmsg errors that mean "this socket or path cannot segment": send one by one from now on.
@@ -282,3 +284,23 @@ def _fragmentation_options(sock: socket.socket) -> list[tuple[int, int, int]]:
         except OSError:
             continue
     return options
+
+
+def route_mtu(address: Address) -> int | None:
+    """The MTU of the local route toward `address` (its interface's, or a smaller one learnt
+    from ICMP), or None where the system does not say. No packet is sent."""
+    if sys.platform != "linux":
+        return None
+    host = address[0]
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    if ":" in host:
+        family, level, option = socket.AF_INET6, socket.IPPROTO_IPV6, IPV6_MTU
+    else:
+        family, level, option = socket.AF_INET, socket.IPPROTO_IP, IP_MTU
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, address[1]))
+            return probe.getsockopt(level, option)
+    except OSError:
+        return None
