@@ -9,6 +9,7 @@ punching) tried after the direct addresses.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from transport.tcp import TcpTransport, is_tcp_address
 log = logging.getLogger(__name__)
 
 DialStrategy = Callable[[PeerId], Awaitable[Connection | None]]
+_RESOLVING: contextvars.ContextVar[bool] = contextvars.ContextVar("resolving", default=False)
 RELAY_DELAY = 0.5  # seconds direct dials get before relays are tried in parallel
 DUPLICATE_GRACE = 2.0  # seconds a redundant connection may finish its streams before closing
 MAX_ADDRS_PER_PEER = 32
@@ -264,13 +266,22 @@ class Swarm:
             return await self._dial_known(peer)
 
     async def _resolve(self, peer: PeerId) -> bool:
-        """Ask the resolvers; whether they taught us any new address."""
+        """Ask the resolvers; whether they taught us any new address.
+
+        Dials made *by* a resolver (the DHT's own requests) never resolve again: no recursion.
+        """
+        if _RESOLVING.get():
+            return False
         before = set(self._peer_addrs.get(peer, []))
-        for resolve in self.address_resolvers:
-            try:
-                self.add_peer_addrs(peer, await resolve(peer))
-            except (TransportError, TimeoutError) as exc:
-                log.debug("resolving %s failed: %s", peer, exc)
+        token = _RESOLVING.set(True)
+        try:
+            for resolve in self.address_resolvers:
+                try:
+                    self.add_peer_addrs(peer, await resolve(peer))
+                except (TransportError, TimeoutError) as exc:
+                    log.debug("resolving %s failed: %s", peer, exc)
+        finally:
+            _RESOLVING.reset(token)
         return bool(set(self._peer_addrs.get(peer, [])) - before)
 
     async def _dial_known(self, peer: PeerId) -> Connection:
