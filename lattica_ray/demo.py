@@ -231,8 +231,10 @@ def run(
         result.temp_dirs = [str(c.root) for c in clusters]
         stack.callback(stop_clusters, clusters)
         with console.status("starting the relay and three Ray clusters (token auth on)"):
+            # Its key lives in the learner cluster's temp dir: that dir names all we started.
+            relay_key = str(clusters[0].root / "relay.key")
             relay_addr = stack.enter_context(
-                running_mesh_node(relay_site.listen, netns=relay_site.netns)
+                running_mesh_node(relay_site.listen, netns=relay_site.netns, key_file=relay_key)
             )
             start_clusters(clusters)
         console.print(f"relay/bootstrap node: {relay_addr}", soft_wrap=True)

@@ -63,13 +63,19 @@ async def serve(listen: list[str], stop: asyncio.Event, **options: Any) -> None:
 
 @contextlib.contextmanager
 def running_mesh_node(
-    listen: str, *, netns: str | None = None, cluster: str = RELAY_CLUSTER
+    listen: str,
+    *,
+    netns: str | None = None,
+    cluster: str = RELAY_CLUSTER,
+    key_file: str | None = None,
 ) -> Iterator[str]:
     """Run a mesh node in a child process (inside network namespace `netns`, if given) and
     yield its first address; on exit it leaves the mesh and is waited for (killed if stuck)."""
     from lattica_ray.ray.clusters import child_env, netns_prefix
 
     argv = [sys.executable, "-m", __name__, "--listen", listen, "--cluster", cluster]
+    if key_file is not None:
+        argv += ["--key", key_file]
     process = subprocess.Popen(
         [*netns_prefix(netns), *argv],
         stdin=subprocess.PIPE,
