@@ -122,3 +122,20 @@ async def test_a_bulk_sender_sends_many_datagrams_per_flush() -> None:
         assert flushes < packets / 16
     finally:
         await pair.close()
+
+
+async def test_a_closed_connection_keeps_no_timer_and_sends_nothing(
+    endpoints: EndpointPair,
+) -> None:
+    connection = await endpoints.dial()
+    stream = await connection.open_stream()
+    await stream.write(b"x" * 100_000)
+    assert connection._timer is not None  # loss detection is armed while data is in flight
+    await connection.close("done")
+    assert connection._timer is None
+    sent = endpoints.client._socket.datagrams_sent
+    connection._schedule_flush()
+    connection._flush()
+    await asyncio.sleep(0)  # the scheduled flush runs
+    assert endpoints.client._socket.datagrams_sent == sent
+    assert connection._timer is None

@@ -100,6 +100,8 @@ class QuicConnection(Connection):
     def _flush(self) -> None:
         """Send what aioquic has ready and make sure its timer will fire."""
         self._flush_scheduled = False
+        if self._terminated:
+            return  # closed or aborted: what was due went out before
         now = self._loop.time()
         quic = self.quic
         datagrams = quic.datagrams_to_send(now)
@@ -144,9 +146,13 @@ class QuicConnection(Connection):
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
+        if self._terminated:
+            return
         now = self._loop.time()
         due = self.quic.get_timer()
-        if due is not None and due > now:  # armed for a deadline that has moved later
+        if due is None:
+            return
+        if due > now:  # armed for a deadline that has moved later
             self._timer = self._loop.call_at(due, self._on_timer)
             self._timer_at = due
             return
@@ -229,6 +235,7 @@ class QuicConnection(Connection):
             if handle is not None:
                 handle.cancel()
         self._timer = self._keepalive = None
+        self._timer_at = None
         if not self.established.done():
             self.established.set_exception(HandshakeFailed(f"connection refused: {reason}"))
         for stream in list(self._streams.values()):
