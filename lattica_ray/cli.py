@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
@@ -173,17 +172,90 @@ def _report_failure(index: int, exc: BaseException, as_json: bool) -> None:
         print(f"seq={index} error: {message}", flush=True)
 
 
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address", help="Ray cluster to use (default: $RAY_ADDRESS, else the one on this host)"
+    ),
+]
+NamespaceOption = Annotated[
+    str, typer.Option("--namespace", help="Ray namespace of the LatticaActors")
+]
+
+
 @app.command()
-def demo(
+def up(
+    bootstrap: BootstrapOption = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option("--cluster", "-c", help="This cluster's name in the mesh (default: hostname)"),
+    ] = None,
+    listen: ListenOption = None,
+    address: AddressOption = None,
+    namespace: NamespaceOption = "lattica_ray",
     log_level: LogLevelOption = "WARNING",
 ) -> None:
-    """The main job: run the lattica-ray demo on this machine and clean up after it."""
+    """Start the LatticaActors on the local Ray cluster and join the mesh."""
+    _setup_logging(log_level)
+    from lattica_ray.ray.cli_commands import up as run_up
+
+    code = run_up(
+        address=address,
+        bootstrap=bootstrap or [],
+        cluster=cluster,
+        listen=listen or [],
+        namespace=namespace,
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def down(
+    address: AddressOption = None,
+    namespace: NamespaceOption = "lattica_ray",
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """Stop the LatticaActors of the local Ray cluster (it leaves the mesh; Ray keeps running)."""
+    _setup_logging(log_level)
+    from lattica_ray.ray.cli_commands import down as run_down
+
+    raise typer.Exit(run_down(address=address, namespace=namespace))
+
+
+@app.command()
+def status(
+    address: AddressOption = None,
+    namespace: NamespaceOption = "lattica_ray",
+    as_json: Annotated[bool, typer.Option("--json", help="The snapshot as JSON")] = False,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """The mesh as this cluster sees it: clusters, machines, resources, actors, path kinds."""
+    _setup_logging(log_level)
+    from lattica_ray.ray.cli_commands import status as run_status
+
+    raise typer.Exit(run_status(address=address, namespace=namespace, as_json=as_json))
+
+
+@app.command()
+def demo(
+    where: Annotated[
+        str,
+        typer.Option(
+            help="auto (the NAT lab when this machine allows, else loopback), lab, loopback"
+        ),
+    ] = "auto",
+    iterations: Annotated[int, typer.Option(min=4, help="Learning iterations")] = 15,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """The main job: collaborative RL rollouts across three Ray clusters on this machine."""
     _setup_logging(log_level)
     from lattica_ray.demo import run_demo
 
-    with contextlib.suppress(KeyboardInterrupt):
-        code = asyncio.run(run_demo())
-        raise typer.Exit(code)
+    try:
+        code = asyncio.run(run_demo(where, iterations=iterations))
+    except KeyboardInterrupt:
+        code = 130  # stopped at the next step; everything it started was cleaned up
+    raise typer.Exit(code)
 
 
 def main() -> None:
