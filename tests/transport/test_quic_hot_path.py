@@ -10,6 +10,7 @@ from aioquic.quic.recovery import QuicPacketPacer
 
 from tests.transport.conftest import EndpointPair, wait_until
 from transport.quic import QuicConfig
+from transport.quic.engine import QuicEngine
 from transport.quic.glue import MAX_PACING_BURST, BurstPacer, Libp2pQuicConnection
 
 WINDOW = 256 * 1024
@@ -26,6 +27,10 @@ def _connection(stream_window: int = WINDOW, connection_window: int = 8 * WINDOW
     )
     quic._get_or_create_stream_for_send(0)
     return quic
+
+
+def test_the_aioquic_engine_fills_the_engine_seam() -> None:
+    assert isinstance(_connection(), QuicEngine)
 
 
 def test_reading_asks_for_a_flush_only_once_half_a_stream_window_is_read() -> None:

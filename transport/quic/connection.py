@@ -22,7 +22,7 @@ from transport.errors import (
 )
 from transport.identity import PeerId
 from transport.multiaddr import Multiaddr, quic_multiaddr
-from transport.quic.glue import Libp2pQuicConnection
+from transport.quic.engine import QuicEngine
 from transport.quic.stream import ERROR_CODE_RESET, QuicStream
 from transport.tls import InvalidCertificate, verify_certificate
 
@@ -47,7 +47,7 @@ class QuicConnection(Connection):
     def __init__(
         self,
         endpoint: QuicEndpoint,
-        quic: Libp2pQuicConnection,
+        quic: QuicEngine,
         remote_address: Address,
         is_initiator: bool,
         expected_peer: PeerId | None = None,

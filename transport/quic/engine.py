@@ -1,0 +1,77 @@
+"""The seam between our QUIC glue and the QUIC engine: what `QuicConnection` asks of it.
+
+Today the engine is aioquic's sans-I/O `QuicConnection`, extended in `transport.quic.glue`.
+aioquic's per-packet Python work bounds what one connection moves at Internet-size datagrams
+(about 85 MB per CPU-second per side on this machine, engine alone); a compiled engine that
+speaks libp2p's mutual TLS would plug in here. It must take datagrams and time in, give
+datagrams and aioquic's event dataclasses (`aioquic.quic.events`) out, never touch a socket or
+a clock, and offer the flow-control and path MTU hooks below.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from aioquic.quic.events import QuicEvent
+from cryptography import x509
+
+from transport.quic.pmtu import PathMtuSearch
+
+NetworkAddress = tuple[str, int]
+
+
+@runtime_checkable
+class QuicEngine(Protocol):
+    """One QUIC connection's state machine, as `transport.quic.connection` drives it."""
+
+    host_cid: bytes
+    mtu_search: PathMtuSearch | None
+
+    # -- datagrams, time and events (aioquic's sans-I/O interface) ------------------------
+    def connect(self, addr: NetworkAddress, now: float) -> None: ...
+
+    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None: ...
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]: ...
+
+    def get_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> None: ...
+
+    def next_event(self) -> QuicEvent | None: ...
+
+    # -- streams and the connection ---------------------------------------------------------
+    def get_next_available_stream_id(self, is_unidirectional: bool = False) -> int: ...
+
+    def send_stream_data(
+        self, stream_id: int, data: bytes | memoryview, end_stream: bool = False
+    ) -> None: ...
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None: ...
+
+    def stop_stream(self, stream_id: int, error_code: int) -> None: ...
+
+    def send_ping(self, uid: int) -> None: ...
+
+    def close(
+        self, error_code: int = 0, frame_type: int | None = None, reason_phrase: str = ""
+    ) -> None: ...
+
+    # -- what libp2p and our flow control need beyond aioquic's interface ---------------------
+    def peer_certificate(self) -> tuple[x509.Certificate | None, int]: ...
+
+    def send_buffer_size(self, stream_id: int) -> int: ...
+
+    def consume(self, stream_id: int, nbytes: int) -> bool: ...
+
+    def reader_needs(self, stream_id: int, needed: int) -> bool: ...
+
+    def forget_stream(self, stream_id: int) -> None: ...
+
+    # -- path MTU discovery ---------------------------------------------------------------
+    @property
+    def max_datagram_size(self) -> int: ...
+
+    def mtu_probe(self, now: float) -> tuple[bytes, NetworkAddress] | None: ...
+
+    def mtu_probe_refused(self, size: int) -> None: ...
