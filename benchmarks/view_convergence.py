@@ -13,6 +13,7 @@ rounds; heartbeats are otherwise slow so that they do not mix into the update fi
 
     .venv/bin/python benchmarks/view_convergence.py                  # N = 10 20 50 100 200
     .venv/bin/python benchmarks/view_convergence.py --sizes 20 50 --updates-per-node 2 --json
+    .venv/bin/python benchmarks/view_convergence.py --long-run 2000   # steady writes: flat state
 """
 
 from __future__ import annotations
@@ -202,6 +203,50 @@ async def run_size(n: int, updates_per_node: int, rounds: int, seed: int) -> dic
             await host.aclose()
 
 
+async def long_run(n: int, writes_per_node: int, seed: int) -> list[dict[str, object]]:
+    """Steady writes for a long time: what one replica holds (document bytes, updates kept),
+    sampled as the writes go on. Compaction (`compact_after_updates`) keeps both flat."""
+    rng = random.Random(seed)
+    network = MemoryNetwork(seed=seed)
+    config = CONFIG.model_copy(update={"compact_after_updates": 200})
+    views: list[ClusterView] = []
+    samples = []
+    try:
+        for index in range(n):
+            host = network.add_host()
+            view = ClusterView(host, host.key, config, clock=time.time, seed=index)
+            views.append(view)
+            await view.start()
+            if index:
+                await view.join([views[0].peer_id])
+        await wait_for(lambda: same_updates(views) and len(views[0].members()) == n, 120)
+        step = max(1, writes_per_node // 8)
+        for done in range(0, writes_per_node + 1, step):
+            if done:
+                for _ in range(step):
+                    for view in views:
+                        view.map("run").set(f"k{rng.randrange(20)}", rng.randrange(10**6))
+                    await asyncio.sleep(0)  # let gossip and compaction run between writes
+                for view in views:
+                    view.tick()
+            await wait_for(lambda: same_updates(views), 120)
+            observer = views[-1]
+            samples.append(
+                {
+                    "writes": done * n,
+                    "document_bytes": observer.document_size(),
+                    "updates_kept": len(observer._replica.updates_missing_from({})),
+                    "compactions": sum(v._replica.stats["compactions"] for v in views),
+                }
+            )
+        return samples
+    finally:
+        for view in views:
+            await view.stop()
+        for host in list(network.hosts.values()):
+            await host.aclose()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 50, 100, 200])
@@ -209,7 +254,21 @@ async def main() -> None:
     parser.add_argument("--heartbeat-rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print one JSON line per size")
+    parser.add_argument(
+        "--long-run",
+        type=int,
+        metavar="WRITES",
+        help="instead: 10 nodes each writing WRITES user-map values; print what a replica holds",
+    )
     args = parser.parse_args()
+    if args.long_run:
+        print(f"{'writes':>8} {'document B':>10} {'updates kept':>12} {'compactions':>11}")
+        for row in await long_run(10, args.long_run, args.seed):
+            print(
+                f"{row['writes']:>8} {row['document_bytes']:>10} {row['updates_kept']:>12} "
+                f"{row['compactions']:>11}"
+            )
+        return
     columns = [  # (heading, result key, width)
         ("N", "n", 4),
         ("updates", "updates", 7),

@@ -17,6 +17,12 @@ pieces of `sync_chunk_bytes`, so a large snapshot streams without being held who
 Every update is verified before it is applied (signature, then the write rules in `document.py`);
 liveness travels in signed heartbeats outside the CRDT; an author that signs two different updates
 with one number is caught, both envelopes kept as proof, and its later updates refused.
+
+Nothing grows with time, only with what is written, and that is bounded too: a run that reaches
+`compact_after_updates` starts a new run holding only its live entries, whose member entry says
+`retires_older_runs`; every replica then forgets the older runs' updates (late copies are dropped as
+`RETIRED`) and rebuilds its document without their items. A restarted node does the same with its
+previous run, `gone_after` after first hearing of it, keeping that run's user-map values.
 """
 
 from __future__ import annotations
@@ -156,7 +162,8 @@ class ViewReplica:
         self._authors: dict[PeerId, _Author] = {}
         self._authors_by_name: dict[str, _Author] = {}
         self._seen: OrderedDict[bytes, None] = OrderedDict()
-        self._apply_order: dict[bytes, int] = {}
+        self._apply_order: dict[bytes, int] = {}  # envelope ID -> position, never reused
+        self._applied_count = 0
         self._writers: dict[tuple[str, str], SignedUpdate] = {}
         # Parsed document entries, kept in step with the document by its change events.
         self._members: dict[str, dict[int, MemberRecord]] = {}
@@ -374,7 +381,8 @@ class ViewReplica:
         self, chain: _Chain, envelope: SignedUpdate, changes: list[EntryChange], now: float
     ) -> None:
         chain.applied.append(envelope)
-        self._apply_order[envelope.envelope_id] = len(self._apply_order)
+        self._apply_order[envelope.envelope_id] = self._applied_count
+        self._applied_count += 1
         self._digest = None
         author = self._author(envelope.author, now, create=True)
         if author is not None:
@@ -636,8 +644,11 @@ class ViewReplica:
         self._writers.clear()
         self._apply_order = {}
         self._retired_since_rebuild = 0
+        broken: set[ChainId] = set()
         for envelope in live:
             chain_id = envelope.chain
+            if chain_id in broken:
+                continue
             try:
                 decoded = self.document.check(
                     envelope.update,
@@ -649,8 +660,12 @@ class ViewReplica:
                 changes = self.document.apply(envelope.update, decoded, envelope.author)
             except ViewError as exc:  # each was checked when it first arrived: a bug if it fails
                 log.error("rebuilding the view: %s no longer applies: %s", envelope, exc)
+                chain = self._chains[chain_id]  # keep the chain consistent: sync refetches
+                del chain.applied[envelope.seq - 1 :]
+                broken.add(chain_id)
                 continue
-            self._apply_order[envelope.envelope_id] = len(self._apply_order)
+            self._apply_order[envelope.envelope_id] = self._applied_count
+            self._applied_count += 1
             for change in changes:
                 if change.value is not None:
                     self._writers[(change.root, change.key)] = envelope
