@@ -148,3 +148,27 @@ async def test_full_kernel_queue_counts_lost_datagrams(
         sender.udp._socket = full._sock
     assert sender.udp.send_errors == 5
     assert sender.udp.gso  # a full queue is not a refusal: keep batching
+
+
+async def test_a_receive_batch_is_bounded_in_datagrams(receiver: Collector) -> None:
+    """A full kernel queue is answered every `max_batch` datagrams, not only when drained."""
+    batch_ends = 0
+    on_batch_end = receiver.udp._on_batch_end
+
+    def count_batch_end() -> None:
+        nonlocal batch_ends
+        batch_ends += 1
+        on_batch_end()
+
+    receiver.udp._on_batch_end = count_batch_end
+    receiver.udp.max_batch = 10
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        payloads = _payloads([100] * 25)
+        for payload in payloads:  # all queued in the kernel before the loop reads any
+            raw.sendto(payload, receiver.address)
+        await receiver.wait_for(len(payloads))
+    finally:
+        raw.close()
+    assert receiver.datagrams == payloads
+    assert batch_ends == 3

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
-MAX_BATCH = 128  # receive system calls per wake-up before yielding to the loop
+MAX_BATCH = 128  # datagrams handled per wake-up before the batch is answered
 RECEIVE_BUFFER = 65535
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024  # kernel buffers: absorb bursts at loopback speed
 
@@ -73,6 +73,7 @@ class UdpSocket:
         self.send_calls = 0
         self.datagrams_received = 0
         self.receive_calls = 0
+        self.max_batch = MAX_BATCH
 
     def bind(self, host: str, port: int) -> Address:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -210,8 +211,10 @@ class UdpSocket:
         if sock is None:
             return
         on_datagram = self._on_datagram
+        received = self.datagrams_received
+        limit = received + self.max_batch
         try:
-            for _ in range(MAX_BATCH):
+            while received < limit:
                 try:
                     if self.gro:
                         data, ancillary, _flags, address = sock.recvmsg(
@@ -231,12 +234,13 @@ class UdpSocket:
                 if segment and segment < len(data):
                     view = memoryview(data)
                     for offset in range(0, len(data), segment):
-                        self.datagrams_received += 1
+                        received += 1
                         on_datagram(bytes(view[offset : offset + segment]), source)
                 else:
-                    self.datagrams_received += 1
+                    received += 1
                     on_datagram(data, source)
         finally:
+            self.datagrams_received = received
             self._on_batch_end()
 
     def close(self) -> None:
