@@ -1,0 +1,488 @@
+"""Tensor RPC figures of issues 5 and 8, each beside its baseline measured in the same run.
+
+    .venv/bin/python benchmarks/rpc.py [--quick] [--json] [--skip sdk,tcp,memory,relay,lab]
+
+Every end is its own process (`benchmarks/rpc_peer.py`), as the `lattica` SDK's server and client
+are, so the figures compare like with like. What it measures, in order:
+
+- sdk: the `lattica` SDK (rust-libp2p, quinn and TCP) on loopback in a private namespace
+  (benchmarks/lattica_sdk.py): call_stream MB/s, 100 B unary p50, a call beside a 0.5 s handler.
+- direct: one direct connection on loopback, QUIC at Internet-size datagrams (1350 B, path MTU
+  probing off) and libp2p TCP: a 64 MiB float32 tensor as a unary argument and as a unary
+  result, server-streamed and client-streamed in chunks; 100 B unary p50/p99; small calls while
+  another handler sleeps 0.5 s (async, and a plain `def` in the thread pool); plain asyncio TCP
+  between the same two processes (the loopback ceiling).
+- memory: 1 GiB server- and client-streamed between two fresh processes; the peak RSS (VmHWM,
+  reset just before) of each, beside the chunk window (the larger of the chunk and the
+  transport's per-stream receive window: what may sit in memory at once).
+- relay: the 64 MiB through a circuit relay v2 relay (a third process; hole punching refused),
+  beside the direct figure.
+- lab: the 64 MiB over a NAT-lab link with 20 ms RTT and 1 % loss each way (needs root), beside
+  the link's rate measured through the same link with plain UDP (a blast) and plain TCP.
+
+MB/s are 10^6 bytes per second, best of `--repeat`; the machine is shared, so read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# Run as a script, this directory heads sys.path and would shadow the repo's packages.
+if pathlib.Path(sys.path[0]).resolve() == pathlib.Path(__file__).resolve().parent:
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+from benchmarks.rpc_peer import RpcPeer
+
+MIB = 1024 * 1024
+LOOPBACK = {"quic": "/ip4/127.0.0.1/udp/0/quic-v1", "tcp": "/ip4/127.0.0.1/tcp/0"}
+MODES = {
+    "unary_up": "unary, tensor as argument",
+    "unary_down": "unary, tensor as result",
+    "stream_down": "server-streamed chunks",
+    "stream_up": "client-streamed chunks",
+}
+SECTIONS = ("sdk", "tcp", "memory", "relay", "lab")
+GOAL_QUIC_X_SDK = 1.5  # issue 5: >= 1.5x the SDK's best call_stream
+GOAL_TCP_X_SDK = 2.0  # issue 8: >= 2x the SDK's TCP call_stream
+GOAL_UNARY_P50_X_SDK = 0.5  # issue 5: at most half the SDK's unary p50
+GOAL_BESIDE_SLOW_S = 0.002  # issue 5: under 2 ms
+GOAL_RSS_X_WINDOW = 3.0  # issue 5: peak RSS under 3x the chunk window
+LAB_RTT_MS = 20
+LAB_LOSS = 0.01
+UDP_BLAST_S = 3.0
+
+
+@contextlib.contextmanager
+def peers(*specs: tuple[str, list[str], dict[str, Any]]) -> Iterator[list[RpcPeer]]:
+    """Start one `RpcPeer` per (name, listen, options), all at once; all are stopped on the way
+    out, whatever happened."""
+    with contextlib.ExitStack() as stack:
+        started = []
+        for name, listen, opts in specs:
+            peer = RpcPeer(name, listen, **opts)
+            stack.callback(peer.close)
+            started.append(peer)
+        yield [peer.wait_ready() for peer in started]
+
+
+def timed_bulk(
+    client: RpcPeer, server: RpcPeer, mode: str, size: int, chunk: int, repeat: int, source: int = 0
+) -> dict[str, Any]:
+    """One bulk figure, with the CPU time both processes spent on it."""
+    server_cpu = server.command("cpu")["cpu_s"]
+    result = client.command(
+        "bulk", peer=server.peer_id, mode=mode, size=size, chunk=chunk, repeat=repeat, source=source
+    )
+    cpu = result.pop("cpu_s") + server.command("cpu")["cpu_s"] - server_cpu
+    return {**result, "mb_per_cpu_s": size * repeat / cpu / 1e6}
+
+
+def plain_tcp(client: RpcPeer, server: RpcPeer, host: str, size: int, repeat: int) -> dict:
+    port = server.command("tcp_sink", host=host)["port"]
+    return client.command("tcp_send", host=host, port=port, size=size, repeat=repeat)
+
+
+# -- sections -------------------------------------------------------------------------------------
+def measure_sdk(opts: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.lattica_sdk import LatticaUnavailable, NetnsUnavailable, measure_lattica_sdk
+
+    try:
+        return measure_lattica_sdk(payload=opts.size, unary_count=opts.calls)
+    except (LatticaUnavailable, NetnsUnavailable, RuntimeError, TimeoutError) as exc:
+        return {"unavailable": str(exc)}
+
+
+def measure_direct(transport: str, opts: argparse.Namespace) -> dict[str, Any]:
+    """The bulk, latency and beside-a-slow-handler figures over one direct connection."""
+    options = {"datagram": opts.datagram, "pmtu": transport == "quic-pmtu"}
+    listen = [LOOPBACK["tcp" if transport == "tcp" else "quic"]]
+    with peers(
+        (f"{transport}-server", listen, options), (f"{transport}-client", listen, options)
+    ) as (
+        server,
+        client,
+    ):
+        connection = client.command("connect", addrs=server.addrs, peer=server.peer_id)
+        for peer in (server, client):
+            peer.command("prepare", sizes=[opts.size])
+        bulk = {
+            mode: timed_bulk(client, server, mode, opts.size, opts.chunk, opts.repeat)
+            for mode in MODES
+        }
+        figures: dict[str, Any] = {"connection": connection, "bulk": bulk}
+        if transport == "quic-pmtu":
+            return figures
+        figures["unary_100B"] = client.command("latency", peer=server.peer_id, count=opts.calls)
+        figures["beside_slow_handler"] = {
+            kind: client.command(
+                "beside_slow", peer=server.peer_id, method=method, calls=opts.beside_calls
+            )
+            for kind, method in (("async", "bench.sleep"), ("def", "bench.sleep_blocking"))
+        }
+        figures["asyncio_tcp"] = plain_tcp(client, server, "127.0.0.1", opts.size, opts.repeat)
+    return figures
+
+
+def measure_memory(transport: str, opts: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS of both processes while `opts.memory` bytes stream each way in chunks."""
+    listen = [LOOPBACK[transport]]
+    chunk = opts.memory_chunk
+    window = max(chunk, stream_window(transport))
+    figures: dict[str, Any] = {"chunk_bytes": chunk, "window_bytes": window, "runs": {}}
+    with peers(("mem-server", listen, {}), ("mem-client", listen, {})) as (server, client):
+        client.command("connect", addrs=server.addrs, peer=server.peer_id)
+        for mode in ("stream_down", "stream_up"):  # warm up code paths and allocator pools
+            client.command(
+                "bulk", peer=server.peer_id, mode=mode, size=4 * chunk, chunk=chunk, repeat=1,
+                source=chunk,
+            )  # fmt: skip
+        for mode in ("stream_down", "stream_up"):
+            before = {p.name: p.command("reset_peak") for p in (server, client)}
+            result = client.command(
+                "bulk", peer=server.peer_id, mode=mode, size=opts.memory, chunk=chunk, repeat=1,
+                source=chunk,
+            )  # fmt: skip
+            after = {p.name: p.command("memory") for p in (server, client)}
+            figures["runs"][mode] = {
+                "mb_s": result["mb_s"],
+                "processes": {
+                    name: {
+                        "rss_before": before[name]["VmRSS"],
+                        "peak_rss": after[name]["VmHWM"]
+                        if before[name]["reset"]
+                        else max(after[name]["VmHWM"], before[name]["VmHWM"]),
+                        "peak_reset": before[name]["reset"],
+                    }
+                    for name in before
+                },
+            }
+    for run in figures["runs"].values():
+        for process in run["processes"].values():
+            process["growth"] = process["peak_rss"] - process["rss_before"]
+            process["growth_x_window"] = process["growth"] / window
+            process["growth_x_chunk"] = process["growth"] / chunk
+    return figures
+
+
+def stream_window(transport: str) -> int:
+    """The most unread bytes one stream may hold on the receiving side (the defaults)."""
+    if transport == "quic":
+        from transport.quic import QuicConfig
+
+        return QuicConfig().stream_window
+    from transport.yamux import YamuxConfig
+
+    return YamuxConfig().max_stream_window
+
+
+def measure_relay(opts: argparse.Namespace) -> dict[str, Any]:
+    """The bulk figures through a relay: caller -> relay -> hidden peer, three processes."""
+    listen = [LOOPBACK["quic"]]
+    options = {"datagram": opts.datagram, "holepunch": False}
+    with peers(
+        ("relay", listen, options), ("hidden", listen, options), ("caller", listen, options)
+    ) as (
+        relay,
+        hidden,
+        caller,
+    ):
+        circuit = hidden.command("reserve_relay", relay=relay.addrs[0])["circuit_addrs"]
+        connection = caller.command("connect", addrs=circuit, peer=hidden.peer_id)
+        for peer in (hidden, caller):
+            peer.command("prepare", sizes=[opts.size])
+        bulk = {
+            mode: timed_bulk(caller, hidden, mode, opts.size, opts.chunk, opts.far_repeat)
+            for mode in MODES
+        }
+    return {"connection": connection, "bulk": bulk}
+
+
+def lab_unavailable() -> str | None:
+    from tests.netlab import unavailable_reason
+
+    return unavailable_reason()
+
+
+def measure_lab(opts: argparse.Namespace) -> dict[str, Any]:
+    """The streamed figures over a lab link of LAB_RTT_MS RTT and LAB_LOSS loss each way, beside
+    plain UDP and plain TCP through the same link."""
+    from tests.netlab import Lab
+
+    lab = Lab()
+    lab.add_public_host("server")
+    lab.add_public_host("client")
+    try:
+        lab.start()
+        lab.set_link("client", delay_ms=LAB_RTT_MS // 2, loss=LAB_LOSS)
+        host = lab.address("server")
+        figures: dict[str, Any] = {"rtt_ms": LAB_RTT_MS, "loss": LAB_LOSS, "transports": {}}
+        for transport in ("quic", "tcp"):
+            listen = [LOOPBACK[transport].replace("127.0.0.1", host)]
+            server_opts = {
+                "datagram": opts.datagram,
+                "spawn": functools.partial(lab.spawn, "server"),
+            }
+            client_listen = [LOOPBACK[transport].replace("127.0.0.1", lab.address("client"))]
+            client_opts = {**server_opts, "spawn": functools.partial(lab.spawn, "client")}
+            with peers(
+                (f"lab-{transport}-server", listen, server_opts),
+                (f"lab-{transport}-client", client_listen, client_opts),
+            ) as (server, client):
+                connection = client.command("connect", addrs=server.addrs, peer=server.peer_id)
+                for peer in (server, client):
+                    peer.command("prepare", sizes=[opts.lab_size])
+                bulk = {
+                    mode: timed_bulk(client, server, mode, opts.lab_size, opts.chunk, 1)
+                    for mode in ("stream_down", "stream_up")
+                }
+                figures["transports"][transport] = {"connection": connection, "bulk": bulk}
+                if transport == "quic":  # the link's rate, between the same two namespaces
+                    figures["plain_tcp"] = plain_tcp(client, server, host, opts.lab_size, 1)
+                    port = server.command("udp_sink", host=host)["port"]
+                    sent = client.command(
+                        "udp_blast", host=host, port=port, seconds=opts.udp_blast_s
+                    )
+                    figures["plain_udp"] = {**server.command("udp_stats"), "offered": sent}
+        figures["link_drops"] = lab.link_drops("client")
+    finally:
+        lab.stop()
+    return figures
+
+
+# -- goals ----------------------------------------------------------------------------------------
+def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal of issues 5 and 8 with the figure that decides it."""
+    rows: list[dict[str, Any]] = []
+
+    def add(goal: str, figure: float, target: float, met: bool, unit: str = "") -> None:
+        rows.append({"goal": goal, "figure": figure, "target": target, "met": met, "unit": unit})
+
+    sdk = report.get("sdk", {})
+    direct = report.get("direct", {})
+    sdk_ok = "transports" in sdk
+    for transport, factor, sdk_figure in (
+        ("quic", GOAL_QUIC_X_SDK, sdk.get("best_call_stream_mb_s")),
+        ("tcp", GOAL_TCP_X_SDK, sdk_tcp_best(sdk) if sdk_ok else None),
+    ):
+        if transport not in direct or not sdk_figure:
+            continue
+        for mode, row in direct[transport]["bulk"].items():
+            ratio = row["mb_s"] / sdk_figure
+            size = f"{report['config']['size'] / MIB:g} MiB"
+            add(f"{transport} {size} {mode} >= {factor}x SDK", ratio, factor, ratio >= factor, "x")
+    if sdk_ok:
+        sdk_p50 = sdk["best_unary_100B_p50_s"]
+        for transport in ("quic", "tcp"):
+            if transport in direct:
+                ratio = direct[transport]["unary_100B"]["p50_s"] / sdk_p50
+                add(f"{transport} 100 B unary p50 <= {GOAL_UNARY_P50_X_SDK}x SDK p50", ratio,
+                    GOAL_UNARY_P50_X_SDK, ratio <= GOAL_UNARY_P50_X_SDK, "x")  # fmt: skip
+    for transport, figures in direct.items():
+        for kind, row in figures.get("beside_slow_handler", {}).items():
+            p50_ms = row["p50_s"] * 1e3
+            add(f"{transport} small call beside a sleeping {kind} handler, p50 < 2 ms", p50_ms,
+                GOAL_BESIDE_SLOW_S * 1e3, row["p50_s"] < GOAL_BESIDE_SLOW_S, "ms")  # fmt: skip
+    for transport, figures in report.get("memory", {}).items():
+        for mode, run in figures["runs"].items():
+            worst = max(p["growth_x_window"] for p in run["processes"].values())
+            size = f"{report['config']['memory'] / MIB:g} MiB"
+            add(f"{transport} {size} {mode}: peak RSS growth < {GOAL_RSS_X_WINDOW}x chunk window",
+                worst, GOAL_RSS_X_WINDOW, worst < GOAL_RSS_X_WINDOW, "x")  # fmt: skip
+    return rows
+
+
+def sdk_tcp_best(sdk: dict[str, Any]) -> float | None:
+    tcp = sdk.get("transports", {}).get("tcp")
+    if tcp is None:
+        return None
+    return max(tcp["call_stream_upload_mb_s"], tcp["call_stream_download_mb_s"])
+
+
+# -- printing --------------------------------------------------------------------------------------
+def print_report(report: dict[str, Any]) -> None:
+    config = report["config"]
+    print(f"lattica-ray tensor RPC, {config['size'] / MIB:g} MiB tensor, best of {config['repeat']}"
+          f", QUIC at {config['datagram']} B datagrams (path MTU probing off)")  # fmt: skip
+    sdk = report.get("sdk")
+    sdk_best = sdk_tcp = None
+    if sdk is not None and "transports" in sdk:
+        sdk_best, sdk_tcp = sdk["best_call_stream_mb_s"], sdk_tcp_best(sdk)
+        print(f"\nbaseline: lattica SDK {sdk['sdk']} (same payload, same run)")
+        for transport, row in sdk["transports"].items():
+            print(f"  {transport:4} call_stream upload {row['call_stream_upload_mb_s']:7.1f} MB/s"
+                  f"  download {row['call_stream_download_mb_s']:7.1f} MB/s   unary 100 B p50 "
+                  f"{row['unary_100B_p50_s'] * 1e3:.3f} ms  p99 {row['unary_100B_p99_s'] * 1e3:.3f}"
+                  f" ms   beside a 0.5 s handler "
+                  f"{row['unary_100B_beside_0.5s_handler_s'] * 1e3:.0f} ms")  # fmt: skip
+    elif sdk is not None:
+        print(f"\nlattica SDK not measured: {sdk['unavailable']}")
+    direct = report.get("direct", {})
+    ceiling = max(
+        (f["asyncio_tcp"]["mb_s"] for f in direct.values() if "asyncio_tcp" in f), default=0
+    )
+    for transport, figures in direct.items():
+        connection = figures["connection"]
+        print(f"\n{transport}: one {connection['path']} {connection['transport']} connection on "
+              f"loopback, two processes")  # fmt: skip
+        versus = sdk_best if transport != "tcp" else sdk_tcp
+        label = "x SDK best" if transport != "tcp" else "x SDK TCP"
+        print_bulk(figures["bulk"], versus, label, ceiling)
+        if "asyncio_tcp" in figures:
+            print(f"  {'asyncio TCP, same processes (ceiling)':36} "
+                  f"{figures['asyncio_tcp']['mb_s']:8.1f} MB/s")  # fmt: skip
+        if "unary_100B" in figures:
+            row = figures["unary_100B"]
+            sdk_p50 = sdk.get("best_unary_100B_p50_s") if sdk else None
+            beside = f" = {row['p50_s'] / sdk_p50:.2f} x SDK p50" if sdk_p50 else ""
+            print(f"  100 B unary ({row['count']} calls): p50 {row['p50_s'] * 1e3:.3f} ms{beside}"
+                  f", p99 {row['p99_s'] * 1e3:.3f} ms")  # fmt: skip
+        for kind, row in figures.get("beside_slow_handler", {}).items():
+            print(f"  100 B calls while a {kind} handler sleeps 0.5 s: p50 "
+                  f"{row['p50_s'] * 1e3:.2f} ms, first {row['first_s'] * 1e3:.2f} ms, max "
+                  f"{row['max_s'] * 1e3:.2f} ms (all during the sleep: "
+                  f"{row['all_during_slow_call']})")  # fmt: skip
+    for transport, figures in report.get("memory", {}).items():
+        print(f"\nmemory, {transport}: {config['memory'] / MIB:g} MiB in "
+              f"{figures['chunk_bytes'] / MIB:g} MiB chunks, chunk window "
+              f"{figures['window_bytes'] / MIB:g} MiB")  # fmt: skip
+        for mode, run in figures["runs"].items():
+            parts = [
+                f"{name} peak {p['peak_rss'] / MIB:.0f} MiB (+{p['growth'] / MIB:.1f} MiB = "
+                f"{p['growth_x_window']:.2f} x window, {p['growth_x_chunk']:.2f} x chunk)"
+                for name, p in run["processes"].items()
+            ]
+            print(f"  {MODES[mode]:24} {run['mb_s']:7.1f} MB/s; " + "; ".join(parts))
+    if "relay" in report:
+        relay = report["relay"]
+        print(f"\nrelayed ({relay['connection']['path']}, caller -> relay -> hidden peer, "
+              f"three processes), beside the direct QUIC figure")  # fmt: skip
+        for mode, row in relay["bulk"].items():
+            direct_mb_s = direct.get("quic", {}).get("bulk", {}).get(mode, {}).get("mb_s")
+            fraction = f" = {row['mb_s'] / direct_mb_s:.2f} x direct" if direct_mb_s else ""
+            print(f"  {MODES[mode]:36} {row['mb_s']:8.1f} MB/s{fraction}")
+    print_lab(report.get("lab"))
+    print("\ngoals")
+    for row in report["goals"]:
+        mark = "met   " if row["met"] else "MISSED"
+        print(f"  {mark} {row['goal']:64} {row['figure']:8.3f} {row['unit']}")
+
+
+def print_bulk(bulk: dict[str, Any], sdk: float | None, label: str, ceiling: float) -> None:
+    for mode, row in bulk.items():
+        line = f"  {MODES[mode]:36} {row['mb_s']:8.1f} MB/s"
+        if sdk:
+            line += f" = {row['mb_s'] / sdk:5.2f} {label}"
+        if ceiling:
+            line += f" = {row['mb_s'] / ceiling:5.3f} x asyncio TCP"
+        print(line + f"   ({row['mb_per_cpu_s']:.1f} MB per CPU-second, both ends)")
+
+
+def print_lab(lab: dict[str, Any] | None) -> None:
+    if lab is None:
+        return
+    if "skipped" in lab:
+        print(f"\nlab link not measured: {lab['skipped']}")
+        return
+    udp, tcp = lab["plain_udp"]["mb_s"], lab["plain_tcp"]["mb_s"]
+    print(f"\nlab link, {lab['rtt_ms']} ms RTT and {lab['loss']:.0%} loss each way "
+          f"({lab['link_drops']} packets dropped on it): plain UDP blast {udp:.1f} MB/s "
+          f"(the link's rate), plain TCP {tcp:.2f} MB/s")  # fmt: skip
+    for transport, figures in lab["transports"].items():
+        rtt = figures["connection"]["rtt_s"] * 1e3
+        for mode, row in figures["bulk"].items():
+            print(f"  {transport:4} {MODES[mode]:24} {row['mb_s']:7.2f} MB/s = "
+                  f"{row['mb_s'] / udp:.3f} of the link's rate, {row['mb_s'] / tcp:.2f} x plain "
+                  f"TCP (ping {rtt:.1f} ms)")  # fmt: skip
+
+
+# -- main -----------------------------------------------------------------------------------------
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (the smoke test)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    parser.add_argument("--skip", default="", help=f"comma-separated sections of {SECTIONS}")
+    parser.add_argument("--pmtu", action="store_true", help="also QUIC with path MTU probing")
+    parser.add_argument("--size-mib", type=float, default=64)
+    parser.add_argument("--chunk-mib", type=float, default=1)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=1000, help="100 B unary calls timed")
+    parser.add_argument("--memory-mib", type=float, default=1024)
+    parser.add_argument("--memory-chunk-mib", type=float, default=4)
+    parser.add_argument("--lab-mib", type=float, default=64)
+    parser.add_argument("--datagram", type=int, default=1350, help="QUIC max datagram size")
+    opts = parser.parse_args(argv)
+    skip = {name for name in opts.skip.split(",") if name}
+    if skip - set(SECTIONS):
+        parser.error(f"--skip takes {', '.join(SECTIONS)}")
+    opts.skip = skip
+    if opts.quick:
+        opts.size_mib, opts.chunk_mib, opts.repeat, opts.calls = 1, 0.25, 1, 50
+        opts.memory_mib, opts.memory_chunk_mib, opts.lab_mib = 8, 1, 1
+    opts.size, opts.chunk = int(opts.size_mib * MIB), int(opts.chunk_mib * MIB)
+    opts.memory, opts.memory_chunk = int(opts.memory_mib * MIB), int(opts.memory_chunk_mib * MIB)
+    opts.lab_size = int(opts.lab_mib * MIB)
+    opts.beside_calls = 5 if opts.quick else 20
+    opts.far_repeat = 1
+    opts.udp_blast_s = 0.5 if opts.quick else UDP_BLAST_S
+    return opts
+
+
+def run(opts: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "config": {key: getattr(opts, key) for key in ("size", "chunk", "repeat", "calls",
+                   "memory", "memory_chunk", "lab_size", "datagram")},
+    }  # fmt: skip
+    started = time.perf_counter()
+    if "sdk" not in opts.skip:
+        progress("lattica SDK baseline")
+        report["sdk"] = measure_sdk(opts)
+    with_tcp = "tcp" not in opts.skip
+    transports = ["quic"] + (["quic-pmtu"] if opts.pmtu else []) + (["tcp"] if with_tcp else [])
+    report["direct"] = {}
+    for transport in transports:
+        progress(f"direct {transport}")
+        report["direct"][transport] = measure_direct(transport, opts)
+    if "memory" not in opts.skip:
+        report["memory"] = {}
+        for transport in ["quic", "tcp"] if with_tcp else ["quic"]:
+            progress(f"memory {transport}")
+            report["memory"][transport] = measure_memory(transport, opts)
+    if "relay" not in opts.skip:
+        progress("relay")
+        report["relay"] = measure_relay(opts)
+    if "lab" not in opts.skip:
+        reason = lab_unavailable()
+        if reason is None:
+            progress("lab link")
+            report["lab"] = measure_lab(opts)
+        else:
+            report["lab"] = {"skipped": reason}
+    report["goals"] = goals(report)
+    report["wall_s"] = time.perf_counter() - started
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = options(argv)
+
+    def progress(step: str) -> None:
+        print(f"# {step} ...", file=sys.stderr, flush=True)
+
+    report = run(opts, progress)
+    if opts.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
