@@ -463,7 +463,7 @@ class ViewReplica:
             return
         current = self._members.get(self._me, {}).get(self.incarnation)
         if current is None:
-            return  # not announced yet: adopted with the first announce
+            return  # not announced yet: the next tick tries again
         changes: list[tuple[str, str, BaseModel | None]] = []
         for map_name, key, record in self._own_user_records():
             if self._user.get(map_name, {}).get(key, {}).get((self._me, self.incarnation)) is None:

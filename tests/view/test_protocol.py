@@ -13,7 +13,12 @@ from pycrdt import Doc, Map, Text
 
 from lattica_ray.view.config import ViewConfig
 from lattica_ray.view.envelope import EquivocationProof, Heartbeat, SignedUpdate, derive_client_id
-from lattica_ray.view.errors import InvalidValue, MalformedMessage, WriteRuleViolation
+from lattica_ray.view.errors import (
+    InvalidValue,
+    MalformedMessage,
+    MissingDependency,
+    WriteRuleViolation,
+)
 from lattica_ray.view.models import (
     ActorChanged,
     ActorMethod,
@@ -277,6 +282,18 @@ def test_the_copy_check_catches_an_effect_even_without_the_structural_check() ->
     assert observer.document_entries() == entries
     # the probe was rebuilt from the real document: honest updates still go through
     assert deliver(observer, [victim.export_actor("svc3", actor(), T0)]) == [Outcome.APPLIED]
+
+
+def test_the_copy_check_catches_pycrdt_holding_an_update_back() -> None:
+    """The other safety net: if an update that pycrdt cannot integrate ever got past the structural
+    check, the copy shows it (nothing integrated) and the real document is never touched."""
+    author, observer = new_replica(), new_replica()
+    first, second = author.announce(member(cpus=1), T0), author.announce(member(cpus=2), T0)
+    doc = observer.document
+    with pytest.raises(MissingDependency, match="holds the rest back"):
+        doc.apply(second.update, decode_update(second.update), second.author)
+    assert observer.document_entries()["members"] == {}
+    assert deliver(observer, [first, second]) == [Outcome.APPLIED, Outcome.APPLIED]
 
 
 # ==================================================================== gaps and pycrdt's silent hold
