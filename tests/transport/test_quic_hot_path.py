@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.recovery import QuicPacketPacer
 
@@ -144,3 +145,15 @@ async def test_a_closed_connection_keeps_no_timer_and_sends_nothing(
     await asyncio.sleep(0)  # the scheduled flush runs
     assert endpoints.client._socket.datagrams_sent == sent
     assert connection._timer is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "stop"),
+    [(b"\0" * 60000, 60000), (b"\0\0\0\x01\0\0", 3), (b"\x01", 0), (b"", 0)],
+)
+def test_padding_is_skipped_up_to_the_next_frame(payload: bytes, stop: int) -> None:
+    """A 64 KiB probe is mostly PADDING; aioquic walks it byte by byte in Python."""
+    quic = _connection()
+    buf = Buffer(data=payload)
+    quic._handle_padding_frame(None, 0, buf)
+    assert buf.tell() == stop

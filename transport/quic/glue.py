@@ -53,7 +53,8 @@ class BurstPacer(QuicPacketPacer):
 
 
 class Libp2pQuicConnection(QuicConnection):
-    """aioquic's `QuicConnection` with client certificates and reader-driven flow control."""
+    """aioquic's `QuicConnection` with client certificates, reader-driven flow control, path
+    MTU probing and deeper pacing bursts (the `QuicEngine` of `transport.quic.engine`)."""
 
     def __init__(
         self,
@@ -359,3 +360,5 @@ class Libp2pQuicConnection(QuicConnection):
         start = buf.tell()
         rest = buf.data_slice(start, buf.capacity)
         buf.seek(start + len(rest) - len(rest.lstrip(b"\0")))
+        if self._quic_logger is not None:
+            context.quic_logger_frames.append(self._quic_logger.encode_padding_frame())
