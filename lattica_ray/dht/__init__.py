@@ -1,7 +1,9 @@
 """Kademlia DHT (libp2p kad-dht, `/ipfs/kad/1.0.0`) and the object directory.
 
 `DHT(host, key, DHTConfig())` runs on any `transport.host.Host`: put/get signed records,
-provide/find_providers for content IDs, find_peer for addresses.
+provide/find_providers for content IDs, find_peer for addresses. To share one DHT with lattica
+SDK nodes (rust-libp2p, `/lattica/1.0.0`, unsigned records: `lattica_ray.dht.sdk`), opt in with
+`DHTConfig(protocols=("/ipfs/kad/1.0.0", "/lattica/1.0.0"), sdk_records=True)`.
 """
 
 from lattica_ray.dht.cid import ContentId

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+KAD_PROTOCOL_ID = "/ipfs/kad/1.0.0"  # kad-dht spec (protocol.PROTOCOL_ID)
+
 HOUR = 3600.0
 
 Mode = Literal["client", "server"]
@@ -30,6 +32,14 @@ class DHTConfig(BaseModel):
         description="S/Kademlia disjoint lookup paths; >1 bounds what one liar can steer",
     )
     mode: Mode = Field("server", description="initial mode; the node switches with set_mode()")
+    protocols: tuple[str, ...] = Field(
+        (KAD_PROTOCOL_ID,),
+        min_length=1,
+        max_length=8,
+        description="kad protocol IDs served, and proposed (in this order) to peers whose own "
+        "we do not know yet: add '/lattica/1.0.0' to share one DHT with lattica SDK nodes, "
+        "whose rust-libp2p Kademlia speaks the same messages under that ID",
+    )
 
     # -- timing ---------------------------------------------------------------------------
     request_timeout: float = Field(10.0, gt=0, description="one request/response")
@@ -75,6 +85,12 @@ class DHTConfig(BaseModel):
     )
     max_clock_skew: float = Field(
         5 * 60.0, ge=0, description="tolerated clock difference for record timestamps"
+    )
+    sdk_records: bool = Field(
+        False,
+        description="also accept the lattica SDK's records (dht.sdk): UNSIGNED bincode values "
+        "under keys outside /pk/ and /lattica/, which anyone may overwrite; only for sharing "
+        "records with SDK nodes (expiry and size limits still apply)",
     )
     get_quorum: int = Field(
         3, ge=1, description="valid answers a get collects before it returns (spec: Q)"
@@ -149,4 +165,9 @@ class DHTConfig(BaseModel):
             raise ValueError("max_message_size must leave room for a record of max_record_size")
         if self.disjoint_paths > self.alpha:
             raise ValueError("disjoint_paths must not exceed alpha (each path needs a request)")
+        if len(set(self.protocols)) != len(self.protocols):
+            raise ValueError("protocols must not repeat a protocol ID")
+        for protocol in self.protocols:
+            if not protocol.startswith("/") or not protocol.isprintable() or len(protocol) > 100:
+                raise ValueError(f"not a protocol ID (printable, from '/'): {protocol!r}")
         return self

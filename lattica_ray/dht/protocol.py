@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import enum
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from functools import cached_property, lru_cache
 
 from lattica_ray.dht.errors import InvalidRecord, MalformedMessage, StoreFull
 from lattica_ray.dht.pb import dht_pb2
-from lattica_ray.dht.records import ProviderStore, RecordStore, Validator
+from lattica_ray.dht.records import ProviderStore, RecordStore, StoredRecord, Validator
 from lattica_ray.dht.routing import RoutingTable, kad_id
 from transport.errors import InvalidMultiaddr, InvalidPeerId
 from transport.identity import PeerId
@@ -32,6 +33,7 @@ from transport.varint import VarintError, decode_varint
 log = logging.getLogger(__name__)
 
 PROTOCOL_ID = "/ipfs/kad/1.0.0"  # kad-dht spec
+MAX_WIRE_TTL = 0xFFFF_FFFF  # Record.ttl is a uint32 (rust-libp2p)
 ALPHA = 10  # kad-dht spec: query concurrency
 
 
@@ -67,11 +69,18 @@ class PeerInfo:
 
 @dataclass(frozen=True)
 class Record:
-    """The kad-dht `Record`: a key and an opaque value (our signatures live in the value)."""
+    """The kad-dht `Record`: a key and an opaque value (our signatures live in the value).
+
+    `publisher` (peer ID bytes) and `ttl` (seconds left, 0: unknown) are rust-libp2p's
+    extensions; we always send both, since the lattica SDK's record store expects a publisher
+    (its source unwraps it).
+    """
 
     key: bytes
     value: bytes
     time_received: str = ""
+    publisher: bytes = b""
+    ttl: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,10 @@ def encode_message(message: Message) -> bytes:
         pb.record.value = message.record.value
         if message.record.time_received:
             pb.record.timeReceived = message.record.time_received
+        if message.record.publisher:
+            pb.record.publisher = message.record.publisher
+        if message.record.ttl:
+            pb.record.ttl = message.record.ttl
     for info in message.closer_peers:
         _encode_peer(info, pb.closerPeers.add())
     for info in message.provider_peers:
@@ -193,7 +206,18 @@ def decode_message(data: bytes, limits: DecodeLimits) -> Message:
             )
         if len(pb.record.key) > limits.max_key_size:
             raise MalformedMessage(f"record key exceeds {limits.max_key_size} bytes")
-        record = Record(pb.record.key, pb.record.value, pb.record.timeReceived)
+        if pb.record.publisher:
+            try:
+                _peer_id_from_bytes(pb.record.publisher)
+            except InvalidPeerId as exc:
+                raise MalformedMessage(f"record publisher is not a peer ID: {exc}") from exc
+        record = Record(
+            pb.record.key,
+            pb.record.value,
+            pb.record.timeReceived,
+            pb.record.publisher,
+            pb.record.ttl,
+        )
     if len(pb.closerPeers) > limits.max_peers:
         raise MalformedMessage(
             f"{len(pb.closerPeers)} closer peers exceed the limit of {limits.max_peers}"
@@ -216,6 +240,11 @@ def _dedupe(peers: Iterable[PeerInfo]) -> tuple[PeerInfo, ...]:
     for info in peers:
         out.setdefault(info.peer_id, info)
     return tuple(out.values())
+
+
+def wire_ttl(expires_at: float, now: float) -> int:
+    """Whole seconds left until `expires_at`, at least 1 (0 means "no expiry" on the wire)."""
+    return min(MAX_WIRE_TTL, max(1, math.ceil(expires_at - now)))
 
 
 def is_multihash(key: bytes) -> bool:
@@ -511,13 +540,13 @@ class KadServer:
             closer = self.closer_peers(request.key, sender, now)
             return Message(kind, request.key, closer_peers=closer)
         if kind is MessageType.GET_VALUE:
-            value = self.records.get(request.key, now)
-            record = Record(request.key, value) if value is not None else None
+            stored = self.records.entry(request.key, now)
+            record = self.wire_record(request.key, stored, now) if stored is not None else None
             return Message(
                 kind, request.key, record, closer_peers=self.closer_peers(request.key, sender, now)
             )
         if kind is MessageType.PUT_VALUE:
-            return self._put_value(request, now)
+            return self._put_value(sender, request, now)
         if kind is MessageType.GET_PROVIDERS:
             if not is_multihash(request.key):
                 raise MalformedMessage("GET_PROVIDERS key is not a multihash")
@@ -534,18 +563,30 @@ class KadServer:
             return None
         raise MalformedMessage(f"unexpected request type {kind.name}")
 
-    def _put_value(self, request: Message, now: float) -> Message:
+    def _put_value(self, sender: PeerId, request: Message, now: float) -> Message:
         record = request.record
         if record is None:
             raise MalformedMessage("PUT_VALUE without a record")
         if record.key != request.key:
             raise MalformedMessage("PUT_VALUE record key differs from the message key")
-        if self.records.put(record.key, record.value, now):
+        # A record without a publisher is vouched for by whoever sent it.
+        publisher = record.publisher or sender.multihash
+        if self.records.put(record.key, record.value, now, publisher, record.ttl or None):
             return Message(MessageType.PUT_VALUE, request.key, Record(record.key, record.value))
         # We hold a better record: answer with it, so the writer sees it is stale.
-        ours = self.records.get(record.key, now)
+        ours = self.records.entry(record.key, now)
         assert ours is not None
-        return Message(MessageType.PUT_VALUE, request.key, Record(record.key, ours))
+        return Message(MessageType.PUT_VALUE, request.key, Record(record.key, ours.value))
+
+    def wire_record(self, key: bytes, stored: StoredRecord, now: float) -> Record:
+        """`stored` as we send it: with its publisher (us if unknown) and the seconds it has
+        left, which rust-libp2p peers use (and the lattica SDK needs)."""
+        return Record(
+            key,
+            stored.value,
+            publisher=stored.publisher or self.local.multihash,
+            ttl=wire_ttl(stored.expires_at, now),
+        )
 
     def _add_provider(self, sender: PeerId, request: Message, now: float) -> None:
         if not is_multihash(request.key):

@@ -8,6 +8,9 @@ value, as IPNS does it:
   expiry and the author's Ed25519 signature over key, value and times. If `<name>` starts with
   a peer ID (`/lattica/actor/12D3KooW.../policy`), only that peer may write the key.
 
+With `DHTConfig(sdk_records=True)` the keys in none of these namespaces go to a fallback, the
+lattica SDK's unsigned records (`sdk.py`); our namespaces keep their rules.
+
 Validators are pure: `validate(key, value, now)` raises `InvalidRecord` or returns the
 record's own expiry; `select(key, values)` picks the best of several valid values (newest).
 Times are Unix seconds, passed in by the caller so tests can move the clock.
@@ -249,14 +252,21 @@ class NamespacedValidator:
         validators: dict[bytes, Validator],
         max_key_size: int,
         max_value_size: int,
+        fallback: Validator | None = None,
     ) -> None:
         self.validators = dict(validators)
         self.max_key_size = max_key_size
         self.max_value_size = max_value_size
+        self.fallback = fallback  # keys in none of our namespaces (off: refused)
 
     @classmethod
     def default(
-        cls, max_ttl: float, max_clock_skew: float, max_key_size: int, max_value_size: int
+        cls,
+        max_ttl: float,
+        max_clock_skew: float,
+        max_key_size: int,
+        max_value_size: int,
+        fallback: Validator | None = None,
     ) -> NamespacedValidator:
         return cls(
             {
@@ -265,11 +275,17 @@ class NamespacedValidator:
             },
             max_key_size,
             max_value_size,
+            fallback,
         )
 
-    def validator_for(self, key: bytes) -> Validator:
+    def find(self, key: bytes) -> Validator | None:
+        """The validator of `key`'s namespace, else the fallback (None: no one takes it)."""
         namespace = namespace_of(key)
         validator = self.validators.get(namespace) if namespace is not None else None
+        return validator if validator is not None else self.fallback
+
+    def validator_for(self, key: bytes) -> Validator:
+        validator = self.find(key)
         if validator is None:
             raise InvalidRecord(
                 f"no validator for key {key[:40]!r}: keys must start with one of "
@@ -294,6 +310,7 @@ class StoredRecord:
     value: bytes
     received_at: float
     expires_at: float
+    publisher: bytes = b""  # the original publisher's peer ID, as rust-libp2p tells it
 
 
 class RecordStore:
@@ -315,15 +332,26 @@ class RecordStore:
     def __contains__(self, key: object) -> bool:
         return key in self._records
 
-    def put(self, key: bytes, value: bytes, now: float) -> bool:
+    def put(
+        self,
+        key: bytes,
+        value: bytes,
+        now: float,
+        publisher: bytes = b"",
+        ttl: float | None = None,
+    ) -> bool:
         """Store `value` if valid and not worse than what we hold; False if ours is better.
 
-        Raises `InvalidRecord` for invalid values and `StoreFull` at `max_records`.
+        `publisher` (a peer ID) and `ttl` (seconds, a bound on top of the record's own expiry)
+        are what rust-libp2p peers send along. Raises `InvalidRecord` for invalid values and
+        `StoreFull` at `max_records`.
         """
         own_expiry = self.validator.validate(key, value, now)
         expires_at = now + self.max_age
         if own_expiry is not None:
             expires_at = min(expires_at, own_expiry)
+        if ttl:
+            expires_at = min(expires_at, now + ttl)
         current = self._live(key, now)
         if current is not None and current.value != value:
             if self.validator.select(key, [current.value, value]) == 0:
@@ -332,7 +360,7 @@ class RecordStore:
             self.expire(now)
             if len(self._records) >= self.max_records:
                 raise StoreFull(f"record store is full ({self.max_records} records)")
-        self._records[key] = StoredRecord(value, now, expires_at)
+        self._records[key] = StoredRecord(value, now, expires_at, publisher)
         return True
 
     def _live(self, key: bytes, now: float) -> StoredRecord | None:
@@ -345,6 +373,10 @@ class RecordStore:
     def get(self, key: bytes, now: float) -> bytes | None:
         stored = self._live(key, now)
         return stored.value if stored is not None else None
+
+    def entry(self, key: bytes, now: float) -> StoredRecord | None:
+        """The live record under `key` with its expiry and publisher."""
+        return self._live(key, now)
 
     def items(self, now: float) -> Iterator[tuple[bytes, bytes]]:
         for key in list(self._records):

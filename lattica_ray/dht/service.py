@@ -11,6 +11,11 @@ and `records.py` (validation and stores). Attach it to any `transport.host.Host`
     await dht.provide(ContentId.of(blob))
     providers = await dht.find_providers(cid)
     addrs = await dht.find_peer(peer_id)
+
+To share one DHT with lattica SDK (rust-libp2p) nodes, which speak the same messages under
+`/lattica/1.0.0` and store unsigned records (`dht.sdk`), opt in to both:
+
+    DHTConfig(protocols=("/ipfs/kad/1.0.0", "/lattica/1.0.0"), sdk_records=True)
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ from lattica_ray.dht.errors import (
     StoreFull,
 )
 from lattica_ray.dht.protocol import (
-    PROTOCOL_ID,
     DecodeLimits,
     KadServer,
     Lookup,
@@ -49,6 +53,7 @@ from lattica_ray.dht.protocol import (
     decode_message,
     encode_message,
     is_multihash,
+    wire_ttl,
 )
 from lattica_ray.dht.records import (
     LATTICA_NAMESPACE,
@@ -65,6 +70,7 @@ from lattica_ray.dht.routing import (
     kad_id,
     random_key_with_cpl,
 )
+from lattica_ray.dht.sdk import SdkRecordValidator, SdkValue, decode_sdk_record, is_index_key
 from transport.errors import MessageTooLarge, ProtocolNotSupported, StreamReset, TransportError
 from transport.host import Host
 from transport.identity import KeyPair, PeerId
@@ -75,6 +81,7 @@ log = logging.getLogger(__name__)
 
 ResponseHook = Callable[[Lookup, PeerId, Message], None]
 RECENT_PROBES = 4096  # peers remembered as recently probed, so one peer is not probed twice
+PEER_PROTOCOLS = 16384  # peers whose kad protocol ID we remember (with several configured)
 PROBE_QUEUE = 1024  # requesters waiting to be probed for table admission
 
 
@@ -159,12 +166,22 @@ class DHT:
         self.table = RoutingTable(
             self.local, config.k, diversity, config.max_failures, config.stale_peer_age
         )
+        sdk = (
+            SdkRecordValidator(config.max_record_ttl, config.max_clock_skew)
+            if config.sdk_records
+            else None
+        )
         self.validator: Validator = validator or NamespacedValidator.default(
             config.max_record_ttl,
             config.max_clock_skew,
             config.max_key_size,
             config.max_record_size,
+            fallback=sdk,
         )
+        self.protocols = list(config.protocols)
+        # With several protocol IDs, the one each peer accepted, so later streams skip the
+        # multistream round trip of proposing the others (bounded, least recent dropped).
+        self._peer_protocols: OrderedDict[PeerId, str] = OrderedDict()
         self.records = RecordStore(self.validator, config.max_records, config.record_ttl)
         self.providers = ProviderStore(
             config.provider_record_ttl,
@@ -213,7 +230,7 @@ class DHT:
         return self._mode
 
     def set_mode(self, mode: Mode) -> None:
-        """Server: serve `/ipfs/kad/1.0.0` (publicly reachable). Client: only ask, so peers
+        """Server: serve our kad protocol IDs (publicly reachable). Client: only ask, so peers
         that cannot reach us never put us in their tables. Call when reachability changes."""
         if mode not in ("client", "server"):
             raise ValueError(f"DHT mode is 'client' or 'server', not {mode!r}")
@@ -224,10 +241,11 @@ class DHT:
             self._apply_mode()
 
     def _apply_mode(self) -> None:
-        if self._mode == "server":
-            self.host.set_stream_handler(PROTOCOL_ID, self._serve)
-        else:
-            self.host.remove_stream_handler(PROTOCOL_ID)
+        for protocol in self.protocols:
+            if self._mode == "server":
+                self.host.set_stream_handler(protocol, self._serve)
+            else:
+                self.host.remove_stream_handler(protocol)
 
     async def start(self) -> None:
         """Serve (in server mode) and start the periodic refresh, republish and cleanup."""
@@ -247,7 +265,8 @@ class DHT:
         """Stop serving and cancel every background task; safe to call twice."""
         if self._started:
             self._started = False
-            self.host.remove_stream_handler(PROTOCOL_ID)
+            for protocol in self.protocols:
+                self.host.remove_stream_handler(protocol)
         tasks = [*self._tasks, *self._pending]
         for task in tasks:
             task.cancel()
@@ -324,7 +343,9 @@ class DHT:
         """Store `value` under `key` at the k closest peers; returns how many stored it.
 
         `/lattica/...` values are signed with our key and expire after `record_ttl`; we
-        republish them until the DHT stops. `/pk/<peer ID>` takes a public key as is.
+        republish them until the DHT stops. `/pk/<peer ID>` takes a public key as is. With
+        `sdk_records`, other keys hold lattica SDK records: the value is wrapped with an expiry
+        of `record_ttl` (under `<key>#index`, pass a `dht.sdk.SubkeyIndex` encoding instead).
         """
         key_bytes = record_key(key)
         now = self._clock()
@@ -337,14 +358,23 @@ class DHT:
     def _keep_own(self, key: bytes, value: bytes, now: float) -> None:
         """Our copy of our own record; a full store only costs us the local copy."""
         try:
-            self.records.put(key, value, now)
+            self.records.put(key, value, now, publisher=self.local.multihash)
         except StoreFull as exc:
             log.info("not keeping a local copy of %r: %s", key, exc)
 
     def _seal(self, key: bytes, value: bytes, now: float) -> bytes:
         if namespace_of(key) == LATTICA_NAMESPACE:
             return SignedRecord.create(self.key, key, value, now, self.config.record_ttl).encode()
+        if self._is_sdk_key(key) and not is_index_key(key):
+            return SdkValue(value, now + self.config.record_ttl).encode()
         return value
+
+    def _is_sdk_key(self, key: bytes) -> bool:
+        """Is `key` stored as a lattica SDK record (`sdk_records` on, not one of our keys)?"""
+        validator = self.validator
+        return isinstance(validator, NamespacedValidator) and isinstance(
+            validator.find(key), SdkRecordValidator
+        )
 
     async def get(self, key: str | bytes) -> bytes | None:
         """The best valid value under `key` (for signed records: the payload), or None."""
@@ -387,6 +417,10 @@ class DHT:
             return FoundRecord(
                 key, record.value, record.author_id, record.created_ms / 1000, record.expires_at
             )
+        if self._is_sdk_key(key):
+            sdk_record = decode_sdk_record(key, value)
+            payload = sdk_record.value if isinstance(sdk_record, SdkValue) else value
+            return FoundRecord(key, payload, None, None, sdk_record.expiration)
         return FoundRecord(key, value, None, None, None)
 
     async def provide(self, cid: ContentId | bytes) -> int:
@@ -541,7 +575,8 @@ class DHT:
         """One request on a new stream: send, read the answer, close. Raises on any failure."""
         self.stats.requests_sent += 1
         async with asyncio.timeout(self.config.request_timeout):
-            stream = await self.host.open_stream(peer, [PROTOCOL_ID])
+            stream = await self.host.open_stream(peer, self._protocols_for(peer))
+            self._remember_protocol(peer, stream.protocol)
             try:
                 await stream.write_message(encode_message(message))
                 if not expect_response:
@@ -565,9 +600,28 @@ class DHT:
             )
         return response
 
+    def protocol_of(self, peer: PeerId) -> str | None:
+        """The kad protocol ID `peer` last accepted from us (None: not known, or only one
+        protocol is configured)."""
+        return self._peer_protocols.get(peer)
+
+    def _protocols_for(self, peer: PeerId) -> list[str]:
+        """The kad protocol ID `peer` accepted last time, else all of ours in order."""
+        known = self._peer_protocols.get(peer)
+        return [known] if known is not None else self.protocols
+
+    def _remember_protocol(self, peer: PeerId, protocol: str) -> None:
+        if len(self.protocols) == 1 or protocol not in self.protocols:
+            return
+        self._peer_protocols[peer] = protocol
+        self._peer_protocols.move_to_end(peer)
+        if len(self._peer_protocols) > PEER_PROTOCOLS:
+            self._peer_protocols.popitem(last=False)
+
     def _note_failure(self, peer: PeerId, exc: BaseException) -> None:
         self.stats.request_failures += 1
         if isinstance(exc, ProtocolNotSupported):
+            self._peer_protocols.pop(peer, None)  # it may speak another of ours next time
             self.table.remove(peer)  # not (or no longer) a DHT server
         elif isinstance(exc, MalformedMessage | MessageTooLarge):
             log.warning("peer %s sent a bad kad response: %s", peer, exc)
@@ -578,7 +632,7 @@ class DHT:
 
     async def _send_puts(self, key: bytes, value: bytes, peers: list[PeerId]) -> tuple[int, int]:
         """PUT_VALUE to each of `peers`; returns (stored, kept a different record)."""
-        request = Message(MessageType.PUT_VALUE, key, Record(key, value))
+        request = Message(MessageType.PUT_VALUE, key, self._wire_record(key, value))
         results = await asyncio.gather(
             *(self._request(peer, request) for peer in peers), return_exceptions=True
         )
@@ -593,6 +647,17 @@ class DHT:
             elif isinstance(result, Exception):
                 self._note_failure(peer, result)
         return stored, kept_other
+
+    def _wire_record(self, key: bytes, value: bytes) -> Record:
+        """`value` as a PUT_VALUE carries it: with the publisher and seconds left that
+        rust-libp2p peers (the lattica SDK among them) store records with."""
+        now = self._clock()
+        stored = self.records.entry(key, now)
+        if stored is not None and stored.value == value:
+            return self.server.wire_record(key, stored, now)
+        expires = self.validator.validate(key, value, now)
+        ttl = wire_ttl(expires, now) if expires is not None else 0
+        return Record(key, value, publisher=self.local.multihash, ttl=ttl)
 
     async def _put_to_closest(self, key: bytes, value: bytes, quorum: int | None = None) -> int:
         peers = await self.get_closest_peers(key)

@@ -49,11 +49,27 @@ def test_round_trip_of_every_field() -> None:
     message = Message(
         MessageType.GET_PROVIDERS,
         b"\x12\x20" + b"k" * 32,
-        Record(b"key", b"value", "2024-01-01T00:00:00Z"),
+        Record(b"key", b"value", "2024-01-01T00:00:00Z", publisher=a.multihash, ttl=3600),
         (PeerInfo(a, (ADDR,)),),
         (PeerInfo(b, (ADDR, Multiaddr.parse("/ip6/::1/udp/1/quic-v1"))),),
     )
     assert decode_message(encode_message(message), LIMITS) == message
+
+
+def test_rust_libp2p_record_fields() -> None:
+    """publisher = 666 and ttl = 777, as rust-libp2p (and so the lattica SDK) sends them."""
+    publisher = key_pair().peer_id
+    pb = dht_pb2.Message(type=0, key=b"k")
+    pb.record.key, pb.record.value = b"k", b"v"
+    pb.record.publisher, pb.record.ttl = publisher.multihash, 599
+    wire = pb.SerializeToString()
+    assert b"\xd2\x29" + bytes([len(publisher.multihash)]) in wire  # field 666, bytes
+    assert b"\xc8\x30\xd7\x04" in wire  # field 777, varint 599
+    decoded = decode_message(wire, LIMITS)
+    assert decoded.record == Record(b"k", b"v", publisher=publisher.multihash, ttl=599)
+    pb.record.publisher = b"not a peer id"
+    with pytest.raises(MalformedMessage, match="publisher"):
+        decode_message(pb.SerializeToString(), LIMITS)
 
 
 def test_addresses_are_normalised_and_filtered() -> None:
@@ -270,7 +286,9 @@ def test_put_and_get_value(server: KadServer) -> None:
     stale = server.handle(sender, Message(MessageType.PUT_VALUE, key, Record(key, old)), NOW + 1)
     assert stale is not None and stale.record == Record(key, new)  # ours is newer
     got = server.handle(sender, Message(MessageType.GET_VALUE, key), NOW + 2)
-    assert got is not None and got.record == Record(key, new) and len(got.closer_peers) == 20
+    assert got is not None and len(got.closer_peers) == 20
+    # rust-libp2p's fields: the publisher (the sender, since its put named none), seconds left
+    assert got.record == Record(key, new, publisher=sender.multihash, ttl=3599)
     missing = server.handle(sender, Message(MessageType.GET_VALUE, b"/lattica/x/y"), NOW)
     assert missing is not None and missing.record is None
 

@@ -167,6 +167,21 @@ def test_record_store_expires_by_record_and_by_age(validator: NamespacedValidato
     assert len(store) == 0
 
 
+def test_record_store_keeps_the_publisher_and_honours_a_shorter_wire_ttl(
+    validator: NamespacedValidator,
+) -> None:
+    store = RecordStore(validator, max_records=10, max_age=36 * HOUR)
+    publisher = ALICE.peer_id.multihash
+    store.put(KEY, signed(ttl=HOUR).encode(), NOW, publisher=publisher, ttl=60)
+    entry = store.entry(KEY, NOW)
+    assert entry is not None and entry.publisher == publisher
+    assert entry.expires_at == NOW + 60  # the sender's ttl is shorter than the record's hour
+    assert store.get(KEY, NOW + 60) is None
+    store.put(KEY, signed(ttl=HOUR).encode(), NOW, ttl=2 * HOUR)  # longer: the record's own
+    entry = store.entry(KEY, NOW)
+    assert entry is not None and entry.expires_at == NOW + HOUR
+
+
 def test_record_store_is_bounded(validator: NamespacedValidator) -> None:
     store = RecordStore(validator, max_records=2, max_age=HOUR)
     for name in (b"a", b"b"):

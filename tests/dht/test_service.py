@@ -27,8 +27,10 @@ from lattica_ray.dht.protocol import (
     encode_message,
 )
 from lattica_ray.dht.records import SignedRecord
+from lattica_ray.dht.sdk import SdkValue, SubkeyIndex
 from tests.dht.conftest import DHTNet, key_pair
 from transport.errors import StreamReset
+from transport.identity import PeerId
 from transport.memory_host import MemoryHost
 from transport.multiaddr import Multiaddr
 from transport.stream import Stream
@@ -246,6 +248,94 @@ async def test_server_turning_client_leaves_tables(dht_net: DHTNet) -> None:
     assert leaver.local not in other.table
     with pytest.raises(ValueError, match="client"):
         leaver.set_mode("peer")  # type: ignore[arg-type]
+
+
+# -- other kad protocol IDs and lattica SDK records --------------------------------------------
+SDK_KAD = "/lattica/1.0.0"  # the lattica SDK's Kademlia protocol ID
+
+
+async def test_one_dht_across_two_protocol_ids(dht_net: DHTNet) -> None:
+    """A node serving both IDs joins peers that speak only one of them into one DHT."""
+    bridge = await dht_net.add(DHTConfig(protocols=(PROTOCOL_ID, SDK_KAD)))
+    ipfs_only = await dht_net.add()
+    sdk_only = await dht_net.add(DHTConfig(protocols=(SDK_KAD,)))
+    for dht in (ipfs_only, sdk_only):
+        await dht.bootstrap(bridge.host.addrs, refresh_buckets=False)
+    await bridge.settle()  # it probes those who asked it, before tabling them
+    assert bridge.protocol_of(ipfs_only.local) == PROTOCOL_ID
+    assert bridge.protocol_of(sdk_only.local) == SDK_KAD
+    assert set(bridge.table) == {ipfs_only.local, sdk_only.local}
+
+    assert await ipfs_only.put(KEY, b"from /ipfs/kad") == 1  # the bridge; the other: no match
+    assert sdk_only.local not in ipfs_only.table
+    entry = bridge.records.entry(KEY.encode(), dht_net.clock())
+    assert entry is not None and entry.publisher == ipfs_only.local.multihash
+    assert await sdk_only.get(KEY) == b"from /ipfs/kad"
+
+    other = "/lattica/actor/other"
+    assert await sdk_only.put(other, b"from /lattica/1.0.0") == 1
+    assert await ipfs_only.get(other) == b"from /lattica/1.0.0"
+    # Once known, a peer's protocol is proposed alone (no multistream round trip per request).
+    proposed: list[list[str]] = []
+    open_stream = bridge.host.open_stream
+
+    async def recording_open_stream(peer: PeerId, protocols: list[str]) -> Stream:
+        proposed.append(list(protocols))
+        return await open_stream(peer, protocols)
+
+    bridge.host.open_stream = recording_open_stream  # type: ignore[method-assign]
+    assert set(await bridge.get_closest_peers(b"anything")) == {ipfs_only.local, sdk_only.local}
+    assert sorted(proposed) == [[PROTOCOL_ID], [SDK_KAD]]
+
+
+async def test_sdk_records_are_off_by_default(dht_net: DHTNet) -> None:
+    strict = await dht_net.add()
+    with pytest.raises(InvalidRecord, match="no validator"):
+        await strict.put("model-weights", b"v")
+    value = SdkValue(b"v", dht_net.clock() + 60).encode()
+    stream = await send_raw(
+        dht_net.raw_host(),
+        strict,
+        _framed(Message(MessageType.PUT_VALUE, b"k", Record(b"k", value))),
+    )
+    with pytest.raises(StreamReset):
+        await stream.read_message()
+    assert len(strict.records) == 0 and strict.stats.refused_records == 1
+
+
+async def test_sdk_records_round_trip_and_expire(dht_net: DHTNet) -> None:
+    config = DHTConfig(sdk_records=True)
+    writer, reader = await dht_net.grow(2, config)
+    now = dht_net.clock()
+    assert await writer.put("model-weights", b"v1") == 1
+    stored = reader.records.get(b"model-weights", now)
+    assert stored is not None
+    assert SdkValue.decode(stored) == SdkValue(b"v1", now + config.record_ttl)  # the SDK's form
+    found = await reader.get_record("model-weights")
+    assert found is not None and found.value == b"v1" and found.author is None
+    assert found.expires == now + config.record_ttl
+    # Signed namespaces keep their rules next to the unsigned SDK records.
+    assert await writer.put(KEY, b"signed") == 1
+    assert (await reader.get_record(KEY)).author == writer.local  # type: ignore[union-attr]
+
+    # A record as an SDK node writes it: expiring in a minute, honoured by every holder.
+    sdk_node = dht_net.raw_host()
+    value = SdkValue(b"short-lived", now + 60).encode()
+    answer = await ask(
+        sdk_node, reader, Message(MessageType.PUT_VALUE, b"job", Record(b"job", value))
+    )
+    assert answer.record is not None and answer.record.value == value
+    index = SubkeyIndex(("a", "b"), now + 60).encode()
+    await ask(
+        sdk_node, reader, Message(MessageType.PUT_VALUE, b"job#index", Record(b"job#index", index))
+    )
+    assert await writer.get("job") == b"short-lived"
+    found = await writer.get_record("job#index")
+    assert found is not None and SubkeyIndex.decode(found.value).subkeys == ("a", "b")
+    dht_net.clock.advance(61)
+    assert await writer.get("job") is None
+    assert await reader.get("job#index") is None
+    assert await reader.get("model-weights") == b"v1"  # its own expiry is hours away
 
 
 # -- bad input --------------------------------------------------------------------------------

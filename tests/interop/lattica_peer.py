@@ -14,8 +14,12 @@ JSON command per line on stdin and answers each with one JSON line
     {"cmd": "wait_disconnect", "peer": ID}            wait for a connection to close and none left
     {"cmd": "wait_event", "event": E, "peer": ID}     wait for one of the events listed by "events"
     {"cmd": "events"}                                 connection / identify / mismatch events
-    {"cmd": "dht_put", "key": K, "value": V}          store V (utf-8) under K, raw bytes (no pickle)
+    {"cmd": "dht_put", "key": K, "value": V}          store V (utf-8) under K, raw bytes (no
+                                                      pickle); "subkey": S stores it under K#S
     {"cmd": "dht_get", "key": K}                      look K up in the DHT
+    {"cmd": "dht_store_object", "key": K, "value": V} the SDK's public store(): pickles bytes(V)
+    {"cmd": "dht_get_object", "key": K}               the SDK's public get(): unpickles (only for
+                                                      values the scenario itself wrote)
     {"cmd": "bench_unary", "peer": ID, "size": N, "count": C}    needs --bench-service on both
     {"cmd": "bench_stream", "peer": ID, "size": N, "direction": "upload"|"download", "repeat": R}
     {"cmd": "bench_call_beside_slow_handler", "peer": ID, "sleep_s": S}
@@ -258,9 +262,33 @@ class Driver:
         with self.log.changed:
             return {"events": list(self.log.events)}
 
-    def cmd_dht_put(self, key: str, value: str, ttl: float = 600.0) -> dict[str, Any]:
-        self.sdk.store_with_subkey(key, value.encode(), time.time() + ttl, None)
+    def cmd_dht_put(
+        self, key: str, value: str, ttl: float = 600.0, subkey: str | None = None
+    ) -> dict[str, Any]:
+        self.sdk.store_with_subkey(key, value.encode(), time.time() + ttl, subkey)
         return {"key": key}
+
+    def cmd_dht_store_object(self, key: str, value: str, ttl: float = 600.0) -> dict[str, Any]:
+        """The SDK's public `store()`, which pickles what it is given (here: bytes)."""
+        if not self.node.store(key, value.encode(), time.time() + ttl):
+            raise RuntimeError("the SDK's store() reported a failure (see its log)")
+        return {"key": key}
+
+    def cmd_dht_get_object(self, key: str) -> dict[str, Any]:
+        """The SDK's public `get()`, which unpickles what it finds: the SDK's own behaviour, run
+        here only inside a private namespace on values the scenario itself put."""
+        found = self.node.get(key)
+        if found is None:
+            return {"key": key, "found": False}
+        value = found.value
+        shown = value.decode(errors="replace") if isinstance(value, bytes) else repr(value)[:200]
+        return {
+            "key": key,
+            "found": True,
+            "type": type(value).__name__,
+            "value": shown,
+            "expiration": found.expiration_time,
+        }
 
     def cmd_dht_get(self, key: str) -> dict[str, Any]:
         found = self.sdk.get_with_subkey(key)
