@@ -38,7 +38,8 @@ class DHTConfig(BaseModel):
         max_length=8,
         description="kad protocol IDs served, and proposed (in this order) to peers whose own "
         "we do not know yet: add '/lattica/1.0.0' to share one DHT with lattica SDK nodes, "
-        "whose rust-libp2p Kademlia speaks the same messages under that ID",
+        "whose rust-libp2p Kademlia speaks the same messages under that ID (with sdk_records: "
+        "without it their record puts are refused as violations and they end up blocked)",
     )
 
     # -- timing ---------------------------------------------------------------------------
