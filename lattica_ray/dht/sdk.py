@@ -7,8 +7,9 @@ length integers), under plain string keys:
   expiry in Unix seconds;
 - `<key>#index`: `SubkeyIndex { subkeys: Vec<String>, expiration: f64 }`, the subkeys of `<key>`.
 
-rust-libp2p's Kademlia refuses kad messages over 16 KiB, so a record much above 16,000 bytes
-cannot be put on SDK nodes (ours take up to `max_record_size`, and SDK nodes read them from us).
+rust-libp2p's Kademlia refuses to read kad messages over 16 KiB: SDK nodes can neither store
+nor fetch from us a record much above 16,000 bytes (measured: 16,300 passes, 17,000 does not),
+while what they put reaches us at any size up to our `max_record_size`.
 
 Anyone may overwrite such a record: there is no author to check. That is why
 `SdkRecordValidator` is off unless `DHTConfig(sdk_records=True)`, and then only takes keys
