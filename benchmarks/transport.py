@@ -6,6 +6,8 @@
 Prints small-message round-trip p50/p99 and bulk throughput over one stream for both, and the
 ratios (QUIC / TCP), by the wall clock and per CPU-second (both ends run in this process, so
 that is sender plus receiver). The machines are noisy: read the ratios, and the CPU figures.
+Also the ceiling of aioquic's engine alone at that datagram size (two state machines passing
+datagrams in memory: no sockets, no event loop, no glue), per side.
 
 `--stripes N,...` also measures one transfer striped over N QUIC connections, each served by
 its own sender process and receiver process, the payload shared through shared memory (the
@@ -33,8 +35,14 @@ from multiprocessing import shared_memory
 if pathlib.Path(sys.path[0]).resolve() == pathlib.Path(__file__).resolve().parent:
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # the repo: `benchmarks.*`
 
+from aioquic.buffer import Buffer
+from aioquic.quic.events import StreamDataReceived
+from aioquic.quic.packet import pull_quic_header
+
 from transport.identity import KeyPair
 from transport.quic import QuicConfig, QuicEndpoint
+from transport.quic.endpoint import CONNECTION_ID_LENGTH
+from transport.quic.glue import Libp2pQuicConnection
 from transport.stream import Stream
 
 MESSAGE = b"x" * 64
@@ -114,6 +122,75 @@ async def quic_throughput(config: QuicConfig, size: int) -> tuple[float, int]:
     finally:
         await client.close()
         await server.close()
+
+
+# -- the engine alone -------------------------------------------------------------------------
+def engine_ceiling(datagram: int, size: int) -> dict[str, float]:
+    """MB per CPU-second of aioquic's state machines alone: no sockets, no event loop, no glue.
+
+    A client and a server `Libp2pQuicConnection` hand each other datagrams in memory while
+    the client sends `size` bytes on one stream; the sender's side counts building packets
+    and reading ACKs, the receiver's reading packets and building ACKs. No glue around this
+    engine can move one connection faster than the slower side.
+    """
+    config = QuicConfig(max_datagram_size=datagram, pmtu_probing=False)
+    client_end = QuicEndpoint(KeyPair.generate(), config)
+    server_end = QuicEndpoint(KeyPair.generate(), config)
+
+    def engine(endpoint: QuicEndpoint, is_client: bool, **extra: object) -> Libp2pQuicConnection:
+        return Libp2pQuicConnection(
+            configuration=endpoint._configuration(is_client),
+            stream_window=config.stream_window,
+            connection_window=config.connection_window,
+            max_streams=config.max_streams,
+            **extra,
+        )
+
+    now, client_address, server_address = 1000.0, ("127.0.0.1", 1), ("127.0.0.1", 2)
+    client = engine(client_end, True)
+    client.connect(server_address, now)
+    first = client.datagrams_to_send(now)
+    header = pull_quic_header(Buffer(data=first[0][0]), host_cid_length=CONNECTION_ID_LENGTH)
+    server = engine(server_end, False, original_destination_connection_id=header.destination_cid)
+    for data, _ in first:
+        server.receive_datagram(data, client_address, now)
+    for _ in range(10):  # the handshake
+        for source, target, address in (
+            (server, client, server_address),
+            (client, server, client_address),
+        ):
+            for data, _ in source.datagrams_to_send(now):
+                target.receive_datagram(data, address, now)
+    while client.next_event() or server.next_event():
+        pass
+    stream_id = client.get_next_available_stream_id()
+    block = bytes(256 * 1024)
+    sent = received = 0
+    sender_cpu = receiver_cpu = 0.0
+    while received < size:
+        if sent < size and client.send_buffer_size(stream_id) < config.send_buffer_high_water:
+            client.send_stream_data(stream_id, block)
+            sent += len(block)
+        started = time.process_time()
+        datagrams = client.datagrams_to_send(now)
+        built = time.process_time()
+        for data, _ in datagrams:
+            server.receive_datagram(data, client_address, now)
+        while (event := server.next_event()) is not None:
+            if isinstance(event, StreamDataReceived):
+                received += len(event.data)
+                server.consume(stream_id, len(event.data))
+        acks = server.datagrams_to_send(now)
+        read = time.process_time()
+        for data, _ in acks:
+            client.receive_datagram(data, server_address, now)
+        while client.next_event() is not None:
+            pass
+        done = time.process_time()
+        sender_cpu += (built - started) + (done - read)
+        receiver_cpu += read - built
+        now += 0.0002
+    return {"sender": size / sender_cpu / 1e6, "receiver": size / receiver_cpu / 1e6}
 
 
 # -- asyncio TCP baseline ---------------------------------------------------------------------
@@ -306,6 +383,7 @@ async def run(
     quic_p50, quic_p99 = _percentiles(quic_samples)
     tcp_p50, tcp_p99 = _percentiles(tcp_samples)
     tcp_rate, tcp_cpu = max(rates["tcp"]), max(cpu_rates["tcp"])
+    engine = engine_ceiling(datagram, min(size, 32 * 2**20))
     striped: dict[str, dict[str, float]] = {}
     for count in stripes or []:
         for label, variant in variants.items():
@@ -336,6 +414,7 @@ async def run(
             for label in variants
         },
         "striped_mb_s": striped,
+        "engine_alone_mb_per_cpu_s": engine,
     }
 
 
@@ -416,6 +495,11 @@ def main() -> None:
             f"{label:44}{row['quic_per_cpu_s']:10.1f}{row['tcp_per_cpu_s']:13.1f}"
             f"{row['ratio_per_cpu_s']:10.3f}"
         )
+    engine = result["engine_alone_mb_per_cpu_s"]
+    print(
+        f"aioquic engine alone at {result['datagram_size']} B (no sockets, no loop, no glue): "
+        f"sender {engine['sender']:.0f}, receiver {engine['receiver']:.0f} MB per CPU-second"
+    )
     for variant, row in result["striped_mb_s"].items():
         print(f"{result['size_mib']} MiB striped, {variant}: one process per end of each")
         label = "  MB/s (per CPU-second of all processes)"
