@@ -90,8 +90,9 @@ class DHTConfig(BaseModel):
     sdk_records: bool = Field(
         False,
         description="also accept the lattica SDK's records (dht.sdk): UNSIGNED bincode values "
-        "under keys outside /pk/ and /lattica/, which anyone may overwrite; only for sharing "
-        "records with SDK nodes (expiry and size limits still apply)",
+        "under keys outside /pk/ and /lattica/, which anyone may overwrite, and provider "
+        "records under any key (the SDK's are strings, not multihashes); only for sharing the "
+        "DHT with SDK nodes (expiry and size limits still apply)",
     )
     get_quorum: int = Field(
         3, ge=1, description="valid answers a get collects before it returns (spec: Q)"

@@ -479,8 +479,11 @@ class KadServer:
         max_providers_per_response: int = 20,
         peer_info_ttl: float = 10.0,
         is_connected: Callable[[PeerId], bool] = lambda peer: False,
+        any_provider_key: bool = False,
     ) -> None:
         self.local = local
+        # Provider keys are multihashes (go, rust libp2p); the lattica SDK uses any string.
+        self.any_provider_key = any_provider_key
         self.table = table
         self.is_connected = is_connected
         self.records = records
@@ -548,8 +551,7 @@ class KadServer:
         if kind is MessageType.PUT_VALUE:
             return self._put_value(sender, request, now)
         if kind is MessageType.GET_PROVIDERS:
-            if not is_multihash(request.key):
-                raise MalformedMessage("GET_PROVIDERS key is not a multihash")
+            self._check_provider_key(kind, request.key)
             found = self.providers.get(request.key, now, self.max_providers_per_response)
             providers = tuple(self.peer_info(p.peer, p.live_addrs(now) or None) for p in found)
             return Message(
@@ -588,9 +590,15 @@ class KadServer:
             ttl=wire_ttl(stored.expires_at, now),
         )
 
+    def _check_provider_key(self, kind: MessageType, key: bytes) -> None:
+        if self.any_provider_key:
+            if not key:
+                raise MalformedMessage(f"{kind.name} without a key")
+        elif not is_multihash(key):
+            raise MalformedMessage(f"{kind.name} key is not a multihash")
+
     def _add_provider(self, sender: PeerId, request: Message, now: float) -> None:
-        if not is_multihash(request.key):
-            raise MalformedMessage("ADD_PROVIDER key is not a multihash")
+        self._check_provider_key(MessageType.ADD_PROVIDER, request.key)
         others = 0
         for info in request.provider_peers:
             if info.peer_id != sender:

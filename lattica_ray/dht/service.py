@@ -127,9 +127,17 @@ def record_key(key: str | bytes) -> bytes:
     return key.encode("utf-8") if isinstance(key, str) else bytes(key)
 
 
-def provider_key(cid: ContentId | bytes) -> bytes:
-    """The DHT key of provider records: the CID's multihash (as go and rust libp2p)."""
-    key = cid.multihash if isinstance(cid, ContentId) else bytes(cid)
+def provider_key(cid: ContentId | bytes | str, any_key: bool = False) -> bytes:
+    """The DHT key of provider records: the CID's multihash (as go and rust libp2p); with
+    `any_key` (lattica SDK records on) also any bytes or string, as the SDK's providers use."""
+    if isinstance(cid, ContentId):
+        return cid.multihash
+    key = cid.encode("utf-8") if isinstance(cid, str) and any_key else cid
+    if not isinstance(key, bytes | bytearray | memoryview):
+        raise TypeError("provider keys are ContentIds or their multihashes")
+    key = bytes(key)
+    if any_key and key:
+        return key
     if not is_multihash(key):
         raise ValueError("provider keys are multihashes: pass a ContentId or its multihash")
     return key
@@ -201,6 +209,7 @@ class DHT:
             config.max_providers_per_response,
             config.peer_info_cache_ttl,
             is_connected=lambda peer: peer in host.connected_peers(),
+            any_provider_key=config.sdk_records,
         )
         self.limits = DecodeLimits(
             config.max_key_size,
@@ -423,17 +432,17 @@ class DHT:
             return FoundRecord(key, payload, None, None, sdk_record.expiration)
         return FoundRecord(key, value, None, None, None)
 
-    async def provide(self, cid: ContentId | bytes) -> int:
+    async def provide(self, cid: ContentId | bytes | str) -> int:
         """Announce that we hold `cid` to the k peers closest to it; republished every 22 h.
         Returns how many peers took the announcement."""
-        key = provider_key(cid)
+        key = provider_key(cid, self.config.sdk_records)
         self.providers.add(key, self.local, self.host.addrs, self._clock())
         self._provided.add(key)
         return await self._announce(key)
 
-    def stop_providing(self, cid: ContentId | bytes) -> None:
+    def stop_providing(self, cid: ContentId | bytes | str) -> None:
         """Stop republishing `cid`; the records at other peers expire by themselves."""
-        key = provider_key(cid)
+        key = provider_key(cid, self.config.sdk_records)
         self._provided.discard(key)
         self.providers.remove(key, self.local)
 
@@ -450,9 +459,9 @@ class DHT:
             raise PutFailed(f"none of the {len(peers)} closest peers took the provider record")
         return sent
 
-    async def find_providers(self, cid: ContentId | bytes, limit: int = 20) -> list[PeerInfo]:
+    async def find_providers(self, cid: ContentId | bytes | str, limit: int = 20) -> list[PeerInfo]:
         """Up to `limit` peers that provide `cid`, with their addresses (also given to the host)."""
-        key = provider_key(cid)
+        key = provider_key(cid, self.config.sdk_records)
         now = self._clock()
         found: dict[PeerId, PeerInfo] = {}
         for record in self.providers.get(key, now, limit):

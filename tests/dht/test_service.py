@@ -338,6 +338,27 @@ async def test_sdk_records_round_trip_and_expire(dht_net: DHTNet) -> None:
     assert await reader.get("model-weights") == b"v1"  # its own expiry is hours away
 
 
+async def test_string_provider_keys_only_with_sdk_records(dht_net: DHTNet) -> None:
+    """The SDK announces providers under plain strings; go and rust libp2p use multihashes."""
+    strict = await dht_net.add()
+    with pytest.raises(ValueError, match="multihash"):
+        await strict.provide(b"job-42")
+    requester = dht_net.raw_host()
+    for kind in (MessageType.ADD_PROVIDER, MessageType.GET_PROVIDERS):
+        stream = await send_raw(requester, strict, _framed(Message(kind, b"job-42")))
+        with pytest.raises(StreamReset):
+            await stream.read_message()
+    assert strict.stats.refused_malformed == 2
+
+    provider = await dht_net.add(DHTConfig(sdk_records=True))
+    seeker = await dht_net.add(DHTConfig(sdk_records=True))
+    await seeker.bootstrap(provider.host.addrs)
+    await provider.settle()
+    assert await provider.provide("job-42") == 1
+    assert [info.peer_id for info in await seeker.find_providers("job-42")] == [provider.local]
+    assert await seeker.find_providers(b"job-42") == await seeker.find_providers("job-42")
+
+
 # -- bad input --------------------------------------------------------------------------------
 async def test_malformed_and_oversized_messages_are_refused(dht_net: DHTNet) -> None:
     dhts = await dht_net.grow(10)

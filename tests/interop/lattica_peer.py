@@ -20,6 +20,8 @@ JSON command per line on stdin and answers each with one JSON line
     {"cmd": "dht_store_object", "key": K, "value": V} the SDK's public store(): pickles bytes(V)
     {"cmd": "dht_get_object", "key": K}               the SDK's public get(): unpickles (only for
                                                       values the scenario itself wrote)
+    {"cmd": "provide", "key": K}                      announce this node as a provider of K
+    {"cmd": "get_providers", "key": K}                the peers the DHT names as providers of K
     {"cmd": "bench_unary", "peer": ID, "size": N, "count": C}    needs --bench-service on both
     {"cmd": "bench_stream", "peer": ID, "size": N, "direction": "upload"|"download", "repeat": R}
     {"cmd": "bench_call_beside_slow_handler", "peer": ID, "sleep_s": S}
@@ -304,6 +306,13 @@ class Driver:
             "value": bytes(value).decode(errors="replace"),
             "expiration": expiration,
         }
+
+    def cmd_provide(self, key: str) -> dict[str, Any]:
+        self.sdk.start_providing(key)
+        return {"key": key}
+
+    def cmd_get_providers(self, key: str) -> dict[str, Any]:
+        return {"key": key, "providers": sorted(self.sdk.get_providers(key))}
 
     def cmd_bench_unary(
         self, peer: str, size: int = 100, count: int = 1000, warmup: int = 50

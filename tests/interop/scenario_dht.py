@@ -7,7 +7,7 @@ transport (`--transport quic|tcp`), the SDK bootstraps from our node and we boot
 then, each way: a raw value (the SDK's bytes API), a value held only by the writer (so the reader
 must ask over the network), a pickled `bytes` (the SDK's public Python API; we never unpickle:
 `bytes_from_pickle` parses that one shape by hand), and subkeys. At the end the SDK node must still
-be alive and answering (it panics on records it cannot store).
+be alive and connected. Then provider records, both ways, under the SDK's string keys.
 """
 
 from __future__ import annotations
@@ -153,6 +153,28 @@ async def we_write_sdk_reads(
     )
 
 
+async def providers_both_ways(
+    verdict: Verdict, transport: str, node: Node, lattica: LatticaPeer
+) -> None:
+    """The SDK's provider keys are plain strings (not multihashes): `sdk_records` takes them."""
+    way = f"{transport}: providers"
+    await sdk(lattica, "provide", key="sdk-provided")
+    found = await node.dht.find_providers("sdk-provided")
+    verdict.check(
+        f"{way}: we find the SDK as a provider of its key",
+        lattica.peer_id in {str(info.peer_id) for info in found},
+        found=[str(info.peer_id) for info in found],
+    )
+    announced = await node.dht.provide("ours-provided")
+    got = await sdk(lattica, "get_providers", key="ours-provided")
+    verdict.check(
+        f"{way}: the SDK finds us as a provider of ours",
+        announced >= 1 and str(node.peer_id) in got.get("providers", []),
+        announced_to=announced,
+        got=got,
+    )
+
+
 async def sdk_still_well(
     verdict: Verdict, transport: str, node: Node, lattica: LatticaPeer
 ) -> None:
@@ -178,6 +200,7 @@ async def share_one_dht(args: argparse.Namespace, verdict: Verdict) -> None:
             await connect_and_bootstrap(verdict, transport, node, lattica)
             await sdk_writes_we_read(verdict, transport, node, lattica)
             await we_write_sdk_reads(verdict, transport, node, lattica)
+            await providers_both_ways(verdict, transport, node, lattica)
             await sdk_still_well(verdict, transport, node, lattica)
         finally:
             await asyncio.to_thread(lattica.close)

@@ -1,7 +1,7 @@
 """Our DHT and the lattica SDK's (rust-libp2p Kademlia on `/lattica/1.0.0`) as one DHT.
 
 Over QUIC-v1 and over TCP (Noise + Yamux): records put by either node are read by the other,
-raw and through the SDK's pickling Python API, and the SDK node stays up.
+raw and through the SDK's pickling Python API; provider records both ways; the SDK node stays up.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def test_one_dht_with_lattica(run_scenario, transport):
         "our put -> SDK get: the SDK reads our bytes",
         "our put -> SDK get: the SDK's GET_VALUE to us returns a record only we hold",
         "our put -> SDK get: the SDK's public get() unpickles our value into the same bytes",
+        "providers: we find the SDK as a provider of its key",
+        "providers: the SDK finds us as a provider of ours",
         "the SDK node is alive and still connected to us",
     ):
         assert f"{transport}: {check}" in names
