@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import pathlib
 import sys
 import time
@@ -39,7 +40,7 @@ from typing import Any
 if pathlib.Path(sys.path[0]).resolve() == pathlib.Path(__file__).resolve().parent:
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
-from benchmarks.rpc_peer import RpcPeer
+from benchmarks.rpc_peer import PeerError, RpcPeer
 
 MIB = 1024 * 1024
 LOOPBACK = {"quic": "/ip4/127.0.0.1/udp/0/quic-v1", "tcp": "/ip4/127.0.0.1/tcp/0"}
@@ -49,6 +50,7 @@ MODES = {
     "stream_down": "server-streamed chunks",
     "stream_up": "client-streamed chunks",
 }
+STREAM_MODES = ("stream_down", "stream_up")
 SECTIONS = ("sdk", "tcp", "memory", "relay", "lab")
 GOAL_QUIC_X_SDK = 1.5  # issue 5: >= 1.5x the SDK's best call_stream
 GOAL_TCP_X_SDK = 2.0  # issue 8: >= 2x the SDK's TCP call_stream
@@ -74,14 +76,25 @@ def peers(*specs: tuple[str, list[str], dict[str, Any]]) -> Iterator[list[RpcPee
 
 
 def timed_bulk(
-    client: RpcPeer, server: RpcPeer, mode: str, size: int, chunk: int, repeat: int, source: int = 0
+    client: RpcPeer,
+    server: RpcPeer,
+    mode: str,
+    size: int,
+    chunk: int,
+    repeat: int,
+    *witnesses: RpcPeer,
 ) -> dict[str, Any]:
-    """One bulk figure, with the CPU time both processes spent on it."""
-    server_cpu = server.command("cpu")["cpu_s"]
-    result = client.command(
-        "bulk", peer=server.peer_id, mode=mode, size=size, chunk=chunk, repeat=repeat, source=source
-    )
-    cpu = result.pop("cpu_s") + server.command("cpu")["cpu_s"] - server_cpu
+    """One bulk figure, with the CPU time both processes spent on it. A failed transfer is a
+    finding, not the end of the run: its error and every process's log tail are kept."""
+    try:
+        server_cpu = server.command("cpu")["cpu_s"]
+        result = client.command(
+            "bulk", peer=server.peer_id, mode=mode, size=size, chunk=chunk, repeat=repeat
+        )
+        cpu = result.pop("cpu_s") + server.command("cpu")["cpu_s"] - server_cpu
+    except PeerError as exc:
+        logs = {peer.name: peer.log_tail() for peer in (client, server, *witnesses)}
+        return {"error": str(exc).splitlines()[0], "logs": logs}
     return {**result, "mb_per_cpu_s": size * repeat / cpu / 1e6}
 
 
@@ -104,12 +117,8 @@ def measure_direct(transport: str, opts: argparse.Namespace) -> dict[str, Any]:
     """The bulk, latency and beside-a-slow-handler figures over one direct connection."""
     options = {"datagram": opts.datagram, "pmtu": transport == "quic-pmtu"}
     listen = [LOOPBACK["tcp" if transport == "tcp" else "quic"]]
-    with peers(
-        (f"{transport}-server", listen, options), (f"{transport}-client", listen, options)
-    ) as (
-        server,
-        client,
-    ):
+    ends = [(f"{transport}-{role}", listen, options) for role in ("server", "client")]
+    with peers(*ends) as (server, client):
         connection = client.command("connect", addrs=server.addrs, peer=server.peer_id)
         for peer in (server, client):
             peer.command("prepare", sizes=[opts.size])
@@ -139,17 +148,16 @@ def measure_memory(transport: str, opts: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {"chunk_bytes": chunk, "window_bytes": window, "runs": {}}
     with peers(("mem-server", listen, {}), ("mem-client", listen, {})) as (server, client):
         client.command("connect", addrs=server.addrs, peer=server.peer_id)
-        for mode in ("stream_down", "stream_up"):  # warm up code paths and allocator pools
-            client.command(
-                "bulk", peer=server.peer_id, mode=mode, size=4 * chunk, chunk=chunk, repeat=1,
-                source=chunk,
-            )  # fmt: skip
-        for mode in ("stream_down", "stream_up"):
+        # The sender cuts every chunk from one chunk-sized tensor (as from a file): only what
+        # is in flight can raise the peaks.
+        transfer = functools.partial(
+            client.command, "bulk", peer=server.peer_id, chunk=chunk, repeat=1, source=chunk
+        )
+        for mode in STREAM_MODES:  # warm up code paths and allocator pools
+            transfer(mode=mode, size=4 * chunk)
+        for mode in STREAM_MODES:
             before = {p.name: p.command("reset_peak") for p in (server, client)}
-            result = client.command(
-                "bulk", peer=server.peer_id, mode=mode, size=opts.memory, chunk=chunk, repeat=1,
-                source=chunk,
-            )  # fmt: skip
+            result = transfer(mode=mode, size=opts.memory)
             after = {p.name: p.command("memory") for p in (server, client)}
             figures["runs"][mode] = {
                 "mb_s": result["mb_s"],
@@ -187,19 +195,14 @@ def measure_relay(opts: argparse.Namespace) -> dict[str, Any]:
     """The bulk figures through a relay: caller -> relay -> hidden peer, three processes."""
     listen = [LOOPBACK["quic"]]
     options = {"datagram": opts.datagram, "holepunch": False}
-    with peers(
-        ("relay", listen, options), ("hidden", listen, options), ("caller", listen, options)
-    ) as (
-        relay,
-        hidden,
-        caller,
-    ):
+    trio = [(name, listen, options) for name in ("relay", "hidden", "caller")]
+    with peers(*trio) as (relay, hidden, caller):
         circuit = hidden.command("reserve_relay", relay=relay.addrs[0])["circuit_addrs"]
         connection = caller.command("connect", addrs=circuit, peer=hidden.peer_id)
         for peer in (hidden, caller):
             peer.command("prepare", sizes=[opts.size])
         bulk = {
-            mode: timed_bulk(caller, hidden, mode, opts.size, opts.chunk, opts.far_repeat)
+            mode: timed_bulk(caller, hidden, mode, opts.size, opts.chunk, opts.far_repeat, relay)
             for mode in MODES
         }
     return {"connection": connection, "bulk": bulk}
@@ -223,7 +226,12 @@ def measure_lab(opts: argparse.Namespace) -> dict[str, Any]:
         lab.start()
         lab.set_link("client", delay_ms=LAB_RTT_MS // 2, loss=LAB_LOSS)
         host = lab.address("server")
-        figures: dict[str, Any] = {"rtt_ms": LAB_RTT_MS, "loss": LAB_LOSS, "transports": {}}
+        figures: dict[str, Any] = {
+            "rtt_ms": LAB_RTT_MS,
+            "loss": LAB_LOSS,
+            "size": opts.lab_size,
+            "transports": {},
+        }
         for transport in ("quic", "tcp"):
             listen = [LOOPBACK[transport].replace("127.0.0.1", host)]
             server_opts = {
@@ -241,7 +249,7 @@ def measure_lab(opts: argparse.Namespace) -> dict[str, Any]:
                     peer.command("prepare", sizes=[opts.lab_size])
                 bulk = {
                     mode: timed_bulk(client, server, mode, opts.lab_size, opts.chunk, 1)
-                    for mode in ("stream_down", "stream_up")
+                    for mode in STREAM_MODES
                 }
                 figures["transports"][transport] = {"connection": connection, "bulk": bulk}
                 if transport == "quic":  # the link's rate, between the same two namespaces
@@ -259,15 +267,17 @@ def measure_lab(opts: argparse.Namespace) -> dict[str, Any]:
 
 # -- goals ----------------------------------------------------------------------------------------
 def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each goal of issues 5 and 8 with the figure that decides it."""
+    """Each goal of issues 5 and 8 with the figure that decides it; a figure that could not be
+    measured misses its goal (figure NaN)."""
     rows: list[dict[str, Any]] = []
 
     def add(goal: str, figure: float, target: float, met: bool, unit: str = "") -> None:
         rows.append({"goal": goal, "figure": figure, "target": target, "met": met, "unit": unit})
 
     sdk = report.get("sdk", {})
-    direct = report.get("direct", {})
     sdk_ok = "transports" in sdk
+    direct = {t: f for t, f in report.get("direct", {}).items() if "error" not in f}
+    size = f"{report['config']['size'] / MIB:g} MiB"
     for transport, factor, sdk_figure in (
         ("quic", GOAL_QUIC_X_SDK, sdk.get("best_call_stream_mb_s")),
         ("tcp", GOAL_TCP_X_SDK, sdk_tcp_best(sdk) if sdk_ok else None),
@@ -275,28 +285,55 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
         if transport not in direct or not sdk_figure:
             continue
         for mode, row in direct[transport]["bulk"].items():
-            ratio = row["mb_s"] / sdk_figure
-            size = f"{report['config']['size'] / MIB:g} MiB"
+            ratio = row["mb_s"] / sdk_figure if "error" not in row else math.nan
             add(f"{transport} {size} {mode} >= {factor}x SDK", ratio, factor, ratio >= factor, "x")
     if sdk_ok:
         sdk_p50 = sdk["best_unary_100B_p50_s"]
         for transport in ("quic", "tcp"):
             if transport in direct:
                 ratio = direct[transport]["unary_100B"]["p50_s"] / sdk_p50
-                add(f"{transport} 100 B unary p50 <= {GOAL_UNARY_P50_X_SDK}x SDK p50", ratio,
-                    GOAL_UNARY_P50_X_SDK, ratio <= GOAL_UNARY_P50_X_SDK, "x")  # fmt: skip
+                add(
+                    f"{transport} 100 B unary p50 <= {GOAL_UNARY_P50_X_SDK}x SDK p50",
+                    ratio,
+                    GOAL_UNARY_P50_X_SDK,
+                    ratio <= GOAL_UNARY_P50_X_SDK,
+                    "x",
+                )
     for transport, figures in direct.items():
         for kind, row in figures.get("beside_slow_handler", {}).items():
             p50_ms = row["p50_s"] * 1e3
-            add(f"{transport} small call beside a sleeping {kind} handler, p50 < 2 ms", p50_ms,
-                GOAL_BESIDE_SLOW_S * 1e3, row["p50_s"] < GOAL_BESIDE_SLOW_S, "ms")  # fmt: skip
+            add(
+                f"{transport} small call beside a sleeping {kind} handler, p50 < 2 ms",
+                p50_ms,
+                GOAL_BESIDE_SLOW_S * 1e3,
+                row["p50_s"] < GOAL_BESIDE_SLOW_S,
+                "ms",
+            )
+    memory_size = f"{report['config']['memory'] / MIB:g} MiB"
     for transport, figures in report.get("memory", {}).items():
-        for mode, run in figures["runs"].items():
-            worst = max(p["growth_x_window"] for p in run["processes"].values())
-            size = f"{report['config']['memory'] / MIB:g} MiB"
-            add(f"{transport} {size} {mode}: peak RSS growth < {GOAL_RSS_X_WINDOW}x chunk window",
-                worst, GOAL_RSS_X_WINDOW, worst < GOAL_RSS_X_WINDOW, "x")  # fmt: skip
+        for mode, run in figures.get("runs", {"stream_down": None, "stream_up": None}).items():
+            worst = (
+                max(p["growth_x_window"] for p in run["processes"].values()) if run else math.nan
+            )
+            add(
+                f"{transport} {memory_size} {mode}: peak RSS growth < {GOAL_RSS_X_WINDOW}x "
+                "chunk window",
+                worst,
+                GOAL_RSS_X_WINDOW,
+                worst < GOAL_RSS_X_WINDOW,
+                "x",
+            )
+    for name, _ in failed_sections(report):
+        add(f"{name} measured", math.nan, math.nan, False)
     return rows
+
+
+def failed_sections(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, figures) of each section that broke off with an error."""
+    sections = [(f"direct {t}", f) for t, f in report.get("direct", {}).items()]
+    sections += [(f"memory {t}", f) for t, f in report.get("memory", {}).items()]
+    sections += [(name, report[name]) for name in ("relay", "lab") if name in report]
+    return [(name, figures) for name, figures in sections if "error" in figures]
 
 
 def sdk_tcp_best(sdk: dict[str, Any]) -> float | None:
@@ -309,98 +346,153 @@ def sdk_tcp_best(sdk: dict[str, Any]) -> float | None:
 # -- printing --------------------------------------------------------------------------------------
 def print_report(report: dict[str, Any]) -> None:
     config = report["config"]
-    print(f"lattica-ray tensor RPC, {config['size'] / MIB:g} MiB tensor, best of {config['repeat']}"
-          f", QUIC at {config['datagram']} B datagrams (path MTU probing off)")  # fmt: skip
+    print(
+        f"lattica-ray tensor RPC, {config['size'] / MIB:g} MiB tensor in "
+        f"{config['chunk'] / MIB:g} MiB chunks when streamed, best of {config['repeat']}, QUIC "
+        f"at {config['datagram']} B datagrams (path MTU probing off)"
+    )
     sdk = report.get("sdk")
-    sdk_best = sdk_tcp = None
-    if sdk is not None and "transports" in sdk:
-        sdk_best, sdk_tcp = sdk["best_call_stream_mb_s"], sdk_tcp_best(sdk)
-        print(f"\nbaseline: lattica SDK {sdk['sdk']} (same payload, same run)")
-        for transport, row in sdk["transports"].items():
-            print(f"  {transport:4} call_stream upload {row['call_stream_upload_mb_s']:7.1f} MB/s"
-                  f"  download {row['call_stream_download_mb_s']:7.1f} MB/s   unary 100 B p50 "
-                  f"{row['unary_100B_p50_s'] * 1e3:.3f} ms  p99 {row['unary_100B_p99_s'] * 1e3:.3f}"
-                  f" ms   beside a 0.5 s handler "
-                  f"{row['unary_100B_beside_0.5s_handler_s'] * 1e3:.0f} ms")  # fmt: skip
-    elif sdk is not None:
-        print(f"\nlattica SDK not measured: {sdk['unavailable']}")
+    print_sdk(sdk)
+    sdk = sdk if sdk and "transports" in sdk else None
     direct = report.get("direct", {})
     ceiling = max(
-        (f["asyncio_tcp"]["mb_s"] for f in direct.values() if "asyncio_tcp" in f), default=0
+        (f["asyncio_tcp"]["mb_s"] for f in direct.values() if "asyncio_tcp" in f), default=0.0
     )
     for transport, figures in direct.items():
-        connection = figures["connection"]
-        print(f"\n{transport}: one {connection['path']} {connection['transport']} connection on "
-              f"loopback, two processes")  # fmt: skip
-        versus = sdk_best if transport != "tcp" else sdk_tcp
-        label = "x SDK best" if transport != "tcp" else "x SDK TCP"
-        print_bulk(figures["bulk"], versus, label, ceiling)
-        if "asyncio_tcp" in figures:
-            print(f"  {'asyncio TCP, same processes (ceiling)':36} "
-                  f"{figures['asyncio_tcp']['mb_s']:8.1f} MB/s")  # fmt: skip
-        if "unary_100B" in figures:
-            row = figures["unary_100B"]
-            sdk_p50 = sdk.get("best_unary_100B_p50_s") if sdk else None
-            beside = f" = {row['p50_s'] / sdk_p50:.2f} x SDK p50" if sdk_p50 else ""
-            print(f"  100 B unary ({row['count']} calls): p50 {row['p50_s'] * 1e3:.3f} ms{beside}"
-                  f", p99 {row['p99_s'] * 1e3:.3f} ms")  # fmt: skip
-        for kind, row in figures.get("beside_slow_handler", {}).items():
-            print(f"  100 B calls while a {kind} handler sleeps 0.5 s: p50 "
-                  f"{row['p50_s'] * 1e3:.2f} ms, first {row['first_s'] * 1e3:.2f} ms, max "
-                  f"{row['max_s'] * 1e3:.2f} ms (all during the sleep: "
-                  f"{row['all_during_slow_call']})")  # fmt: skip
+        if "error" not in figures:
+            print_direct(transport, figures, sdk, ceiling)
     for transport, figures in report.get("memory", {}).items():
-        print(f"\nmemory, {transport}: {config['memory'] / MIB:g} MiB in "
-              f"{figures['chunk_bytes'] / MIB:g} MiB chunks, chunk window "
-              f"{figures['window_bytes'] / MIB:g} MiB")  # fmt: skip
-        for mode, run in figures["runs"].items():
-            parts = [
-                f"{name} peak {p['peak_rss'] / MIB:.0f} MiB (+{p['growth'] / MIB:.1f} MiB = "
-                f"{p['growth_x_window']:.2f} x window, {p['growth_x_chunk']:.2f} x chunk)"
-                for name, p in run["processes"].items()
-            ]
-            print(f"  {MODES[mode]:24} {run['mb_s']:7.1f} MB/s; " + "; ".join(parts))
-    if "relay" in report:
-        relay = report["relay"]
-        print(f"\nrelayed ({relay['connection']['path']}, caller -> relay -> hidden peer, "
-              f"three processes), beside the direct QUIC figure")  # fmt: skip
+        if "error" not in figures:
+            print_memory(transport, figures, config["memory"])
+    relay = report.get("relay")
+    if relay is not None and "error" not in relay:
+        print(
+            f"\nrelayed ({relay['connection']['path']}, caller -> relay -> hidden peer, "
+            f"three processes, best of 1), beside the direct QUIC figure"
+        )
+        direct_quic = direct.get("quic", {}).get("bulk", {})
         for mode, row in relay["bulk"].items():
-            direct_mb_s = direct.get("quic", {}).get("bulk", {}).get(mode, {}).get("mb_s")
-            fraction = f" = {row['mb_s'] / direct_mb_s:.2f} x direct" if direct_mb_s else ""
-            print(f"  {MODES[mode]:36} {row['mb_s']:8.1f} MB/s{fraction}")
+            direct_mb_s = direct_quic.get(mode, {}).get("mb_s")
+            print_row(row, mode, direct_mb_s and (direct_mb_s, "x direct"))
     print_lab(report.get("lab"))
+    for name, figures in failed_sections(report):
+        print(f"\n{name}: FAILED: {figures['error']}")
     print("\ngoals")
     for row in report["goals"]:
         mark = "met   " if row["met"] else "MISSED"
-        print(f"  {mark} {row['goal']:64} {row['figure']:8.3f} {row['unit']}")
+        print(f"  {mark} {row['goal']:68} {row['figure']:8.3f} {row['unit']}")
 
 
-def print_bulk(bulk: dict[str, Any], sdk: float | None, label: str, ceiling: float) -> None:
-    for mode, row in bulk.items():
-        line = f"  {MODES[mode]:36} {row['mb_s']:8.1f} MB/s"
-        if sdk:
-            line += f" = {row['mb_s'] / sdk:5.2f} {label}"
-        if ceiling:
-            line += f" = {row['mb_s'] / ceiling:5.3f} x asyncio TCP"
-        print(line + f"   ({row['mb_per_cpu_s']:.1f} MB per CPU-second, both ends)")
+def print_sdk(sdk: dict[str, Any] | None) -> None:
+    if sdk is None:
+        return
+    if "transports" not in sdk:
+        print(f"\nlattica SDK not measured: {sdk['unavailable']}")
+        return
+    print(f"\nbaseline: lattica SDK {sdk['sdk']} (same payload, same run, best of 3)")
+    for transport, row in sdk["transports"].items():
+        print(
+            f"  {transport:4} call_stream upload {row['call_stream_upload_mb_s']:7.1f} MB/s"
+            f"  download {row['call_stream_download_mb_s']:7.1f} MB/s   unary 100 B p50 "
+            f"{row['unary_100B_p50_s'] * 1e3:.3f} ms  p99 {row['unary_100B_p99_s'] * 1e3:.3f}"
+            f" ms   beside a 0.5 s handler "
+            f"{row['unary_100B_beside_0.5s_handler_s'] * 1e3:.0f} ms"
+        )
+
+
+def print_direct(
+    transport: str, figures: dict[str, Any], sdk: dict[str, Any] | None, ceiling: float
+) -> None:
+    connection = figures["connection"]
+    print(
+        f"\n{transport}: one {connection['path']} {connection['transport']} connection on "
+        f"loopback, two processes"
+    )
+    if sdk is None:
+        versus = None
+    elif transport == "tcp":
+        versus = (sdk_tcp_best(sdk), "x SDK TCP")
+    else:
+        versus = (sdk["best_call_stream_mb_s"], "x SDK best")
+    for mode, row in figures["bulk"].items():
+        print_row(row, mode, versus, ceiling)
+    if "asyncio_tcp" in figures:
+        print(
+            f"  {'asyncio TCP, same processes (ceiling)':36} "
+            f"{figures['asyncio_tcp']['mb_s']:8.1f} MB/s"
+        )
+    if "unary_100B" in figures:
+        row = figures["unary_100B"]
+        beside = ""
+        if sdk is not None:
+            beside = f" = {row['p50_s'] / sdk['best_unary_100B_p50_s']:.2f} x SDK p50"
+        print(
+            f"  100 B unary ({row['count']} calls): p50 {row['p50_s'] * 1e3:.3f} ms{beside}, "
+            f"p99 {row['p99_s'] * 1e3:.3f} ms"
+        )
+    for kind, row in figures.get("beside_slow_handler", {}).items():
+        print(
+            f"  100 B calls while a {kind} handler sleeps 0.5 s: p50 {row['p50_s'] * 1e3:.2f} "
+            f"ms, first {row['first_s'] * 1e3:.2f} ms, max {row['max_s'] * 1e3:.2f} ms (all "
+            f"during the sleep: {row['all_during_slow_call']})"
+        )
+
+
+def print_row(
+    row: dict[str, Any], mode: str, versus: tuple[float, str] | None, ceiling: float = 0.0
+) -> None:
+    """One bulk figure and its ratios to `versus` (figure, label) and to the TCP ceiling."""
+    if "error" in row:
+        print(f"  {MODES[mode]:36} FAILED: {row['error']}")
+        return
+    line = f"  {MODES[mode]:36} {row['mb_s']:8.1f} MB/s"
+    if versus:
+        line += f" = {row['mb_s'] / versus[0]:5.2f} {versus[1]}"
+    if ceiling:
+        line += f" = {row['mb_s'] / ceiling:5.3f} x asyncio TCP"
+    print(line + f"   ({row['mb_per_cpu_s']:.1f} MB per CPU-second, both ends)")
+
+
+def print_memory(transport: str, figures: dict[str, Any], total: int) -> None:
+    print(
+        f"\nmemory, {transport}: {total / MIB:g} MiB in {figures['chunk_bytes'] / MIB:g} MiB "
+        f"chunks, chunk window {figures['window_bytes'] / MIB:g} MiB (the larger of the chunk "
+        "and the stream's receive window)"
+    )
+    for mode, run in figures["runs"].items():
+        print(f"  {MODES[mode]:24} {run['mb_s']:7.1f} MB/s")
+        for name, p in run["processes"].items():
+            growth = p["growth"] / MIB
+            print(
+                f"    {name:10} peak RSS {p['peak_rss'] / MIB:6.1f} MiB, +{growth:5.1f}"
+                f" MiB over the {p['rss_before'] / MIB:.1f} MiB before = "
+                f"{p['growth_x_window']:.2f} x window ({p['growth_x_chunk']:.2f} x chunk)"
+            )
 
 
 def print_lab(lab: dict[str, Any] | None) -> None:
-    if lab is None:
+    if lab is None or "error" in lab:
         return
     if "skipped" in lab:
         print(f"\nlab link not measured: {lab['skipped']}")
         return
     udp, tcp = lab["plain_udp"]["mb_s"], lab["plain_tcp"]["mb_s"]
-    print(f"\nlab link, {lab['rtt_ms']} ms RTT and {lab['loss']:.0%} loss each way "
-          f"({lab['link_drops']} packets dropped on it): plain UDP blast {udp:.1f} MB/s "
-          f"(the link's rate), plain TCP {tcp:.2f} MB/s")  # fmt: skip
+    print(
+        f"\nlab link, {lab['rtt_ms']} ms RTT and {lab['loss']:.0%} loss each way "
+        f"({lab['link_drops']} packets dropped on it), {lab['size'] / MIB:g} MiB once: plain UDP"
+        f" blast {udp:.1f} MB/s (the link's rate), plain TCP {tcp:.2f} MB/s"
+    )
     for transport, figures in lab["transports"].items():
         rtt = figures["connection"]["rtt_s"] * 1e3
         for mode, row in figures["bulk"].items():
-            print(f"  {transport:4} {MODES[mode]:24} {row['mb_s']:7.2f} MB/s = "
-                  f"{row['mb_s'] / udp:.3f} of the link's rate, {row['mb_s'] / tcp:.2f} x plain "
-                  f"TCP (ping {rtt:.1f} ms)")  # fmt: skip
+            if "error" in row:
+                print(f"  {transport:4} {MODES[mode]:24} FAILED: {row['error']}")
+                continue
+            print(
+                f"  {transport:4} {MODES[mode]:24} {row['mb_s']:7.2f} MB/s = "
+                f"{row['mb_s'] / udp:.3f} of the link's rate, {row['mb_s'] / tcp:.2f} x plain "
+                f"TCP (ping {rtt:.1f} ms)"
+            )
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -437,34 +529,50 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(opts: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, Any]:
     report: dict[str, Any] = {
-        "config": {key: getattr(opts, key) for key in ("size", "chunk", "repeat", "calls",
-                   "memory", "memory_chunk", "lab_size", "datagram")},
-    }  # fmt: skip
+        "config": {
+            key: getattr(opts, key)
+            for key in (
+                "size",
+                "chunk",
+                "repeat",
+                "calls",
+                "memory",
+                "memory_chunk",
+                "lab_size",
+                "datagram",
+            )
+        },
+    }
     started = time.perf_counter()
+
+    def section(step: str, measure: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+        """One section's figures; if it breaks, why (the other sections still run)."""
+        progress(step)
+        try:
+            return measure(*args)
+        except (PeerError, RuntimeError, OSError, TimeoutError) as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
     if "sdk" not in opts.skip:
         progress("lattica SDK baseline")
-        report["sdk"] = measure_sdk(opts)
+        report["sdk"] = measure_sdk(opts)  # reports its own failure as "unavailable"
     with_tcp = "tcp" not in opts.skip
     transports = ["quic"] + (["quic-pmtu"] if opts.pmtu else []) + (["tcp"] if with_tcp else [])
-    report["direct"] = {}
-    for transport in transports:
-        progress(f"direct {transport}")
-        report["direct"][transport] = measure_direct(transport, opts)
+    report["direct"] = {
+        transport: section(f"direct {transport}", measure_direct, transport, opts)
+        for transport in transports
+    }
     if "memory" not in opts.skip:
-        report["memory"] = {}
-        for transport in ["quic", "tcp"] if with_tcp else ["quic"]:
-            progress(f"memory {transport}")
-            report["memory"][transport] = measure_memory(transport, opts)
+        report["memory"] = {
+            transport: section(f"memory {transport}", measure_memory, transport, opts)
+            for transport in (["quic", "tcp"] if with_tcp else ["quic"])
+        }
     if "relay" not in opts.skip:
-        progress("relay")
-        report["relay"] = measure_relay(opts)
+        report["relay"] = section("relay", measure_relay, opts)
     if "lab" not in opts.skip:
         reason = lab_unavailable()
-        if reason is None:
-            progress("lab link")
-            report["lab"] = measure_lab(opts)
-        else:
-            report["lab"] = {"skipped": reason}
+        skipped = {"skipped": f"needs root: {reason}"} if reason else None
+        report["lab"] = skipped or section("lab link", measure_lab, opts)
     report["goals"] = goals(report)
     report["wall_s"] = time.perf_counter() - started
     return report

@@ -56,8 +56,10 @@ class RpcPeer:
         datagram: int = 1350,
         holepunch: bool = True,
         spawn: Callable[..., subprocess.Popen[str]] | None = None,
+        log_level: str = "WARNING",
     ) -> None:
         argv = [sys.executable, "-m", "benchmarks.rpc_peer", "--datagram", str(datagram)]
+        argv += ["--log-level", log_level]
         argv += [arg for addr in listen for arg in ("--listen", addr)]
         argv += ["--pmtu"] if pmtu else []
         argv += [] if holepunch else ["--no-holepunch"]
@@ -91,7 +93,8 @@ class RpcPeer:
     def pid(self) -> int:
         return self.ready["pid"]
 
-    def _log_tail(self) -> str:
+    def log_tail(self) -> str:
+        """The last lines the process logged (stderr)."""
         self.log.flush()
         self.log.seek(0)
         return "".join(self.log.readlines()[-15:])
@@ -101,13 +104,13 @@ class RpcPeer:
         with selectors.DefaultSelector() as selector:
             selector.register(self.process.stdout, selectors.EVENT_READ)
             if not selector.select(timeout):
-                raise PeerError(f"{self.name}: no answer within {timeout} s\n{self._log_tail()}")
+                raise PeerError(f"{self.name}: no answer within {timeout} s\n{self.log_tail()}")
         line = self.process.stdout.readline()
         if not line:
-            raise PeerError(f"{self.name} exited ({self.process.poll()})\n{self._log_tail()}")
+            raise PeerError(f"{self.name} exited ({self.process.poll()})\n{self.log_tail()}")
         answer = json.loads(line)
         if "error" in answer:
-            raise PeerError(f"{self.name}: {answer['error']}\n{self._log_tail()}")
+            raise PeerError(f"{self.name}: {answer['error']}\n{self.log_tail()}")
         return answer
 
     def command(self, cmd: str, timeout: float = CALL_TIMEOUT, **args: Any) -> dict[str, Any]:
