@@ -92,6 +92,18 @@ def test_a_pacing_burst_carries_2_ms_of_data_at_the_same_rate() -> None:
     assert ours.bucket_max == pytest.approx(0.002)  # 200 kB at 100 MB/s
     ours.update_rate(congestion_window=100_000_000, smoothed_rtt=0.010)
     assert ours.bucket_max == pytest.approx(MAX_PACING_BURST * 0.010 / 100_000_000)
+    # With 64 KiB datagrams aioquic's 16-datagram bursts (1 MB) would overflow socket buffers.
+    big, aioquics_big = (
+        BurstPacer(max_datagram_size=65487),
+        QuicPacketPacer(max_datagram_size=65487),
+    )
+    for pacer in (big, aioquics_big):
+        pacer.update_rate(congestion_window=100_000_000, smoothed_rtt=0.010)
+    assert aioquics_big.bucket_max == pytest.approx(16 * 65487 * 0.010 / 100_000_000)
+    assert big.bucket_max == pytest.approx(MAX_PACING_BURST * 0.010 / 100_000_000)
+    # A small window still allows two datagrams per burst.
+    ours.update_rate(congestion_window=13_500, smoothed_rtt=0.100)
+    assert ours.bucket_max == pytest.approx(2 * 1350 * 0.100 / 13_500)
     # The bucket still empties: after a burst the sender waits for the rate.
     now = 1.0
     ours.update_rate(congestion_window=1_000_000, smoothed_rtt=0.010)

@@ -13,8 +13,8 @@
   out of congestion control, and watch lost big packets for black holes.
 - aioquic writes a STREAM frame's length as a 2-byte varint, which overflows (and corrupts the
   frame) above 16,383 bytes: our STREAM frames use a varint of the length's own size.
-- aioquic's pacer lets a burst carry at most 16 datagrams, so a sender wakes (timer, flush,
-  system call) every 16 datagrams; `BurstPacer` lets a burst carry 2 ms of data.
+- aioquic's pacer sizes a burst as 16 datagrams: a wake-up (timer, flush, system call) every
+  21 kB at 1350 bytes, yet 1 MB bursts at 64 KiB. `BurstPacer` sizes it as 2 ms of data.
 """
 
 from __future__ import annotations
@@ -39,17 +39,21 @@ MAX_PACING_BURST = 256 * 1024  # bytes per burst, well within the kernel's socke
 
 
 class BurstPacer(QuicPacketPacer):
-    """aioquic's token-bucket pacer with bursts of up to 2 ms of data (aioquic: 16 datagrams).
+    """aioquic's token-bucket pacer with bursts sized in time and bytes, not in datagrams.
 
-    The rate is unchanged (congestion window per RTT); only the bucket is deeper, so a sender
-    spends one flush, one timer and one batched system call on many datagrams.
+    aioquic lets a burst carry 16 datagrams: 21 kB at 1350 bytes, so a sender wakes (timer,
+    flush, system call) every 16 datagrams; but 1 MB at 64 KiB, more than a default socket
+    buffer holds. Here a burst carries 2 ms of data at the pacing rate, at most 256 KiB and
+    at least two datagrams. The rate is aioquic's (congestion window per RTT).
     """
 
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
         super().update_rate(congestion_window=congestion_window, smoothed_rtt=smoothed_rtt)
         rtt = max(smoothed_rtt, K_MICRO_SECOND)
         burst = min(congestion_window * PACING_BURST_INTERVAL / rtt, MAX_PACING_BURST)
-        self.bucket_max = max(self.bucket_max, burst * rtt / congestion_window)
+        burst = max(burst, 2 * self._max_datagram_size)
+        self.bucket_max = burst * rtt / congestion_window
+        self.bucket_time = min(self.bucket_time, self.bucket_max)
 
 
 class Libp2pQuicConnection(QuicConnection):
