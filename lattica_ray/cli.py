@@ -65,6 +65,9 @@ def node(
     port_mapping: Annotated[
         bool, typer.Option(help="Ask the LAN's router for a port (UPnP-IGD, NAT-PMP, PCP)")
     ] = False,
+    cluster: Annotated[
+        str | None, typer.Option(help="Join the signed cluster view under this cluster name")
+    ] = None,
     relay_reservations: Annotated[
         int, typer.Option(help="Relay: reservations held at once")
     ] = RelayConfig().max_reservations,
@@ -97,6 +100,7 @@ def node(
             protocol_version=protocol_version,
             relay=relay_config,
             port_mapping=port_mapping,
+            cluster=cluster,
         ) as peer:
             print(
                 json.dumps({"peer_id": str(peer.peer_id), "addrs": [str(a) for a in peer.addrs]}),

@@ -7,6 +7,7 @@ The DHT, RPC and view services hang on it as `node.dht`, `node.rpc` and `node.vi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -16,6 +17,8 @@ from typing import Any
 from lattica_ray import __version__
 from lattica_ray.dht import DHT, DHTConfig, DHTError
 from lattica_ray.rpc import RpcConfig, RpcService
+from lattica_ray.view import ClusterView, ViewConfig
+from lattica_ray.view.errors import ViewNotStarted
 from transport.connection import Connection
 from transport.errors import ConnectionClosed, DialError, TransportError
 from transport.handlers import StreamHandler
@@ -69,6 +72,8 @@ class Node:
         rpc: RpcConfig | None = None,
         dht: DHTConfig | None = None,
         port_mapping: bool = False,
+        cluster: str | None = None,
+        view: ViewConfig | None = None,
     ) -> None:
         if key is not None and key_file is not None:
             raise ValueError("give either key or key_file, not both")
@@ -96,7 +101,11 @@ class Node:
         self.rpc = RpcService(self, rpc)
         self.dht = DHT(self, self.key, dht)
         self.swarm.address_resolvers.append(self._find_peer_in_dht)
-        self.view: Any = None
+        # The signed CRDT cluster view, when this node is a member of a named cluster (the Ray
+        # face attaches one with the cluster's resources; `lattica-ray node --cluster` too).
+        self.view: ClusterView | None = (
+            ClusterView(self, self.key, view, cluster_name=cluster) if cluster else None
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> Node:
@@ -120,6 +129,8 @@ class Node:
         self.nat.start()
         await self.rpc.start()
         await self.dht.start()
+        if self.view is not None:
+            await self.view.start()
         log.info("node %s listening on %s", self.peer_id, [str(a) for a in self.addrs])
         if self.bootstrap_addrs:
             await self.bootstrap()
@@ -163,6 +174,8 @@ class Node:
 
         reached = await asyncio.gather(*(reach(addr) for addr in self.bootstrap_addrs))
         peers = [peer for peer in reached if peer is not None]
+        if peers and self.view is not None:
+            await self.view.join(peers)
         if peers:
             # Relays first, from what identify showed (our address as others see it); AutoNAT
             # takes seconds when we are unreachable, so it runs in the background and then
@@ -324,6 +337,9 @@ class Node:
     def _on_addrs_changed(self) -> None:
         """Tell every connected peer (identify push), so relays and the DHT hand out the
         addresses that work now (a NAT'd node's relay circuits appear only after it joined)."""
+        if self.view is not None:
+            with contextlib.suppress(ViewNotStarted):  # it announces our addresses on start
+                self.view.set_addrs()
         if self._started:
             for peer in self.connected_peers():
                 self._spawn(self._push_identify(peer))

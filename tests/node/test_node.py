@@ -189,3 +189,15 @@ async def test_connect_fails_fast_when_the_peer_hangs_up_during_identify() -> No
         with pytest.raises(ConnectionClosed, match="during identify"):
             await client.connect(server.addrs[0])
         assert asyncio.get_running_loop().time() - started < 5
+
+
+async def test_nodes_of_named_clusters_share_the_view() -> None:
+    async with Node(listen=LOOPBACK, cluster="lab") as first:
+        async with Node(listen=LOOPBACK, bootstrap=[first.addrs[0]], cluster="home") as second:
+            assert first.view is not None and second.view is not None
+            first.view.export_actor("learner", "Learner", {"act": "async"})
+            await second.view.wait_until(lambda: second.view.actor("learner") is not None, 10)
+            members = {m.peer_id: m.cluster_name for m in second.view.members()}
+            assert members[str(first.peer_id)] == "lab"
+    async with Node(listen=LOOPBACK) as plain:
+        assert plain.view is None  # no cluster name: not a member
