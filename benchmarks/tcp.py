@@ -14,25 +14,17 @@ import argparse
 import asyncio
 import json
 import pathlib
-import statistics
 import sys
 import time
 
 # Run as a script, this directory heads sys.path and this file would shadow the package.
 if pathlib.Path(sys.path[0]).resolve() == pathlib.Path(__file__).resolve().parent:
-    sys.path.pop(0)
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # the repo: `benchmarks.*`
 
+from benchmarks.baselines import CHUNK, MESSAGE, percentiles, tcp_rtt, tcp_throughput
 from transport.identity import KeyPair
 from transport.stream import Stream
 from transport.tcp import TcpConfig, TcpConnection, TcpTransport
-
-MESSAGE = b"x" * 64
-CHUNK = 1024 * 1024
-
-
-def _percentiles(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
 # -- libp2p TCP -------------------------------------------------------------------------------
@@ -103,57 +95,6 @@ async def libp2p_throughput(config: TcpConfig, size: int) -> float:
         await server.close()
 
 
-# -- asyncio TCP baseline ---------------------------------------------------------------------
-async def tcp_rtt(rounds: int) -> list[float]:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    samples = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        writer.write(MESSAGE)
-        await writer.drain()
-        await reader.readexactly(len(MESSAGE))
-        samples.append(time.perf_counter() - started)
-    writer.close()
-    server.close()
-    await server.wait_closed()
-    return samples
-
-
-async def tcp_throughput(size: int) -> float:
-    done = asyncio.get_running_loop().create_future()
-
-    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        received = 0
-        while data := await reader.read(CHUNK):
-            received += len(data)
-        done.set_result(received)
-        writer.close()
-
-    server = await asyncio.start_server(sink, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
-    block = bytes(CHUNK)
-    started = time.perf_counter()
-    for _ in range(size // CHUNK):
-        writer.write(block)
-        await writer.drain()
-    writer.write_eof()
-    received = await done
-    elapsed = time.perf_counter() - started
-    writer.close()
-    server.close()
-    assert received == size
-    return size / elapsed
-
-
 async def run(size: int, rounds: int, repeat: int) -> dict:
     config = TcpConfig()
     libp2p_samples = await libp2p_rtt(config, rounds)
@@ -166,8 +107,8 @@ async def run(size: int, rounds: int, repeat: int) -> dict:
         cpu = time.process_time()
         tcp_rates.append(await tcp_throughput(size))
         tcp_cpu.append(size / (time.process_time() - cpu))
-    libp2p_p50, libp2p_p99 = _percentiles(libp2p_samples)
-    tcp_p50, tcp_p99 = _percentiles(tcp_samples)
+    libp2p_p50, libp2p_p99 = percentiles(libp2p_samples)
+    tcp_p50, tcp_p99 = percentiles(tcp_samples)
     libp2p_rate, tcp_rate = max(libp2p_rates), max(tcp_rates)
     return {
         "rtt_p50_us": {

@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import pathlib
-import statistics
 import sys
 import time
 from multiprocessing import shared_memory
@@ -39,23 +38,16 @@ from aioquic.buffer import Buffer
 from aioquic.quic.events import StreamDataReceived
 from aioquic.quic.packet import pull_quic_header
 
+from benchmarks.baselines import CHUNK, MESSAGE, percentiles, tcp_rtt, tcp_throughput
 from transport.identity import KeyPair
 from transport.quic import QuicConfig, QuicEndpoint
 from transport.quic.endpoint import CONNECTION_ID_LENGTH
 from transport.quic.glue import Libp2pQuicConnection
 from transport.stream import Stream
 
-MESSAGE = b"x" * 64
-CHUNK = 1024 * 1024
 STRIPE_TIMEOUT = 300.0
 
 
-def _percentiles(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-
-
-# -- QUIC -------------------------------------------------------------------------------------
 async def _quic_pair(config: QuicConfig) -> tuple[QuicEndpoint, QuicEndpoint, asyncio.Queue]:
     inbound: asyncio.Queue[Stream] = asyncio.Queue()
 
@@ -193,58 +185,6 @@ def engine_ceiling(datagram: int, size: int) -> dict[str, float]:
     return {"sender": size / sender_cpu / 1e6, "receiver": size / receiver_cpu / 1e6}
 
 
-# -- asyncio TCP baseline ---------------------------------------------------------------------
-async def tcp_rtt(rounds: int) -> list[float]:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    samples = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        writer.write(MESSAGE)
-        await writer.drain()
-        await reader.readexactly(len(MESSAGE))
-        samples.append(time.perf_counter() - started)
-    writer.close()
-    server.close()
-    await server.wait_closed()
-    return samples
-
-
-async def tcp_throughput(size: int) -> float:
-    done = asyncio.get_running_loop().create_future()
-
-    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        received = 0
-        while data := await reader.read(CHUNK):
-            received += len(data)
-        done.set_result(received)
-        writer.close()
-
-    server = await asyncio.start_server(sink, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
-    block = bytes(CHUNK)
-    started = time.perf_counter()
-    for _ in range(size // CHUNK):
-        writer.write(block)
-        await writer.drain()
-    writer.write_eof()
-    received = await done
-    elapsed = time.perf_counter() - started
-    writer.close()
-    server.close()
-    assert received == size
-    return size / elapsed
-
-
-# -- one transfer striped over connections and processes ------------------------------------
 def _stripe_receiver(key: bytes, config: str, memory: str, span: tuple[int, int], pipe) -> None:
     asyncio.run(_receive_stripe(KeyPair.from_protobuf(key), config, memory, span, pipe))
 
@@ -380,8 +320,8 @@ async def run(
         cpu = time.process_time()
         rates["tcp"].append(await tcp_throughput(size))
         cpu_rates["tcp"].append(size / (time.process_time() - cpu))
-    quic_p50, quic_p99 = _percentiles(quic_samples)
-    tcp_p50, tcp_p99 = _percentiles(tcp_samples)
+    quic_p50, quic_p99 = percentiles(quic_samples)
+    tcp_p50, tcp_p99 = percentiles(tcp_samples)
     tcp_rate, tcp_cpu = max(rates["tcp"]), max(cpu_rates["tcp"])
     engine = engine_ceiling(datagram, min(size, 32 * 2**20))
     striped: dict[str, dict[str, float]] = {}
