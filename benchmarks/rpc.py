@@ -33,7 +33,7 @@ import math
 import pathlib
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 # Run as a script, this directory heads sys.path and would shadow the repo's packages.
@@ -75,32 +75,58 @@ def peers(*specs: tuple[str, list[str], dict[str, Any]]) -> Iterator[list[RpcPee
         yield [peer.wait_ready() for peer in started]
 
 
-def timed_bulk(
+def bulk_rounds(
     client: RpcPeer,
     server: RpcPeer,
-    mode: str,
+    modes: Sequence[str],
     size: int,
     chunk: int,
     repeat: int,
     *witnesses: RpcPeer,
+    plain_tcp_host: str | None = None,
 ) -> dict[str, Any]:
-    """One bulk figure, with the CPU time both processes spent on it. A failed transfer is a
-    finding, not the end of the run: its error and every process's log tail are kept."""
-    try:
-        server_cpu = server.command("cpu")["cpu_s"]
-        result = client.command(
-            "bulk", peer=server.peer_id, mode=mode, size=size, chunk=chunk, repeat=repeat
-        )
-        cpu = result.pop("cpu_s") + server.command("cpu")["cpu_s"] - server_cpu
-    except PeerError as exc:
-        logs = {peer.name: peer.log_tail() for peer in (client, server, *witnesses)}
-        return {"error": str(exc).splitlines()[0], "logs": logs}
-    return {**result, "mb_per_cpu_s": size * repeat / cpu / 1e6}
-
-
-def plain_tcp(client: RpcPeer, server: RpcPeer, host: str, size: int, repeat: int) -> dict:
-    port = server.command("tcp_sink", host=host)["port"]
-    return client.command("tcp_send", host=host, port=port, size=size, repeat=repeat)
+    """Each mode's figure (best of `repeat`) with the CPU time both processes spent on it. The
+    rounds interleave the modes, so every mode sees the same machine load; with
+    `plain_tcp_host`, plain asyncio TCP between the same processes joins each round (the
+    figure "asyncio_tcp"). A failed transfer is a finding, not the end of the run: its error
+    and every process's log tail are kept beside the runs that worked."""
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpu = dict.fromkeys(modes, 0.0)
+    last: dict[str, dict[str, Any]] = {}
+    failures: dict[str, dict[str, Any]] = {}
+    plain: list[float] = []
+    port = server.command("tcp_sink", host=plain_tcp_host)["port"] if plain_tcp_host else 0
+    for _ in range(repeat):
+        for mode in modes:
+            try:
+                server_cpu = server.command("cpu")["cpu_s"]
+                result = client.command(
+                    "bulk", peer=server.peer_id, mode=mode, size=size, chunk=chunk, repeat=1
+                )
+                cpu[mode] += result["cpu_s"] + server.command("cpu")["cpu_s"] - server_cpu
+            except PeerError as exc:
+                failure = failures.setdefault(mode, {"error": str(exc).splitlines()[0]})
+                failure["failed_runs"] = failure.get("failed_runs", 0) + 1
+                failure["logs"] = {p.name: p.log_tail() for p in (client, server, *witnesses)}
+                continue
+            seconds[mode] += result["seconds"]
+            last[mode] = result
+        if plain_tcp_host:
+            sent = client.command("tcp_send", host=plain_tcp_host, port=port, size=size, repeat=1)
+            plain += sent["seconds"]
+    figures: dict[str, Any] = {}
+    for mode in modes:
+        figures[mode] = dict(failures.get(mode, {}))
+        if seconds[mode]:
+            figures[mode].update(
+                seconds=seconds[mode],
+                mb_s=size / min(seconds[mode]) / 1e6,
+                mb_per_cpu_s=size * len(seconds[mode]) / cpu[mode] / 1e6,
+                **{key: last[mode][key] for key in ("path", "transport", "remote_addr")},
+            )
+    if plain:
+        figures["asyncio_tcp"] = {"seconds": plain, "mb_s": size / min(plain) / 1e6}
+    return figures
 
 
 # -- sections -------------------------------------------------------------------------------------
@@ -122,11 +148,11 @@ def measure_direct(transport: str, opts: argparse.Namespace) -> dict[str, Any]:
         connection = client.command("connect", addrs=server.addrs, peer=server.peer_id)
         for peer in (server, client):
             peer.command("prepare", sizes=[opts.size])
-        bulk = {
-            mode: timed_bulk(client, server, mode, opts.size, opts.chunk, opts.repeat)
-            for mode in MODES
-        }
-        figures: dict[str, Any] = {"connection": connection, "bulk": bulk}
+        bulk = bulk_rounds(
+            client, server, MODES, opts.size, opts.chunk, opts.repeat, plain_tcp_host="127.0.0.1"
+        )
+        figures: dict[str, Any] = {"connection": connection, "asyncio_tcp": bulk.pop("asyncio_tcp")}
+        figures["bulk"] = bulk
         if transport == "quic-pmtu":
             return figures
         figures["unary_100B"] = client.command("latency", peer=server.peer_id, count=opts.calls)
@@ -136,7 +162,6 @@ def measure_direct(transport: str, opts: argparse.Namespace) -> dict[str, Any]:
             )
             for kind, method in (("async", "bench.sleep"), ("def", "bench.sleep_blocking"))
         }
-        figures["asyncio_tcp"] = plain_tcp(client, server, "127.0.0.1", opts.size, opts.repeat)
     return figures
 
 
@@ -201,10 +226,7 @@ def measure_relay(opts: argparse.Namespace) -> dict[str, Any]:
         connection = caller.command("connect", addrs=circuit, peer=hidden.peer_id)
         for peer in (hidden, caller):
             peer.command("prepare", sizes=[opts.size])
-        bulk = {
-            mode: timed_bulk(caller, hidden, mode, opts.size, opts.chunk, opts.far_repeat, relay)
-            for mode in MODES
-        }
+        bulk = bulk_rounds(caller, hidden, MODES, opts.size, opts.chunk, opts.far_repeat, relay)
     return {"connection": connection, "bulk": bulk}
 
 
@@ -247,13 +269,13 @@ def measure_lab(opts: argparse.Namespace) -> dict[str, Any]:
                 connection = client.command("connect", addrs=server.addrs, peer=server.peer_id)
                 for peer in (server, client):
                     peer.command("prepare", sizes=[opts.lab_size])
-                bulk = {
-                    mode: timed_bulk(client, server, mode, opts.lab_size, opts.chunk, 1)
-                    for mode in STREAM_MODES
-                }
+                bulk = bulk_rounds(client, server, STREAM_MODES, opts.lab_size, opts.chunk, 1)
                 figures["transports"][transport] = {"connection": connection, "bulk": bulk}
                 if transport == "quic":  # the link's rate, between the same two namespaces
-                    figures["plain_tcp"] = plain_tcp(client, server, host, opts.lab_size, 1)
+                    port = server.command("tcp_sink", host=host)["port"]
+                    figures["plain_tcp"] = client.command(
+                        "tcp_send", host=host, port=port, size=opts.lab_size, repeat=1
+                    )
                     port = server.command("udp_sink", host=host)["port"]
                     sent = client.command(
                         "udp_blast", host=host, port=port, seconds=opts.udp_blast_s
@@ -285,7 +307,7 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
         if transport not in direct or not sdk_figure:
             continue
         for mode, row in direct[transport]["bulk"].items():
-            ratio = row["mb_s"] / sdk_figure if "error" not in row else math.nan
+            ratio = row["mb_s"] / sdk_figure if "error" not in row else math.nan  # unreliable
             add(f"{transport} {size} {mode} >= {factor}x SDK", ratio, factor, ratio >= factor, "x")
     if sdk_ok:
         sdk_p50 = sdk["best_unary_100B_p50_s"]
@@ -442,15 +464,20 @@ def print_row(
     row: dict[str, Any], mode: str, versus: tuple[float, str] | None, ceiling: float = 0.0
 ) -> None:
     """One bulk figure and its ratios to `versus` (figure, label) and to the TCP ceiling."""
+    if "mb_s" in row:
+        line = f"  {MODES[mode]:36} {row['mb_s']:8.1f} MB/s"
+        if versus:
+            line += f" = {row['mb_s'] / versus[0]:5.2f} {versus[1]}"
+        if ceiling:
+            line += f" = {row['mb_s'] / ceiling:5.3f} x asyncio TCP"
+        print(line + f"   ({row['mb_per_cpu_s']:.1f} MB per CPU-second, both ends)")
+    print_failure(row, mode)
+
+
+def print_failure(row: dict[str, Any], mode: str) -> None:
     if "error" in row:
-        print(f"  {MODES[mode]:36} FAILED: {row['error']}")
-        return
-    line = f"  {MODES[mode]:36} {row['mb_s']:8.1f} MB/s"
-    if versus:
-        line += f" = {row['mb_s'] / versus[0]:5.2f} {versus[1]}"
-    if ceiling:
-        line += f" = {row['mb_s'] / ceiling:5.3f} x asyncio TCP"
-    print(line + f"   ({row['mb_per_cpu_s']:.1f} MB per CPU-second, both ends)")
+        runs = f"{row['failed_runs']} of {row['failed_runs'] + len(row.get('seconds', []))}"
+        print(f"  {MODES[mode]:36} {runs} runs FAILED: {row['error']}")
 
 
 def print_memory(transport: str, figures: dict[str, Any], total: int) -> None:
@@ -485,8 +512,8 @@ def print_lab(lab: dict[str, Any] | None) -> None:
     for transport, figures in lab["transports"].items():
         rtt = figures["connection"]["rtt_s"] * 1e3
         for mode, row in figures["bulk"].items():
-            if "error" in row:
-                print(f"  {transport:4} {MODES[mode]:24} FAILED: {row['error']}")
+            print_failure(row, mode)
+            if "mb_s" not in row:
                 continue
             print(
                 f"  {transport:4} {MODES[mode]:24} {row['mb_s']:7.2f} MB/s = "

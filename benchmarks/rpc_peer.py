@@ -56,10 +56,11 @@ class RpcPeer:
         datagram: int = 1350,
         holepunch: bool = True,
         spawn: Callable[..., subprocess.Popen[str]] | None = None,
+        congestion_control: str = "reno",
         log_level: str = "WARNING",
     ) -> None:
         argv = [sys.executable, "-m", "benchmarks.rpc_peer", "--datagram", str(datagram)]
-        argv += ["--log-level", log_level]
+        argv += ["--congestion-control", congestion_control, "--log-level", log_level]
         argv += [arg for addr in listen for arg in ("--listen", addr)]
         argv += ["--pmtu"] if pmtu else []
         argv += [] if holepunch else ["--no-holepunch"]
@@ -496,7 +497,11 @@ async def serve(args: argparse.Namespace) -> None:
     from transport.nat.relay import RelayConfig
     from transport.quic import QuicConfig
 
-    quic = QuicConfig(max_datagram_size=args.datagram, pmtu_probing=args.pmtu)
+    quic = QuicConfig(
+        max_datagram_size=args.datagram,
+        pmtu_probing=args.pmtu,
+        congestion_control=args.congestion_control,
+    )
     relay = RelayConfig(circuit_data=0, circuit_duration=0)  # any peer may be the bench's relay
     async with Node(listen=args.listen, quic_config=quic, relay=relay) as node:
         if args.no_holepunch:  # keep relayed connections relayed: refuse DCUtR both ways
@@ -535,6 +540,7 @@ def main() -> None:
     parser.add_argument("--datagram", type=int, default=1350, help="QUIC max datagram size")
     parser.add_argument("--pmtu", action="store_true", help="probe the path MTU (bigger datagrams)")
     parser.add_argument("--no-holepunch", action="store_true", help="refuse DCUtR")
+    parser.add_argument("--congestion-control", choices=["reno", "cubic"], default="reno")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
     import logging
