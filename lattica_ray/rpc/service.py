@@ -303,6 +303,17 @@ class _InboundCall:
             self.stream.reset("rpc call aborted")
             return
         try:
+            # The response takes as long as the path needs (bounded by the call's own deadline,
+            # if it has one); only the status after it is held to `status_timeout`.
+            remaining = self.context.deadline
+            async with asyncio.timeout(
+                None if remaining is None else max(0.0, remaining - time.monotonic())
+            ):
+                if len(response) and sum(memoryview(b).nbytes for b in response) >= (
+                    self.service.config.coalesce_below
+                ):
+                    await self.writer.write(response)
+                    response = []
             async with asyncio.timeout(self.service.config.status_timeout):
                 await self.writer.write([*response, self.proto.send_status(status)])
                 await self.stream.close()
