@@ -83,9 +83,7 @@ class MemoryHost:
     def addrs(self) -> list[Multiaddr]:
         return list(self._advertised)
 
-    async def open_stream(
-        self, peer: PeerId, protocols: list[str], bulk: bool = False
-    ) -> MemoryStream:  # (one path per peer here: `bulk` changes nothing)
+    async def open_stream(self, peer: PeerId, protocols: list[str]) -> MemoryStream:
         if not self.alive:
             raise PeerUnreachable(f"{self._peer_id.short()} is dead")
         remote = self.network.hosts.get(peer)

@@ -519,8 +519,7 @@ class TcpTransport:
     ) -> tuple[asyncio.BaseTransport, TcpChannel]:
         if family == socket.AF_UNSPEC:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # IPPROTO_TCP: asyncio turns Nagle off only for sockets that say so
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if REUSE_PORT:
