@@ -204,12 +204,9 @@ class HolePuncher:
             await stream.write_message(connect.SerializeToString())
             reply = self._parse(await stream.read_message(MAX_MESSAGE_SIZE), HolePunch.CONNECT)
             rtt = time.perf_counter() - started
-            offered = _punch_addrs(list(reply.ObsAddrs))
-            if not offered:
-                raise ProtocolViolation("the peer sent no address to punch to")
-            their_addrs = _on_shared_transports(offered, ours)
+            their_addrs = _on_shared_transports(_punch_addrs(list(reply.ObsAddrs)), ours)
             if not their_addrs:
-                raise PunchImpossible("the peer offered no address on a transport we offered")
+                raise ProtocolViolation("the peer sent no address to punch to")
             we_dial = choose_dialer(
                 str(self._mapping()), reply.mapping if protocol == EXTENDED_PROTOCOL else "", False
             )
