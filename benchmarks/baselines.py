@@ -69,3 +69,27 @@ async def tcp_throughput(size: int) -> float:
 
 
 # -- one transfer striped over connections and processes ------------------------------------
+
+
+async def stream_rtt(stream, inbound: asyncio.Queue, rounds: int) -> list[float]:
+    """Round trips of MESSAGE on `stream` (any transport's Stream), echoed by the first stream
+    that arrives on `inbound`; the same measurement for QUIC and for TCP+Noise+Yamux."""
+    await stream.write(MESSAGE)
+    remote = await inbound.get()
+
+    async def echo() -> None:
+        while data := await remote.read(65536):
+            await remote.write(data)
+
+    echo_task = asyncio.ensure_future(echo())
+    try:
+        await stream.readexactly(len(MESSAGE))
+        samples = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            await stream.write(MESSAGE)
+            await stream.readexactly(len(MESSAGE))
+            samples.append(time.perf_counter() - started)
+        return samples
+    finally:
+        echo_task.cancel()

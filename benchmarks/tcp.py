@@ -21,7 +21,13 @@ import time
 if pathlib.Path(sys.path[0]).resolve() == pathlib.Path(__file__).resolve().parent:
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # the repo: `benchmarks.*`
 
-from benchmarks.baselines import CHUNK, MESSAGE, percentiles, tcp_rtt, tcp_throughput
+from benchmarks.baselines import (
+    CHUNK,
+    percentiles,
+    stream_rtt,
+    tcp_rtt,
+    tcp_throughput,
+)
 from transport.identity import KeyPair
 from transport.stream import Stream
 from transport.tcp import TcpConfig, TcpConnection, TcpTransport
@@ -47,23 +53,7 @@ async def libp2p_rtt(config: TcpConfig, rounds: int) -> list[float]:
     client, server, connection, inbound = await _libp2p_pair(config)
     try:
         stream = await connection.open_stream()
-        await stream.write(MESSAGE)
-        remote = await inbound.get()
-
-        async def echo() -> None:
-            while data := await remote.read(65536):
-                await remote.write(data)
-
-        echo_task = asyncio.ensure_future(echo())
-        await stream.readexactly(len(MESSAGE))
-        samples = []
-        for _ in range(rounds):
-            started = time.perf_counter()
-            await stream.write(MESSAGE)
-            await stream.readexactly(len(MESSAGE))
-            samples.append(time.perf_counter() - started)
-        echo_task.cancel()
-        return samples
+        return await stream_rtt(stream, inbound, rounds)
     finally:
         await client.close()
         await server.close()

@@ -38,7 +38,13 @@ from aioquic.buffer import Buffer
 from aioquic.quic.events import StreamDataReceived
 from aioquic.quic.packet import pull_quic_header
 
-from benchmarks.baselines import CHUNK, MESSAGE, percentiles, tcp_rtt, tcp_throughput
+from benchmarks.baselines import (
+    CHUNK,
+    percentiles,
+    stream_rtt,
+    tcp_rtt,
+    tcp_throughput,
+)
 from transport.identity import KeyPair
 from transport.quic import QuicConfig, QuicEndpoint
 from transport.quic.endpoint import CONNECTION_ID_LENGTH
@@ -66,23 +72,7 @@ async def quic_rtt(config: QuicConfig, rounds: int) -> list[float]:
     try:
         connection = await client.dial(server.local_address, server.key.peer_id)
         stream = await connection.open_stream()
-        await stream.write(MESSAGE)
-        remote = await inbound.get()
-
-        async def echo() -> None:
-            while data := await remote.read(65536):
-                await remote.write(data)
-
-        echo_task = asyncio.ensure_future(echo())
-        await stream.readexactly(len(MESSAGE))
-        samples = []
-        for _ in range(rounds):
-            started = time.perf_counter()
-            await stream.write(MESSAGE)
-            await stream.readexactly(len(MESSAGE))
-            samples.append(time.perf_counter() - started)
-        echo_task.cancel()
-        return samples
+        return await stream_rtt(stream, inbound, rounds)
     finally:
         await client.close()
         await server.close()
