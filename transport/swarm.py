@@ -1,30 +1,57 @@
 """The swarm: every connection of a node, the dialer, and stream routing. Implements `Host`.
 
-One connection per peer is used for new streams (direct before relayed; between two direct
-ones, both sides pick the same: the one dialed by the smaller peer ID), concurrent dials to one
-peer share one attempt, and NAT traversal plugs in as extra dial strategies (relay, hole
+The swarm keeps every path a peer can be reached on: one connection per transport (QUIC, TCP)
+among direct and hole-punched ones, relayed ones until a direct one exists. Dialing tries the
+direct addresses at once; the first connection answers the caller and the attempts on other
+transports finish in the background, so the other path is there too. Each direct path is
+measured (`transport.paths`): new streams take the healthy path with the lowest round trip,
+bulk streams (`open_stream(..., bulk=True)`) the one with the highest measured throughput. When
+a path dies, its streams fail with a clear error and new ones take another path. Concurrent dials
+to one peer share one attempt, and NAT traversal plugs in as extra dial strategies (relay, hole
 punching) tried after the direct addresses.
+
+TCP dials leave from the port we listen on (SO_REUSEPORT), as hole punching needs and so that
+NATs map the port peers reach us at; a dial that cannot (the port pair is taken, or both sides
+dialed each other at the same instant) is retried once from a fresh port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import errno
+import functools
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from transport.connection import DIRECT, HOLEPUNCHED, RELAYED, Connection
-from transport.errors import DialError, PeerIdMismatch, PeerUnreachable, TransportError
+from transport.errors import (
+    DialError,
+    HandshakeFailed,
+    PeerIdMismatch,
+    PeerUnreachable,
+    TransportError,
+)
 from transport.handlers import StreamHandler, StreamHandlers
 from transport.host import ConnectionListener, PeerConnected, PeerDisconnected
 from transport.identity import KeyPair, PeerId
 from transport.liveness import LivenessConfig, LivenessMonitor
 from transport.multiaddr import Multiaddr, quic_socket_address
 from transport.multistream import select_outbound
+from transport.paths import (
+    PROBE_PROTOCOL,
+    PathConfig,
+    PathStats,
+    choose_path,
+    probe_path,
+    serve_probe,
+)
 from transport.quic import QuicConfig, QuicEndpoint
 from transport.stream import Stream
-from transport.tcp import TcpTransport, is_tcp_address
+from transport.tcp import TcpTransport, is_tcp_address, tcp_socket_address
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +60,8 @@ _RESOLVING: contextvars.ContextVar[bool] = contextvars.ContextVar("resolving", d
 RELAY_DELAY = 0.5  # seconds direct dials get before relays are tried in parallel
 DUPLICATE_GRACE = 2.0  # seconds a redundant connection may finish its streams before closing
 MAX_ADDRS_PER_PEER = 32
+# A TCP dial from our listen port failed for a reason a fresh port does not have.
+PORT_CLASH = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
 
 
 class Swarm:
@@ -43,10 +72,14 @@ class Swarm:
         key: KeyPair,
         quic_config: QuicConfig | None = None,
         liveness: LivenessConfig | None = None,
+        paths: PathConfig | None = None,
     ) -> None:
         self.key = key
         self.quic_config = quic_config or QuicConfig()
+        self.paths = paths or PathConfig()
+        self.path_stats: dict[Connection, PathStats] = {}
         self.handlers = StreamHandlers()
+        self.handlers.set(PROBE_PROTOCOL, functools.partial(serve_probe, config=self.paths))
         self.endpoints: list[QuicEndpoint] = []
         self.dial_strategies: list[DialStrategy] = []
         # Where to learn a peer's addresses when we know none (the DHT's find_peer).
@@ -64,6 +97,8 @@ class Swarm:
         self._connection_observers: list[Callable[[Connection], None]] = []
         self.liveness = LivenessMonitor(self._on_suspect, liveness)
         self.tcp: TcpTransport | None = None  # created when we listen on or dial a /tcp address
+        self._background: set[asyncio.Task[object]] = set()  # dials finishing, path probes
+        self._measuring: dict[PeerId, asyncio.Task[None]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     async def listen(self, addr: Multiaddr) -> Multiaddr:
@@ -86,6 +121,9 @@ class Swarm:
         self._closing = True
         for future in self._pending_dials.values():
             future.cancel()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.handlers.aclose()
         await self.liveness.aclose()
         if self.tcp is not None:
@@ -150,8 +188,13 @@ class Swarm:
         self._peer_addrs.pop(peer, None)
         self.add_peer_addrs(peer, addrs)
 
-    async def open_stream(self, peer: PeerId, protocols: list[str]) -> Stream:
+    async def open_stream(self, peer: PeerId, protocols: list[str], bulk: bool = False) -> Stream:
+        """A stream to `peer` (dialing if needed). `bulk` marks a large transfer: it takes the
+        path with the highest measured throughput instead of the lowest round trip."""
         connection = await self.connect(peer)
+        connection = self.connection_to(peer, bulk=bulk) or connection
+        if bulk:
+            self._remeasure_if_stale(peer)
         connection.last_used = time.monotonic()  # type: ignore[attr-defined]  # for liveness
         stream = await connection.open_stream()
         await select_outbound(stream, protocols)
@@ -181,12 +224,12 @@ class Swarm:
         self._listeners.append(listener)
 
     # -- connections ------------------------------------------------------------------------
-    def connection_to(self, peer: PeerId) -> Connection | None:
-        """The connection new streams to `peer` use, if any (answering ones first)."""
-        live = [c for c in self._connections.get(peer, []) if not c.is_closed]
-        if not live:
-            return None
-        return min(live, key=self._preference)
+    def connection_to(self, peer: PeerId, bulk: bool = False) -> Connection | None:
+        """The connection new streams to `peer` use, if any: answering before suspect, direct
+        before relayed, then the lowest measured RTT (the highest throughput if `bulk`)."""
+        live = self.connections_to(peer)
+        tie_break = {c: self._pair_order(c) for c in live}
+        return choose_path(live, self.path_stats, tie_break, bulk)
 
     def _healthy_connection(self, peer: PeerId) -> Connection | None:
         best = self.connection_to(peer)
@@ -195,6 +238,10 @@ class Swarm:
     def add_connection_observer(self, observer: Callable[[Connection], None]) -> None:
         """Call `observer` with every connection the swarm adopts (not only a peer's first)."""
         self._connection_observers.append(observer)
+
+    def remove_connection_observer(self, observer: Callable[[Connection], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._connection_observers.remove(observer)
 
     def _on_suspect(self, connection: Connection) -> None:
         """A path stopped answering: find another one in the background."""
@@ -212,12 +259,17 @@ class Swarm:
     def connections_to(self, peer: PeerId) -> list[Connection]:
         return [c for c in self._connections.get(peer, []) if not c.is_closed]
 
+    def _pair_order(self, connection: Connection) -> int:
+        """0 for the connection dialed by the smaller peer ID: both ends of a duplicate pair
+        (two connections of one transport) agree which one stays."""
+        dialed_by_smaller = (connection.is_initiator) == (self.peer_id < connection.remote_peer)
+        return 0 if dialed_by_smaller else 1
+
     def _preference(self, connection: Connection) -> tuple[int, int, int]:
-        """Lower is better; both ends of a duplicate pair compute the same order."""
+        """Which of two connections of one transport stays (lower is better)."""
         suspect = 1 if getattr(connection, "suspect", False) else 0
         relayed = 1 if connection.path == RELAYED or connection.is_closed else 0
-        dialed_by_smaller = (connection.is_initiator) == (self.peer_id < connection.remote_peer)
-        return (suspect, relayed, 0 if dialed_by_smaller else 1)
+        return (suspect, relayed, self._pair_order(connection))
 
     async def connect(self, target: PeerId | Multiaddr) -> Connection:
         """A connection to `target`: an existing one, or a new dial (shared by concurrent calls)."""
@@ -286,7 +338,10 @@ class Swarm:
 
     async def _dial_known(self, peer: PeerId) -> Connection:
         """Direct addresses at once; relays (and other strategies) from `relay_delay` on, or as
-        soon as every direct attempt failed ("happy eyeballs"): the first connection wins."""
+        soon as every direct attempt failed ("happy eyeballs"): the first connection wins.
+
+        Direct attempts on another transport than the winner's (all of them, if a relay won)
+        go on in the background: what they reach becomes another path to the peer."""
         errors: list[str] = []
         mismatch: PeerIdMismatch | None = None  # the most telling failure: someone else is there
         direct = [
@@ -295,8 +350,11 @@ class Swarm:
             if (a.has("quic-v1") or is_tcp_address(a)) and not a.is_relayed
         ]
         attempts: dict[asyncio.Future[Connection | None], str] = {}
+        transports: dict[asyncio.Future[Connection | None], str] = {}
         for addr in direct:
-            attempts[asyncio.ensure_future(self.dial_addr(addr, peer))] = str(addr)
+            future = asyncio.ensure_future(self.dial_addr(addr, peer))
+            attempts[future] = str(addr)
+            transports[future] = "tcp" if is_tcp_address(addr) else "quic"
         strategies_started = False
 
         def start_strategies() -> None:
@@ -328,6 +386,12 @@ class Swarm:
                         log.debug("dial %s via %s failed: %s", peer.short(), label, exc)
                         continue
                     if connection is not None:
+                        for other in list(attempts):
+                            kind = transports.get(other)
+                            if kind is not None and (
+                                connection.path == RELAYED or kind != connection.transport
+                            ):
+                                self._finish_in_background(other, peer, attempts.pop(other))
                         return connection
                 if not attempts and not strategies_started:
                     start_strategies()
@@ -343,13 +407,78 @@ class Swarm:
             )
         raise PeerUnreachable(f"could not reach {peer}: " + "; ".join(errors))
 
+    def _finish_in_background(
+        self, attempt: asyncio.Future[Connection | None], peer: PeerId, label: str
+    ) -> None:
+        """Let a dial go on after another one won: its connection joins as one more path."""
+
+        async def finish() -> None:
+            try:
+                await attempt
+            except (TransportError, OSError, TimeoutError) as exc:
+                log.debug("second path to %s via %s failed: %s", peer.short(), label, exc)
+            except asyncio.CancelledError:
+                attempt.cancel()
+                raise
+
+        self._spawn(finish())
+
+    def _spawn(self, coroutine: Awaitable[object]) -> asyncio.Task[object]:
+        task = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def tcp_dial_source(self, host: str) -> tuple[str, int] | None:
+        """The (address, port) of our TCP listener to dial `host` from, if one suits."""
+        if self.tcp is None:
+            return None
+        try:
+            remote = ipaddress.ip_address(host)
+        except ValueError:
+            return None  # a DNS name: let the system pick
+        for listen_addr in self.tcp.listen_addrs:
+            local_host, port, _ = tcp_socket_address(listen_addr)
+            local = ipaddress.ip_address(local_host)
+            if local.version != remote.version:
+                continue
+            if not local.is_unspecified and local.is_loopback != remote.is_loopback:
+                continue  # a loopback source cannot reach the network, nor the reverse
+            return local_host, port
+        return None
+
+    async def _dial_tcp(self, addr: Multiaddr, peer: PeerId | None) -> Connection:
+        """From our listen port; once more from a fresh port if the port pair is taken, or if
+        the peer dialed us at the same instant (a TCP simultaneous open with both sides acting
+        as the client fails the handshake)."""
+        transport = self._tcp_transport()
+        target = addr.without_peer_id()
+        source = self.tcp_dial_source(tcp_socket_address(target)[0])
+        if source is not None:
+            try:
+                return await transport.dial(target, peer, local_address=source)
+            except HandshakeFailed as exc:
+                if isinstance(exc, PeerIdMismatch):
+                    raise
+                log.debug(
+                    "TCP dial to %s from port %d: %s; again from a fresh port", addr, source[1], exc
+                )
+            except PeerUnreachable as exc:
+                cause = exc.__cause__
+                if not (isinstance(cause, OSError) and cause.errno in PORT_CLASH):
+                    raise
+                log.debug(
+                    "TCP dial to %s from port %d: %s; from a fresh port", addr, source[1], exc
+                )
+        return await transport.dial(target, peer)
+
     async def dial_addr(self, addr: Multiaddr, peer: PeerId | None = None) -> Connection:
         """Dial one direct multiaddr, QUIC or TCP (the peer ID in it, or `peer`, is checked
         by the handshake)."""
         peer = peer or addr.peer_id
         if is_tcp_address(addr):
             try:
-                connection = await self._tcp_transport().dial(addr.without_peer_id(), peer)
+                connection = await self._dial_tcp(addr, peer)
             except (TransportError, OSError) as exc:
                 if isinstance(exc, DialError):
                     raise
@@ -402,6 +531,68 @@ class Swarm:
         for observer in list(self._connection_observers):
             observer(connection)
         self._schedule_prune(peer)
+        if len(self._direct_paths(peer)) > 1:
+            self._schedule_measure(peer)
+
+    # -- measuring paths --------------------------------------------------------------------
+    def _direct_paths(self, peer: PeerId) -> list[Connection]:
+        return [c for c in self.connections_to(peer) if c.path != RELAYED]
+
+    def _schedule_measure(self, peer: PeerId) -> None:
+        """Measure `peer`'s direct paths in the background (one measurement at a time)."""
+        if not self.paths.measure or self._closing:
+            return
+        running = self._measuring.get(peer)
+        if running is not None and not running.done():
+            return
+        task = self._spawn(self.measure_paths(peer))
+        self._measuring[peer] = task  # type: ignore[assignment]
+        task.add_done_callback(lambda _: self._measuring.pop(peer, None))
+
+    def _remeasure_if_stale(self, peer: PeerId) -> None:
+        paths = self._direct_paths(peer)
+        if len(paths) < 2:
+            return
+        now = time.monotonic()
+        stale = [
+            c
+            for c in paths
+            if (stats := self.path_stats.get(c)) is None
+            or now - stats.measured_at > self.paths.remeasure_after
+        ]
+        if stale:
+            self._schedule_measure(peer)
+
+    async def measure_paths(self, peer: PeerId) -> dict[Connection, PathStats]:
+        """Probe each direct connection to `peer`, one after another (so the probes do not
+        compete); what was measured, also kept in `path_stats` for choosing paths."""
+        measured: dict[Connection, PathStats] = {}
+        for connection in self._direct_paths(peer):
+            try:
+                async with asyncio.timeout(self.paths.probe_timeout):
+                    stream = await connection.open_stream()
+                    try:
+                        await select_outbound(stream, [PROBE_PROTOCOL])
+                        stats = await probe_path(
+                            stream, self.paths.rtt_rounds, self.paths.probe_bytes
+                        )
+                    except BaseException:
+                        stream.reset("path probe abandoned")
+                        raise
+            except (TransportError, TimeoutError, EOFError, ConnectionError) as exc:
+                log.debug("probing %r failed: %r", connection, exc)
+                continue
+            if not connection.is_closed:
+                self.path_stats[connection] = measured[connection] = stats
+                log.info(
+                    "path %r: rtt %.2f ms, %s",
+                    connection,
+                    stats.rtt * 1000 if stats.rtt is not None else float("nan"),
+                    f"{stats.throughput / 1e6:.1f} MB/s"
+                    if stats.throughput
+                    else "throughput not measured",
+                )
+        return measured
 
     def _schedule_prune(self, peer: PeerId) -> None:
         if len(self.connections_to(peer)) > 1:
@@ -410,18 +601,23 @@ class Swarm:
     def _prune(self, peer: PeerId) -> None:
         """Close redundant connections once their streams are done.
 
-        A relayed connection goes once a direct one exists (either side may close it); of two
-        direct ones, the side that dialed the loser closes it.
+        One direct connection per transport stays (QUIC and TCP are different paths); of two
+        of one transport, the side that dialed the loser closes it. A relayed connection goes
+        once a healthy direct one exists (either side may close it).
         """
-        keep = self.connection_to(peer)
-        if keep is None:
-            return
-        for connection in self.connections_to(peer):
-            if connection is keep:
+        live = self.connections_to(peer)
+        direct = [c for c in live if c.path != RELAYED]
+        keep = {
+            min((c for c in direct if c.transport == transport), key=self._preference)
+            for transport in {c.transport for c in direct}
+        }
+        healthy_direct = any(not getattr(c, "suspect", False) for c in direct)
+        for connection in live:
+            if connection in keep:
                 continue
             if connection.path == RELAYED:
-                if keep.path == RELAYED:
-                    continue  # two relays: keep both paths
+                if not healthy_direct:
+                    continue  # relays are the fallback: keep them all
             elif not connection.is_initiator:
                 continue
             if getattr(connection, "stream_count", 0) == 0:
@@ -430,6 +626,7 @@ class Swarm:
                 self._schedule_prune(peer)
 
     def _connection_closed(self, connection: Connection) -> None:
+        self.path_stats.pop(connection, None)
         peer = connection.remote_peer
         remaining = [c for c in self._connections.get(peer, []) if c is not connection]
         remaining = [c for c in remaining if not c.is_closed]

@@ -50,6 +50,7 @@ from transport.yamux import YamuxConfig, YamuxConnection
 log = logging.getLogger(__name__)
 
 ConnectionHandler = Callable[["TcpConnection"], None]
+REUSE_PORT = hasattr(socket, "SO_REUSEPORT")  # listener and dials share a port (Linux, BSDs)
 
 
 class TcpConfig(BaseModel):
@@ -384,7 +385,12 @@ class TcpTransport:
             raise InvalidMultiaddr(f"listen on an IP address, not a DNS name: {address}")
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            self._inbound_channel, host, port, reuse_address=True, backlog=1024
+            self._inbound_channel,
+            host,
+            port,
+            reuse_address=True,
+            reuse_port=REUSE_PORT,  # our dials share the port: NATs map where we listen
+            backlog=1024,
         )
         bound = server.sockets[0].getsockname()
         listen_addr = tcp_multiaddr(bound[0], bound[1])
@@ -444,9 +450,20 @@ class TcpTransport:
         connection.add_close_callback(lambda c: self._connections.discard(c))  # type: ignore[arg-type]
 
     async def dial(
-        self, address: Multiaddr | str, expected_peer: PeerId | None = None
+        self,
+        address: Multiaddr | str,
+        expected_peer: PeerId | None = None,
+        *,
+        local_address: tuple[str, int] | None = None,
+        is_initiator: bool = True,
     ) -> TcpConnection:
-        """Connect to `address`; the remote must prove `expected_peer` (or the `/p2p/` ID)."""
+        """Connect to `address`; the remote must prove `expected_peer` (or the `/p2p/` ID).
+
+        `local_address` dials from that (host, port), shared with our listener (SO_REUSEPORT):
+        NATs then map the port peers reach us at, and hole punching (TCP simultaneous open)
+        can work. `is_initiator=False` takes the Noise/Yamux responder role, as the side that
+        is not the client of a hole-punched connection must (DCUtR).
+        """
         if self._closed:
             raise TransportError("the TCP transport is closed")
         address = Multiaddr.parse(address)
@@ -457,10 +474,12 @@ class TcpTransport:
         expected_peer = expected_peer or in_address
         loop = asyncio.get_running_loop()
         try:
-            _, channel = await asyncio.wait_for(
-                loop.create_connection(lambda: TcpChannel(self.config), host, port, family=family),
-                self.config.dial_timeout,
+            connect = (
+                loop.create_connection(lambda: TcpChannel(self.config), host, port, family=family)
+                if local_address is None
+                else self._connect_from(local_address, host, port, family)
             )
+            _, channel = await asyncio.wait_for(connect, self.config.dial_timeout)
         except TimeoutError as exc:
             raise DialTimeout(
                 f"TCP connect to {address} timed out after {self.config.dial_timeout} s"
@@ -473,7 +492,7 @@ class TcpTransport:
                 upgrade(
                     channel,
                     self.key,
-                    True,
+                    is_initiator,
                     expected_peer,
                     self.config.yamux,
                     connection_class=TcpConnection,
@@ -490,6 +509,26 @@ class TcpTransport:
         assert isinstance(connection, TcpConnection)
         self._track(connection)
         return connection
+
+    async def _connect_from(
+        self, local_address: tuple[str, int], host: str, port: int, family: int
+    ) -> tuple[asyncio.BaseTransport, TcpChannel]:
+        if family == socket.AF_UNSPEC:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if REUSE_PORT:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setblocking(False)
+            sock.bind(local_address)
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.get_running_loop().create_connection(
+            lambda: TcpChannel(self.config), sock=sock
+        )
 
     async def close(self) -> None:
         """Stop listening, abandon pending handshakes, close every connection."""

@@ -3,7 +3,12 @@
 DCUtR (`/libp2p/dcutr`): the side that accepted the relayed connection (B) sends CONNECT with
 its observed addresses and times the answer; A answers with its own; B sends SYNC and waits half
 the RTT; then A dials B's addresses (QUIC client) while B sprays random UDP at A's addresses,
-so both NATs hold a mapping for the other at the same moment.
+so both NATs hold a mapping for the other at the same moment. Both transports are punched at
+once: over TCP both sides dial each other's TCP addresses from their listen port (a TCP
+simultaneous open: each SYN opens its own NAT for the other's), and on the connection that
+results A is the client of Noise and Yamux (DCUtR spec); a SYN that lands on a listener instead
+gives an ordinary connection with the dialer as client, which agrees. Each transport that gets
+through becomes a path of its own.
 
 That works when both NATs map endpoint-independently. When one side's NAT is symmetric
 (endpoint-dependent mapping: a fresh random port per destination), the addresses it was observed
@@ -32,7 +37,13 @@ from collections.abc import Callable
 from google.protobuf.message import DecodeError
 
 from transport.connection import HOLEPUNCHED, RELAYED, Connection
-from transport.errors import InvalidMultiaddr, ProtocolViolation, TransportError
+from transport.errors import (
+    InvalidMultiaddr,
+    PeerIdMismatch,
+    PeerUnreachable,
+    ProtocolViolation,
+    TransportError,
+)
 from transport.identity import PeerId
 from transport.multiaddr import Multiaddr, quic_socket_address
 from transport.nat.pb import holepunch_pb2
@@ -40,6 +51,7 @@ from transport.nat.reachability import Mapping
 from transport.quic import QuicEndpoint
 from transport.stream import Stream
 from transport.swarm import Swarm
+from transport.tcp import is_tcp_address, tcp_socket_address
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +64,7 @@ SPRAY_INTERVAL = (0.010, 0.200)  # DCUtR spec: random UDP every 10-200 ms
 BIRTHDAY_SOCKETS = 192
 BIRTHDAY_SPRAY = 4096
 PORT_RANGE = (1024, 65535)
+TCP_REDIAL = 0.1  # seconds between TCP punch dials that failed at once (refused, port taken)
 
 HolePunch = holepunch_pb2.HolePunch
 
@@ -60,16 +73,31 @@ class PunchImpossible(TransportError):
     """No hole punch can work between these two NATs (both map endpoint-dependently)."""
 
 
-def _quic_addrs(raw: list[bytes]) -> list[Multiaddr]:
+def _punch_addrs(raw: list[bytes]) -> list[Multiaddr]:
+    """The direct QUIC and TCP addresses among those a peer sent (at most 16 looked at)."""
     addrs = []
     for item in raw[:16]:
         try:
             addr = Multiaddr.from_bytes(item)
-            quic_socket_address(addr)
+            if not is_tcp_address(addr):
+                quic_socket_address(addr)
         except InvalidMultiaddr:
             continue
         addrs.append(addr)
     return addrs
+
+
+def _quic(addrs: list[Multiaddr]) -> list[Multiaddr]:
+    return [a for a in addrs if a.has("quic-v1")]
+
+
+def _tcp(addrs: list[Multiaddr]) -> list[Multiaddr]:
+    return [a for a in addrs if is_tcp_address(a)]
+
+
+def _on_shared_transports(theirs: list[Multiaddr], ours: list[Multiaddr]) -> list[Multiaddr]:
+    """Their addresses on transports we offered too: the other side punches only those."""
+    return (_quic(theirs) if _quic(ours) else []) + (_tcp(theirs) if _tcp(ours) else [])
 
 
 def choose_dialer(our_mapping: str, their_mapping: str, we_are_a: bool) -> bool | None:
@@ -118,8 +146,15 @@ class HolePuncher:
         self._running.clear()
 
     def _our_addrs(self) -> list[Multiaddr]:
-        observed = [a for a in self._observed_addrs() if a.has("quic-v1")]
-        return observed or [a for a in self.swarm.listen_addrs if a.has("quic-v1")]
+        """Where peers saw us, QUIC and TCP; our listen addresses if nobody told us (a LAN).
+
+        A transport nobody saw us on is left out once others were seen: a network that drops
+        UDP shows up as TCP-only observations, and nobody wastes a punch on its QUIC port.
+        """
+        observed = [a for a in self._observed_addrs() if a.has("quic-v1") or is_tcp_address(a)]
+        if observed:
+            return observed
+        return [a for a in self.swarm.listen_addrs if a.has("quic-v1") or is_tcp_address(a)]
 
     # -- B: the side that accepted the relayed connection starts -----------------------------
     def upgrade_soon(self, peer: PeerId) -> asyncio.Task[Connection | None]:
@@ -161,14 +196,15 @@ class HolePuncher:
         stream = await self.swarm.open_stream(peer, [protocol])
         try:
             connect = HolePunch(type=HolePunch.CONNECT)
-            connect.ObsAddrs.extend(a.without_peer_id().to_bytes() for a in self._our_addrs())
+            ours = self._our_addrs()
+            connect.ObsAddrs.extend(a.without_peer_id().to_bytes() for a in ours)
             if protocol == EXTENDED_PROTOCOL:
                 connect.mapping = str(self._mapping())
             started = time.perf_counter()
             await stream.write_message(connect.SerializeToString())
             reply = self._parse(await stream.read_message(MAX_MESSAGE_SIZE), HolePunch.CONNECT)
             rtt = time.perf_counter() - started
-            their_addrs = _quic_addrs(list(reply.ObsAddrs))
+            their_addrs = _on_shared_transports(_punch_addrs(list(reply.ObsAddrs)), ours)
             if not their_addrs:
                 raise ProtocolViolation("the peer sent no address to punch to")
             we_dial = choose_dialer(
@@ -194,9 +230,10 @@ class HolePuncher:
             return
         extended = stream.protocol == EXTENDED_PROTOCOL
         request = self._parse(await stream.read_message(MAX_MESSAGE_SIZE), HolePunch.CONNECT)
-        their_addrs = _quic_addrs(list(request.ObsAddrs))
+        ours = self._our_addrs()
+        their_addrs = _on_shared_transports(_punch_addrs(list(request.ObsAddrs)), ours)
         reply = HolePunch(type=HolePunch.CONNECT)
-        reply.ObsAddrs.extend(a.without_peer_id().to_bytes() for a in self._our_addrs())
+        reply.ObsAddrs.extend(a.without_peer_id().to_bytes() for a in ours)
         if extended:
             reply.mapping = str(self._mapping())
         await stream.write_message(reply.SerializeToString())
@@ -243,9 +280,10 @@ class HolePuncher:
             not we_dial
             or protocol != EXTENDED_PROTOCOL
             or self._mapping() != Mapping.ENDPOINT_DEPENDENT
+            or not _quic(their_addrs)
         ):
             return []
-        target = quic_socket_address(their_addrs[0])
+        target = quic_socket_address(_quic(their_addrs)[0])
         sockets = []
         try:
             for _ in range(BIRTHDAY_SOCKETS):
@@ -269,19 +307,111 @@ class HolePuncher:
         spray: bool,
         prepared: list[socket.socket] | None,
     ) -> Connection | None:
+        """Punch QUIC and TCP at once; the first direct connection (each transport that gets
+        through within `PUNCH_TIMEOUT` stays as a path)."""
         self.swarm.expect_holepunch(peer)
+        quic, tcp = _quic(their_addrs), _tcp(their_addrs)
+        punches = []
+        if quic and self.swarm.endpoints:
+            if we_dial:
+                punches.append(self._dial_side(peer, quic, prepared or []))
+            else:
+                punches.append(self._open_side(peer, quic, spray))
+        if tcp and self.swarm.tcp is not None and self.swarm.tcp.listen_addrs:
+            punches.append(self._tcp_punch(peer, tcp, client=we_dial))
         try:
-            async with asyncio.timeout(PUNCH_TIMEOUT):
-                if we_dial:
-                    return await self._dial_side(peer, their_addrs, prepared or [])
-                return await self._open_side(peer, their_addrs, spray)
-        except TimeoutError:
-            return None
+            results = await asyncio.gather(
+                *(self._within_timeout(punch) for punch in punches), return_exceptions=True
+            )
         finally:
             for sock in prepared or []:
                 if sock.fileno() != -1:
                     sock.close()
             self.swarm.end_holepunch(peer)
+        connections = [r for r in results if isinstance(r, Connection) and not r.is_closed]
+        for failure in results:
+            if isinstance(failure, BaseException):
+                log.debug("hole punch to %s: %r", peer, failure)
+        return min(connections, key=lambda c: c.transport != "quic") if connections else None
+
+    @staticmethod
+    async def _within_timeout(punch) -> Connection | None:
+        try:
+            async with asyncio.timeout(PUNCH_TIMEOUT):
+                return await punch
+        except TimeoutError:
+            return None
+
+    def _punched(self, peer: PeerId, transport: str) -> Connection | None:
+        """A healthy direct connection of `transport` to `peer` (hole-punched, or one that
+        arrived just before the punch began), if there is one."""
+        for connection in self.swarm.connections_to(peer):
+            if (
+                connection.transport == transport
+                and connection.path != RELAYED
+                and not getattr(connection, "suspect", False)
+            ):
+                return connection
+        return None
+
+    async def _tcp_punch(
+        self, peer: PeerId, their_addrs: list[Multiaddr], client: bool
+    ) -> Connection | None:
+        """Dial each TCP address from our listen port until a connection exists: ours (as the
+        client or not, as DCUtR assigned) or theirs, arrived at our listener."""
+        assert self.swarm.tcp is not None
+        transport = self.swarm.tcp
+        arrived: asyncio.Future[Connection] = asyncio.get_running_loop().create_future()
+
+        def watch(connection: Connection) -> None:
+            if (
+                connection.remote_peer == peer
+                and connection.transport == "tcp"
+                and connection.path != RELAYED
+                and not arrived.done()
+            ):
+                arrived.set_result(connection)
+
+        async def dial(addr: Multiaddr) -> Connection:
+            host = tcp_socket_address(addr)[0]
+            source = self.swarm.tcp_dial_source(host)
+            while True:
+                try:
+                    if source is None:  # no listener fits: still opens our NAT toward them
+                        connection = await transport.dial(addr, peer, is_initiator=client)
+                    else:
+                        connection = await transport.dial(
+                            addr, peer, local_address=source, is_initiator=client
+                        )
+                except PeerIdMismatch:
+                    raise
+                except PeerUnreachable as exc:  # refused, or the port pair is taken
+                    log.debug("TCP punch dial to %s: %s", addr, exc)
+                    await asyncio.sleep(TCP_REDIAL)
+                    continue
+                self.swarm.add_connection(connection)
+                return connection
+
+        existing = self._punched(peer, "tcp")
+        if existing is not None:
+            return existing
+        self.swarm.add_connection_observer(watch)
+        attempts = [asyncio.ensure_future(dial(addr)) for addr in their_addrs]
+        waiters = [*attempts, arrived]
+        try:
+            while waiters:
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    waiters.remove(future)
+                    try:
+                        return future.result()
+                    except (TransportError, OSError) as exc:
+                        log.debug("TCP punch to %s: %s", peer, exc)
+            return None
+        finally:
+            self.swarm.remove_connection_observer(watch)
+            for attempt in attempts:
+                attempt.cancel()
 
     async def _dial_side(
         self, peer: PeerId, their_addrs: list[Multiaddr], birthday: list[socket.socket]
@@ -348,12 +478,8 @@ class HolePuncher:
         if spray:
             self._spray(endpoint, targets[0][0])
         while True:
-            existing = self.swarm.connection_to(peer)
-            if (
-                existing is not None
-                and existing.path == HOLEPUNCHED
-                and not getattr(existing, "suspect", False)
-            ):
+            existing = self._punched(peer, "quic")
+            if existing is not None:
                 return existing
             for target in targets:
                 endpoint.send_raw(os.urandom(random.randint(32, 64)), target)

@@ -1,0 +1,76 @@
+"""Relay and hole punching over TCP on loopback: nodes that speak no QUIC at all.
+
+A node whose network drops UDP holds its relay slot over TCP and is reachable through it;
+DCUtR then upgrades the relayed connection to a direct TCP one, each side dialing from its
+listen port (a simultaneous open, or one SYN meeting the other's listener), with A (the side
+that dialed the relayed connection) as the client of Noise and Yamux.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from lattica_ray import Node
+from transport.connection import HOLEPUNCHED, RELAYED
+from transport.stream import Stream
+
+TCP_ONLY = ["/ip4/127.0.0.1/tcp/0"]
+PROTOCOL = "/test/echo/1"
+
+
+async def _echo(stream: Stream) -> None:
+    await stream.write(await stream.read_to_end(max_size=1 << 24))
+    await stream.close()
+
+
+async def _wait_for_path(node: Node, peer, path: str, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            connection = node.connection_to(peer)
+            if connection is not None and connection.path == path:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def test_tcp_only_peer_is_reached_through_a_relay_then_punched_directly() -> None:
+    async with Node(listen=TCP_ONLY, use_relays=False) as relay:
+        async with Node(listen=TCP_ONLY) as hidden, Node(listen=TCP_ONLY) as caller:
+            hidden.set_stream_handler(PROTOCOL, _echo)
+            await hidden.reserve_relay(relay.addrs[0])
+            reservation_path = hidden.connection_to(relay.peer_id)
+            assert reservation_path is not None and reservation_path.transport == "tcp"
+            circuit = [a for a in hidden.addrs if a.is_relayed]
+            assert circuit and "/tcp/" in str(circuit[0]), hidden.addrs
+            caller.add_peer_addrs(hidden.peer_id, circuit)  # the ONLY address it knows
+
+            stream = await caller.open_stream(hidden.peer_id, [PROTOCOL])
+            first = caller.connection_to(hidden.peer_id)
+            assert first is not None and first.path == RELAYED
+            await stream.write(b"through the relay")
+            await stream.close()
+            assert await stream.read_to_end() == b"through the relay"
+
+            # DCUtR over the relayed connection: both sides end on one direct TCP connection.
+            await _wait_for_path(caller, hidden.peer_id, HOLEPUNCHED)
+            await _wait_for_path(hidden, caller.peer_id, HOLEPUNCHED)
+            direct = caller.connection_to(hidden.peer_id)
+            back = hidden.connection_to(caller.peer_id)
+            assert direct is not None and back is not None
+            assert direct.transport == back.transport == "tcp"
+            # A (the caller dialed the relayed connection) is the client; B the server.
+            assert direct.is_initiator and not back.is_initiator
+            assert hidden.nat.holepuncher.results[caller.peer_id] == HOLEPUNCHED
+            # Both dialed from their listen ports: the connection joins the two listen ports.
+            assert direct.local_addr is not None and direct.remote_addr is not None
+            assert direct.local_addr.value_for("tcp") == caller.swarm.listen_addrs[0].value_for(
+                "tcp"
+            )
+            assert direct.remote_addr.without_peer_id() == hidden.swarm.listen_addrs[0]
+
+            relayed_before = relay.relay_server.bytes_relayed
+            stream = await caller.open_stream(hidden.peer_id, [PROTOCOL])
+            payload = bytes(range(256)) * 4096
+            await stream.write(payload)
+            await stream.close()
+            assert await stream.read_to_end(max_size=1 << 24) == payload
+            assert relay.relay_server.bytes_relayed == relayed_before  # not through the relay
