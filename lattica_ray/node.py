@@ -329,7 +329,8 @@ class Node:
     async def _serve_identify(self, stream: Stream) -> None:
         peer = stream.remote_peer
         assert peer is not None
-        connection = self.swarm.connection_to(peer)
+        # The address of the connection this stream came on: a peer may reach us on several.
+        connection = getattr(stream, "connection", None) or self.swarm.connection_to(peer)
         await stream.write_message(self._identify_message(getattr(connection, "remote_addr", None)))
         await stream.close()
 

@@ -2,7 +2,9 @@
 
 A swarm may hold several paths to one peer (QUIC and TCP, direct and hole-punched, relayed).
 Each direct path is measured on a probe stream (`/lattica-ray/path-probe/1`): a few empty rounds
-give its round-trip time, one round of `probe_bytes` gives its throughput. Small streams take
+give its round-trip time (as soon as a peer has a second path), one round of `probe_bytes` its
+throughput (before the first bulk stream to that peer, again after `remeasure_after`; never for
+a peer with one path, so relays and bootstrap nodes are not flooded). Small streams take
 the healthy path with the lowest round trip, bulk streams the one with the highest throughput;
 a relayed path only when no healthy direct one is left. Choosing is pure (`choose_path`); the
 probe is a few lines of asyncio on any `Stream`.
@@ -33,14 +35,18 @@ class PathConfig(BaseModel):
 
     model_config = {"frozen": True}
 
-    measure: bool = Field(True, description="probe each direct path once a peer has two or more")
+    measure: bool = Field(
+        True,
+        description="probe each direct path once a peer has two or more: the round trip at "
+        "once, the throughput before the first bulk stream",
+    )
     probe_bytes: int = Field(
-        2 * 1024 * 1024, ge=0, description="bytes of the throughput round (0: RTT only)"
+        1024 * 1024, ge=0, description="bytes of the throughput round (0: RTT only)"
     )
     rtt_rounds: int = Field(5, ge=1, le=16, description="empty rounds; the fastest is the RTT")
     probe_timeout: float = Field(10.0, gt=0, description="seconds one path's probe may take")
     remeasure_after: float = Field(
-        300.0, gt=0, description="seconds after which a bulk stream triggers a new measurement"
+        300.0, gt=0, description="seconds after which a bulk stream measures the paths again"
     )
     max_probe_round: int = Field(
         16 * 1024 * 1024, ge=0, description="the largest round our probe server reads"

@@ -4,8 +4,9 @@ The swarm keeps every path a peer can be reached on: one connection per transpor
 among direct and hole-punched ones, relayed ones until a direct one exists. Dialing tries the
 direct addresses at once; the first connection answers the caller and the attempts on other
 transports finish in the background, so the other path is there too. Each direct path is
-measured (`transport.paths`): new streams take the healthy path with the lowest round trip,
-bulk streams (`open_stream(..., bulk=True)`) the one with the highest measured throughput. When
+measured (`transport.paths`: round trips once a peer has two paths, throughput before the first
+bulk stream): new streams take the healthy path with the lowest round trip, bulk streams
+(`open_stream(..., bulk=True)`) the one with the highest measured throughput. When
 a path dies, its streams fail with a clear error and new ones take another path. Concurrent dials
 to one peer share one attempt, and NAT traversal plugs in as extra dial strategies (relay, hole
 punching) tried after the direct addresses.
@@ -192,9 +193,9 @@ class Swarm:
         """A stream to `peer` (dialing if needed). `bulk` marks a large transfer: it takes the
         path with the highest measured throughput instead of the lowest round trip."""
         connection = await self.connect(peer)
-        connection = self.connection_to(peer, bulk=bulk) or connection
         if bulk:
-            self._remeasure_if_stale(peer)
+            await self._measured_for_bulk(peer)
+        connection = self.connection_to(peer, bulk=bulk) or connection
         connection.last_used = time.monotonic()  # type: ignore[attr-defined]  # for liveness
         stream = await connection.open_stream()
         await select_outbound(stream, protocols)
@@ -531,26 +532,40 @@ class Swarm:
         for observer in list(self._connection_observers):
             observer(connection)
         self._schedule_prune(peer)
-        if len(self._direct_paths(peer)) > 1:
-            self._schedule_measure(peer)
+        if len(self._direct_paths(peer)) > 1 and self.paths.measure and not self._closing:
+            self._schedule_measure(peer)  # round trips only: cheap (throughput when bulk asks)
 
     # -- measuring paths --------------------------------------------------------------------
     def _direct_paths(self, peer: PeerId) -> list[Connection]:
         return [c for c in self.connections_to(peer) if c.path != RELAYED]
 
-    def _schedule_measure(self, peer: PeerId) -> None:
-        """Measure `peer`'s direct paths in the background (one measurement at a time)."""
-        if not self.paths.measure or self._closing:
-            return
+    def _schedule_measure(self, peer: PeerId, throughput: bool = False) -> asyncio.Task[object]:
+        """Measure `peer`'s direct paths in the background, one measurement at a time (a
+        throughput measurement waits for a running RTT-only one, then runs)."""
         running = self._measuring.get(peer)
-        if running is not None and not running.done():
-            return
-        task = self._spawn(self.measure_paths(peer))
-        self._measuring[peer] = task  # type: ignore[assignment]
-        task.add_done_callback(lambda _: self._measuring.pop(peer, None))
+        if running is not None and not running.done() and not throughput:
+            return running
 
-    def _remeasure_if_stale(self, peer: PeerId) -> None:
-        paths = self._direct_paths(peer)
+        async def measure(previous: asyncio.Task[object] | None) -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            await self.measure_paths(peer, throughput)
+
+        task = self._spawn(measure(running if running is not None and not running.done() else None))
+        self._measuring[peer] = task  # type: ignore[assignment]
+        task.add_done_callback(
+            lambda done: (
+                self._measuring.pop(peer, None) if self._measuring.get(peer) is done else None
+            )
+        )
+        return task
+
+    async def _measured_for_bulk(self, peer: PeerId) -> None:
+        """Before a bulk stream: measure the throughput of `peer`'s direct paths if any lacks a
+        recent measurement (bounded by the probe timeout; streams go on regardless)."""
+        if not self.paths.measure or self.paths.probe_bytes == 0 or self._closing:
+            return
+        paths = [c for c in self._direct_paths(peer) if not getattr(c, "suspect", False)]
         if len(paths) < 2:
             return
         now = time.monotonic()
@@ -558,40 +573,50 @@ class Swarm:
             c
             for c in paths
             if (stats := self.path_stats.get(c)) is None
+            or stats.throughput is None
             or now - stats.measured_at > self.paths.remeasure_after
         ]
-        if stale:
-            self._schedule_measure(peer)
+        if not stale:
+            return
+        task = self._schedule_measure(peer, throughput=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), self.paths.probe_timeout * len(paths))
 
-    async def measure_paths(self, peer: PeerId) -> dict[Connection, PathStats]:
+    async def measure_paths(
+        self, peer: PeerId, throughput: bool = True
+    ) -> dict[Connection, PathStats]:
         """Probe each direct connection to `peer`, one after another (so the probes do not
-        compete); what was measured, also kept in `path_stats` for choosing paths."""
+        compete): the round trip, and with `throughput` a round of `probe_bytes`. What was
+        measured is also kept in `path_stats` for choosing paths."""
         measured: dict[Connection, PathStats] = {}
+        if not self.paths.measure:
+            return measured
+        probe_bytes = self.paths.probe_bytes if throughput else 0
         for connection in self._direct_paths(peer):
             try:
                 async with asyncio.timeout(self.paths.probe_timeout):
                     stream = await connection.open_stream()
                     try:
                         await select_outbound(stream, [PROBE_PROTOCOL])
-                        stats = await probe_path(
-                            stream, self.paths.rtt_rounds, self.paths.probe_bytes
-                        )
+                        stats = await probe_path(stream, self.paths.rtt_rounds, probe_bytes)
                     except BaseException:
                         stream.reset("path probe abandoned")
                         raise
             except (TransportError, TimeoutError, EOFError, ConnectionError) as exc:
                 log.debug("probing %r failed: %r", connection, exc)
                 continue
-            if not connection.is_closed:
-                self.path_stats[connection] = measured[connection] = stats
-                log.info(
-                    "path %r: rtt %.2f ms, %s",
-                    connection,
-                    stats.rtt * 1000 if stats.rtt is not None else float("nan"),
-                    f"{stats.throughput / 1e6:.1f} MB/s"
-                    if stats.throughput
-                    else "throughput not measured",
-                )
+            if connection.is_closed:
+                continue
+            previous = self.path_stats.get(connection)
+            if stats.throughput is None and previous is not None:
+                stats.throughput = previous.throughput  # an RTT-only probe keeps the last rate
+            self.path_stats[connection] = measured[connection] = stats
+            log.info(
+                "path %r: rtt %.2f ms, %s",
+                connection,
+                (stats.rtt or 0.0) * 1000,
+                f"{stats.throughput / 1e6:.1f} MB/s" if stats.throughput else "rate not measured",
+            )
         return measured
 
     def _schedule_prune(self, peer: PeerId) -> None:

@@ -1,10 +1,12 @@
 """A node for the NAT lab, driven by JSON lines on stdin (one answer per line on stdout).
 
-    python -m tests.nat.lab_peer --listen /ip4/10.1.0.10/udp/4001/quic-v1 --bootstrap ADDR...
+    python -m tests.nat.lab_peer --listen /ip4/10.1.0.10/udp/4001/quic-v1 \
+        --listen /ip4/10.1.0.10/tcp/4001 --bootstrap ADDR...
 
 After bootstrap (reachability checked, relay slots reserved when NAT'd) it prints
-{"event": "ready", "peer_id", "addrs", "reachability", "mapping"}. Commands:
-{"cmd": "connect", "peer", "addrs", "direct_timeout"}  -> path, connect_ms, first_ping_ms, rtt_ms
+{"event": "ready", "peer_id", "addrs", "reachability", "mapping", "relay_transports"}. Commands:
+{"cmd": "connect", "peer", "addrs", "direct_timeout"}  -> path, transport, paths (every
+    connection as transport/path), connect_ms, first_ping_ms, rtt_ms
 {"cmd": "ping", "peer"}, {"cmd": "disconnect", "peer"}, {"cmd": "info"}, {"cmd": "stop"}
 """
 
@@ -52,8 +54,11 @@ async def _connect(node: Node, command: dict) -> dict:
     path = await node.wait_direct(peer, float(command.get("direct_timeout", 8.0)))
     first_ping = await node.ping(peer)
     rtts = [await node.ping(peer) for _ in range(3)]
+    connection = node.connection_to(peer)
     return {
         "path": path,
+        "transport": connection.transport if connection is not None else "",
+        "paths": _paths(node, peer),
         "first_path": first_path,
         "connect_ms": connect_ms,
         "time_to_path_ms": (time.perf_counter() - started) * 1000,
@@ -91,6 +96,20 @@ class Monitor:
         return self.samples
 
 
+def _paths(node: Node, peer: PeerId) -> list[str]:
+    """Every open connection to `peer`, as transport/path ("tcp/holepunched")."""
+    return sorted(f"{c.transport}/{c.path}" for c in node.swarm.connections_to(peer))
+
+
+def _relay_transports(node: Node) -> list[str]:
+    """The transports our relay reservations are held over."""
+    return sorted(
+        connection.transport
+        for relay in node.relay_client.reservations
+        if (connection := node.connection_to(relay)) is not None
+    )
+
+
 def _via(node: Node, peer: PeerId) -> str:
     connection = node.connection_to(peer)
     return str(connection.remote_addr) if connection and connection.remote_addr else ""
@@ -115,6 +134,8 @@ async def serve(args: argparse.Namespace) -> None:
             "addrs": [str(a) for a in node.addrs],
             "reachability": str(node.reachability),
             "mapping": str(node.nat.mapping),
+            "relay_transports": _relay_transports(node),
+            "observed": [str(a) for a in node.nat.observed_addrs()],
         }
     )
     reader = asyncio.StreamReader()

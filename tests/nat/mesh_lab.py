@@ -1,5 +1,6 @@
 """Nodes in the NAT lab: public relays, and peers behind routers, driven over JSON lines.
 
+Every node listens on QUIC and TCP at port 4001 (a network that drops UDP is reached over TCP).
 Shared by the NAT tests and `benchmarks/nat_matrix.py`.
 """
 
@@ -23,6 +24,7 @@ ROUTER_KINDS = [
     NatKind.SYMMETRIC,
     NatKind.PUBLIC,
     NatKind.FIREWALL,
+    NatKind.UDP_BLOCKED,
 ]
 RELAYS = ("relay1", "relay2")
 
@@ -75,18 +77,29 @@ class LabPeer:
         return self.ready["addrs"]
 
 
+def listen_addrs(address: str) -> list[str]:
+    """QUIC and TCP, both on `PORT`."""
+    return [f"/ip4/{address}/udp/{PORT}/quic-v1", f"/ip4/{address}/tcp/{PORT}"]
+
+
+def tcp_twin(addr: str) -> str:
+    """The TCP address of a lab node from its QUIC one (every lab node listens on both)."""
+    return addr.replace(f"/udp/{PORT}/quic-v1/", f"/tcp/{PORT}/")
+
+
 def start_relays(lab: Lab, processes: dict | None = None) -> list[str]:
-    """Start `lattica-ray node` on each public relay host; their full multiaddrs.
+    """Start `lattica-ray node` on each public relay host; their full QUIC multiaddrs (each
+    relay listens on TCP too: `tcp_twin`).
 
     `processes`, when given, receives each relay's Popen by host name (to kill it in tests).
     """
     addrs = []
     for name in RELAYS:
-        listen = f"/ip4/{lab.address(name)}/udp/{PORT}/quic-v1"
+        listen = [arg for addr in listen_addrs(lab.address(name)) for arg in ("--listen", addr)]
         process = lab.spawn(
             name,
             [
-                sys.executable, "-m", "lattica_ray.cli", "node", "--listen", listen,
+                sys.executable, "-m", "lattica_ray.cli", "node", *listen,
                 "--relay-circuit-bytes", "0", "--relay-circuit-seconds", "0",
                 "--log-level", "WARNING",
             ],
@@ -98,20 +111,24 @@ def start_relays(lab: Lab, processes: dict | None = None) -> list[str]:
         line = process.stdout.readline()
         if not line:
             raise PeerError(f"relay {name} did not start")
-        addrs.append(json.loads(line)["addrs"][0])
+        addrs.append(next(a for a in json.loads(line)["addrs"] if "/quic-v1/" in a))
         if processes is not None:
             processes[name] = process
     return addrs
 
 
 def start_peer(lab: Lab, name: str, bootstrap: list[str]) -> LabPeer:
-    listen = f"/ip4/{lab.address(name)}/udp/{PORT}/quic-v1"
-    argv = [sys.executable, "-m", "tests.nat.lab_peer", "--listen", listen]
+    """A `tests.nat.lab_peer` on host `name`, bootstrapped over QUIC and TCP."""
+    argv = [sys.executable, "-m", "tests.nat.lab_peer"]
+    for addr in listen_addrs(lab.address(name)):
+        argv += ["--listen", addr]
     for addr in bootstrap:
         argv += ["--bootstrap", addr]
+        if tcp_twin(addr) != addr:
+            argv += ["--bootstrap", tcp_twin(addr)]
     debug_dir = os.environ.get("NATLAB_LOG_DIR")  # set it to keep each peer's log there
     if debug_dir:
-        argv += ["--log-level", "INFO"]
+        argv += ["--log-level", os.environ.get("NATLAB_LOG_LEVEL", "INFO")]
     stderr = open(f"{debug_dir}/{name}.log", "w") if debug_dir else subprocess.DEVNULL
     process = lab.spawn(
         name, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True

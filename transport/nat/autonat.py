@@ -4,6 +4,8 @@ The server dials back from a FRESH socket (another local port): a dial-back from
 are already connected to would slip through any port-restricted NAT's existing mapping and
 call a NAT'd node public. Per the spec it dials only addresses on the IP it observes the
 requester at, never over relayed connections (no amplification against third parties).
+QUIC and TCP addresses are both dialed back, at once, each transport from a fresh port and a
+throwaway identity; the first to answer is the verdict.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 
 from google.protobuf.message import DecodeError
 
-from transport.connection import RELAYED
+from transport.connection import RELAYED, Connection
 from transport.errors import InvalidMultiaddr, TransportError
 from transport.identity import KeyPair, PeerId
 from transport.multiaddr import Multiaddr, quic_socket_address
@@ -21,6 +23,7 @@ from transport.nat.pb import autonat_pb2
 from transport.quic import QuicEndpoint
 from transport.stream import Stream
 from transport.swarm import Swarm
+from transport.tcp import TcpConfig, TcpTransport, is_tcp_address
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,8 @@ class AutoNAT:
         for raw in list(request.dial.peer.addrs)[:MAX_ADDRS]:
             try:
                 addr = Multiaddr.from_bytes(raw)
-                quic_socket_address(addr)
+                if not is_tcp_address(addr):
+                    quic_socket_address(addr)
             except InvalidMultiaddr:
                 continue
             if _ip_of(addr) == observed_ip:  # the spec's anti-amplification rule
@@ -125,24 +129,45 @@ class AutoNAT:
         async with self._dial_backs:
             # A throwaway identity too: the dial-back must not look like our main connection,
             # or the requester might open streams on it just before we close it.
-            endpoint = QuicEndpoint(KeyPair.generate(), self.swarm.quic_config)
-            local = self.swarm.endpoints[0].local_address if self.swarm.endpoints else None
-            host = "::" if local and ":" in local[0] else "0.0.0.0"
-            await endpoint.listen(host, 0)
+            key = KeyPair.generate()
+            endpoint: QuicEndpoint | None = None
+            tcp: TcpTransport | None = None
             try:
-                return await self._first_reached(endpoint, peer, addrs)
+                if any(a.has("quic-v1") for a in addrs):
+                    endpoint = QuicEndpoint(key, self.swarm.quic_config)
+                    local = self.swarm.endpoints[0].local_address if self.swarm.endpoints else None
+                    await endpoint.listen("::" if local and ":" in local[0] else "0.0.0.0", 0)
+                if any(is_tcp_address(a) for a in addrs):
+                    timeout = self.dial_back_timeout
+                    tcp = TcpTransport(
+                        key, TcpConfig(dial_timeout=timeout, handshake_timeout=timeout)
+                    )
+                return await self._first_reached(endpoint, tcp, peer, addrs)
             finally:
-                await endpoint.close()
+                if endpoint is not None:
+                    await endpoint.close()
+                if tcp is not None:
+                    await tcp.close()
 
     async def _first_reached(
-        self, endpoint: QuicEndpoint, peer: PeerId, addrs: list[Multiaddr]
+        self,
+        endpoint: QuicEndpoint | None,
+        tcp: TcpTransport | None,
+        peer: PeerId,
+        addrs: list[Multiaddr],
     ) -> Multiaddr | None:
         """Dial every candidate at once; the first that answers (the others are dropped)."""
 
         async def reach(addr: Multiaddr) -> Multiaddr:
-            connection = await endpoint.dial(
-                quic_socket_address(addr), peer, timeout=self.dial_back_timeout
-            )
+            connection: Connection
+            if is_tcp_address(addr):
+                assert tcp is not None
+                connection = await tcp.dial(addr, peer)  # from a fresh port: no local_address
+            else:
+                assert endpoint is not None
+                connection = await endpoint.dial(
+                    quic_socket_address(addr), peer, timeout=self.dial_back_timeout
+                )
             await connection.close("autonat dial-back done")
             return addr
 

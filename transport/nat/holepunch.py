@@ -204,9 +204,12 @@ class HolePuncher:
             await stream.write_message(connect.SerializeToString())
             reply = self._parse(await stream.read_message(MAX_MESSAGE_SIZE), HolePunch.CONNECT)
             rtt = time.perf_counter() - started
-            their_addrs = _on_shared_transports(_punch_addrs(list(reply.ObsAddrs)), ours)
-            if not their_addrs:
+            offered = _punch_addrs(list(reply.ObsAddrs))
+            if not offered:
                 raise ProtocolViolation("the peer sent no address to punch to")
+            their_addrs = _on_shared_transports(offered, ours)
+            if not their_addrs:
+                raise PunchImpossible("the peer offered no address on a transport we offered")
             we_dial = choose_dialer(
                 str(self._mapping()), reply.mapping if protocol == EXTENDED_PROTOCOL else "", False
             )

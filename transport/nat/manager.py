@@ -19,6 +19,7 @@ from transport.errors import TransportError
 from transport.host import ConnectionEvent, PeerConnected
 from transport.identity import PeerId
 from transport.multiaddr import Multiaddr
+from transport.multistream import select_outbound
 from transport.nat import autonat
 from transport.nat.holepunch import EXTENDED_PROTOCOL, HolePuncher
 from transport.nat.portmap import PortMapping, PortMappingKeeper
@@ -30,14 +31,16 @@ from transport.nat.relay import (
     RelayConfig,
     RelayServer,
 )
+from transport.protocols import identify
 from transport.protocols.identify import IdentifyInfo
 from transport.stream import Stream
 from transport.swarm import Swarm
-from transport.tcp import secure_and_mux
+from transport.tcp import is_tcp_address, secure_and_mux
 
 log = logging.getLogger(__name__)
 
 AUTONAT_SERVERS = 3  # peers asked per check
+OBSERVE_TIMEOUT = 10.0  # seconds for the identify that learns our address on one connection
 
 
 def is_public_ip(host: str) -> bool:
@@ -67,13 +70,16 @@ class NatManager:
         self.mapped_addrs: list[Multiaddr] = []
         self._port_keepers: list[PortMappingKeeper] = []
         self._identify_info = identify_info
+        # Where peers see us, kept per transport (an observer may see us over both): QUIC
+        # observations with the AutoNAT verdicts, TCP ones apart.
         self.addresses = AddressBook()
+        self.tcp_addresses = AddressBook()
         self.use_relays = use_relays  # None: when AutoNAT or observations say we are NAT'd
         self.relay_server = RelayServer(swarm, relay, public_addrs=self.advertised_addrs)
         self.relay_client = RelayClient(swarm, self._secure_circuit, relay_client, self.refresh)
         self.autonat = autonat.AutoNAT(swarm)
         self.holepuncher = HolePuncher(
-            swarm, self.addresses.observed_addrs, self.addresses.mapping, self._speaks_extension
+            swarm, self.observed_addrs, lambda: self.mapping, self._speaks_extension
         )
         self._tasks: set[asyncio.Task[object]] = set()
 
@@ -85,14 +91,27 @@ class NatManager:
         self.swarm.add_connection_listener(self._on_connection_event)
         self.swarm.add_connection_observer(self._on_connection)
         if self.port_mapping:
-            for endpoint in self.swarm.endpoints:
-                if endpoint.local_address is not None:
-                    keeper = PortMappingKeeper(
-                        endpoint.local_address[1], "udp", on_change=self._on_port_mapping
-                    )
-                    self._port_keepers.append(keeper)
-                    self._spawn(keeper.start())
+            for protocol, port in self._mappable_ports():
+                keeper = PortMappingKeeper(port, protocol, on_change=self._on_port_mapping)
+                self._port_keepers.append(keeper)
+                self._spawn(keeper.start())
         self.refresh()
+
+    def _mappable_ports(self) -> list[tuple[str, int]]:
+        """("udp", port) of each QUIC endpoint and ("tcp", port) of each TCP listener (IPv4:
+        NAT-PMP, PCP and UPnP-IGD map IPv4 ports here)."""
+        ports = [
+            ("udp", endpoint.local_address[1])
+            for endpoint in self.swarm.endpoints
+            if endpoint.local_address is not None and ":" not in endpoint.local_address[0]
+        ]
+        if self.swarm.tcp is not None:
+            ports += [
+                ("tcp", int(addr.value_for("tcp") or 0))
+                for addr in self.swarm.tcp.listen_addrs
+                if addr.has("ip4")
+            ]
+        return list(dict.fromkeys(ports))
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -137,16 +156,69 @@ class NatManager:
         connection = self.swarm.connection_to(info.peer)
         if connection is None:
             return
-        if connection.path != RELAYED and info.observed_addr is not None:
-            self.addresses.observe(info.peer, connection.remote_addr, info.observed_addr)
-            self.refresh()
+        observed = info.observed_addr
+        if (
+            connection.path != RELAYED
+            and observed is not None
+            and self._from_listen_port(info.peer, observed)
+        ):
+            self._observe(info.peer, connection.remote_addr, observed)
         if connection.path == RELAYED and not connection.is_initiator:
             # DCUtR: the side that accepted the relayed connection starts the upgrade.
             self.holepuncher.upgrade_soon(info.peer)
 
+    def _observe(self, peer: PeerId, observer_addr: Multiaddr | None, observed: Multiaddr) -> None:
+        book = self.tcp_addresses if is_tcp_address(observed) else self.addresses
+        book.observe(peer, observer_addr, observed)
+        self.refresh()
+
+    def observed_addrs(self) -> list[Multiaddr]:
+        """Where peers saw us: QUIC addresses, then TCP ones, each the most seen first."""
+        return self.addresses.observed_addrs() + self.tcp_addresses.observed_addrs()
+
+    async def _observe_over(self, connection: Connection) -> None:
+        """Identify on this very connection: where its peer sees us on this transport (the
+        node identifies a peer once, over one of its connections, which tells one transport)."""
+        try:
+            async with asyncio.timeout(OBSERVE_TIMEOUT):
+                stream = await connection.open_stream()
+                await select_outbound(stream, [identify.PROTOCOL])
+                info = await identify.read_identify(stream)
+        except (TransportError, TimeoutError, EOFError) as exc:
+            log.debug("identify over %r failed: %r", connection, exc)
+            return
+        if info.observed_addr is None or connection.is_closed:
+            return
+        local_port = connection.local_addr.value_for("tcp") if connection.local_addr else None
+        if is_tcp_address(info.observed_addr) and local_port not in self._tcp_listen_ports():
+            return  # dialed from a fresh port: shows no mapping anyone can reach us at
+        self._observe(connection.remote_peer, connection.remote_addr, info.observed_addr)
+
+    def _tcp_listen_ports(self) -> set[str | None]:
+        if self.swarm.tcp is None:
+            return set()
+        return {a.value_for("tcp") for a in self.swarm.tcp.listen_addrs}
+
+    def _from_listen_port(self, peer: PeerId, observed: Multiaddr) -> bool:
+        """Whether `observed` (a TCP address) can show our listener's mapping: a TCP dial that
+        had to leave from a fresh port shows a mapping nobody can reach us at (and would make
+        any NAT look symmetric). QUIC always sends from its endpoint's port."""
+        if not is_tcp_address(observed) or self.swarm.tcp is None:
+            return True
+        listen_ports = self._tcp_listen_ports()
+        return any(
+            c.transport == "tcp"
+            and c.local_addr is not None
+            and c.local_addr.value_for("tcp") in listen_ports
+            for c in self.swarm.connections_to(peer)
+        )
+
     def _on_connection(self, connection: Connection) -> None:
-        """A new relayed connection to a peer we know (e.g. after a path died): punch again."""
+        """A new relayed connection to a peer we know (e.g. after a path died): punch again.
+        A new direct one: learn where its peer sees us on its transport."""
         peer = connection.remote_peer
+        if connection.path != RELAYED:
+            self._spawn(self._observe_over(connection))
         if connection.path == RELAYED and not connection.is_initiator:
             if self._identify_info(peer) is not None:
                 self.holepuncher.upgrade_soon(peer)
@@ -158,7 +230,10 @@ class NatManager:
     # -- reachability -------------------------------------------------------------------------
     @property
     def mapping(self) -> Mapping:
-        return self.addresses.mapping()
+        """Our NAT's mapping behaviour: as seen over QUIC, or over TCP if QUIC tells nothing
+        (a network that drops UDP)."""
+        mapping = self.addresses.mapping()
+        return mapping if mapping != Mapping.UNKNOWN else self.tcp_addresses.mapping()
 
     @property
     def reachability(self) -> Reachability:
@@ -166,7 +241,7 @@ class NatManager:
 
     async def check_reachability(self, servers: list[PeerId]) -> Reachability:
         """Ask AutoNAT servers among `servers` to dial us back; returns the new verdict."""
-        candidates = self.addresses.observed_addrs() + self._listen_addrs()
+        candidates = self.observed_addrs() + self._listen_addrs()
         asked = 0
         for server in servers:
             info = self._identify_info(server)
@@ -187,7 +262,7 @@ class NatManager:
 
     def behind_nat(self) -> bool:
         """Peers see us at an address we do not listen on."""
-        observed = {a.without_peer_id() for a in self.addresses.observed_addrs()}
+        observed = {a.without_peer_id() for a in self.observed_addrs()}
         return bool(observed - set(self._listen_addrs()))
 
     def wants_relays(self) -> bool:

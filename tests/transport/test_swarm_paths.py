@@ -1,0 +1,119 @@
+"""The swarm's dialer policy over real QUIC and TCP on loopback: every path kept, each measured,
+small streams on the lowest RTT, bulk on the highest throughput, and a dead path's streams fail
+clearly while the others (and new ones) carry on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.transport.conftest import wait_until
+from transport.errors import StreamReset
+from transport.identity import KeyPair
+from transport.multiaddr import Multiaddr
+from transport.multistream import select_outbound
+from transport.stream import Stream
+from transport.swarm import Swarm
+
+ECHO = "/test/echo/1"
+LISTEN = ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
+
+
+async def _echo(stream: Stream) -> None:
+    while chunk := await stream.read(65536):
+        await stream.write(chunk)
+    await stream.close()
+
+
+@pytest.fixture
+async def two_paths() -> AsyncIterator[tuple[Swarm, Swarm]]:
+    """Swarms a and b, connected over QUIC and over TCP, the RTT of both paths measured."""
+    a, b = Swarm(KeyPair.generate()), Swarm(KeyPair.generate())
+    try:
+        for swarm in (a, b):
+            for addr in LISTEN:
+                await swarm.listen(Multiaddr.parse(addr))
+            swarm.set_stream_handler(ECHO, _echo)
+        a.add_peer_addrs(b.peer_id, b.addrs)
+        await a.connect(b.peer_id)
+        await wait_until(
+            lambda: (
+                {c.transport for c in a.connections_to(b.peer_id)} == {"quic", "tcp"}
+                and all(c in a.path_stats for c in a.connections_to(b.peer_id))
+            ),
+            timeout=15,
+        )
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_both_transports_stay_and_each_is_measured(two_paths) -> None:
+    a, b = two_paths
+    connections = a.connections_to(b.peer_id)
+    a._prune(b.peer_id)  # what runs once the duplicate grace is over: nothing to close
+    await asyncio.sleep(0)
+    assert all(not c.is_closed for c in connections)
+    for connection in connections:  # round trips at once; no throughput probe yet
+        stats = a.path_stats[connection]
+        assert stats.rtt is not None and 0 < stats.rtt < 1
+        assert stats.throughput is None
+    # b sees the same two paths (it measures its own direction too)
+    await wait_until(lambda: len(b.path_stats) == 2, timeout=15)
+
+    stream = await a.open_stream(b.peer_id, [ECHO], bulk=True)  # the first bulk stream
+    await stream.close()
+    for connection in connections:
+        throughput = a.path_stats[connection].throughput
+        assert throughput is not None and throughput > 1e5, connection
+
+
+async def test_small_streams_take_the_lowest_rtt_and_bulk_the_highest_throughput(
+    two_paths,
+) -> None:
+    a, b = two_paths
+    bulk = await a.open_stream(b.peer_id, [ECHO], bulk=True)  # measures throughput first
+    small = await a.open_stream(b.peer_id, [ECHO])
+    stats = {c: a.path_stats[c] for c in a.connections_to(b.peer_id)}
+    fastest = max(stats, key=lambda c: stats[c].throughput or 0)
+    quickest = min(stats, key=lambda c: stats[c].rtt or 1)
+    assert bulk.connection is fastest  # type: ignore[attr-defined]
+    assert small.connection is quickest  # type: ignore[attr-defined]
+    for stream in (bulk, small):
+        await stream.write(b"ping")
+        await stream.close()
+        assert await stream.read_to_end() == b"ping"
+
+
+async def test_a_dead_path_fails_its_streams_clearly_and_the_other_path_carries_on(
+    two_paths,
+) -> None:
+    a, b = two_paths
+    tcp = next(c for c in a.connections_to(b.peer_id) if c.transport == "tcp")
+    quic = next(c for c in a.connections_to(b.peer_id) if c.transport == "quic")
+    on_tcp = await tcp.open_stream()
+    on_quic = await quic.open_stream()
+    for stream in (on_tcp, on_quic):
+        await select_outbound(stream, [ECHO])
+        await stream.write(b"before")
+        assert await stream.readexactly(6) == b"before"
+
+    tcp.abort("test: the path died")  # type: ignore[attr-defined]
+
+    with pytest.raises(StreamReset, match="the path died"):
+        await on_tcp.write(b"after")
+        await on_tcp.readexactly(5)
+    await on_quic.write(b"still here")  # in flight on the other path: not lost
+    assert await on_quic.readexactly(10) == b"still here"
+    await on_quic.close()
+    assert await on_quic.read_to_end() == b""
+
+    for bulk in (False, True):  # new streams, small or bulk, take the path that is left
+        stream = await a.open_stream(b.peer_id, [ECHO], bulk=bulk)
+        assert stream.connection is quic  # type: ignore[attr-defined]
+        await stream.write(b"new")
+        await stream.close()
+        assert await stream.read_to_end() == b"new"
