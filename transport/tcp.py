@@ -355,6 +355,10 @@ class TcpTransport:
         self.key = key
         self.config = config or TcpConfig()
         self._on_connection = on_connection
+        # Remote (host, port)s whose inbound connections we upgrade as the client: a peer we
+        # hole-punch with as DCUtR's client, whose SYN reached our listener (no simultaneous
+        # open) while it takes the server role as DCUtR says. Set by the hole puncher.
+        self.client_role_for: set[tuple[str, int]] = set()
         self._servers: list[tuple[asyncio.Server, Multiaddr]] = []
         self._handshakes: set[asyncio.Task[None]] = set()
         self._connections: set[TcpConnection] = set()
@@ -421,7 +425,7 @@ class TcpTransport:
                 upgrade(
                     channel,
                     self.key,
-                    False,
+                    tuple(remote) in self.client_role_for,
                     config=self.config.yamux,
                     connection_class=TcpConnection,
                     local_addr=tcp_multiaddr(*local),

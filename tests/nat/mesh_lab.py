@@ -153,7 +153,7 @@ def build_lab(lab: Lab, kinds: list[NatKind], per_kind: int = 2) -> list[str]:
 
 def start_peers(lab: Lab, hosts: list[str], bootstrap: list[str]) -> dict[str, LabPeer]:
     peers = {host: start_peer(lab, host, bootstrap) for host in hosts}
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # a loaded machine starts 14 Python nodes slowly
     for peer in peers.values():
         peer.wait_ready(max(1.0, deadline - time.monotonic()))
     return peers

@@ -74,3 +74,32 @@ async def test_tcp_only_peer_is_reached_through_a_relay_then_punched_directly() 
             await stream.close()
             assert await stream.read_to_end(max_size=1 << 24) == payload
             assert relay.relay_server.bytes_relayed == relayed_before  # not through the relay
+
+
+async def test_when_only_the_servers_syn_gets_through_the_client_keeps_its_role() -> None:
+    """B's SYN reaches A's listener (A's own SYN was lost): A upgrades that inbound connection
+    as the client, B as the server, as DCUtR assigned; no handshake with two servers."""
+    async with Node(listen=TCP_ONLY, use_relays=False) as relay:
+        async with Node(listen=TCP_ONLY) as hidden, Node(listen=TCP_ONLY) as caller:
+            await hidden.reserve_relay(relay.addrs[0])
+            await caller.connect(relay.addrs[0])
+            assert caller.swarm.tcp is not None
+            lost: list[str] = []
+
+            async def syn_lost(address, *args, **kwargs):
+                lost.append(str(address))
+                await asyncio.Event().wait()  # never answered, as a SYN a NAT dropped
+
+            caller.swarm.tcp.dial = syn_lost  # type: ignore[method-assign]
+            caller.add_peer_addrs(hidden.peer_id, [a for a in hidden.addrs if a.is_relayed])
+            await caller.ping(hidden.peer_id)
+
+            await _wait_for_path(caller, hidden.peer_id, HOLEPUNCHED)
+            await _wait_for_path(hidden, caller.peer_id, HOLEPUNCHED)
+            assert lost  # the caller did try
+            direct = caller.connection_to(hidden.peer_id)
+            back = hidden.connection_to(caller.peer_id)
+            assert direct is not None and back is not None
+            assert direct.is_initiator and not back.is_initiator
+            assert caller.swarm.tcp.client_role_for == set()  # only while punching
+            assert await caller.ping(hidden.peer_id) > 0

@@ -398,6 +398,9 @@ class HolePuncher:
         existing = self._punched(peer, "tcp")
         if existing is not None:
             return existing
+        targets = {tuple(tcp_socket_address(addr)[:2]) for addr in their_addrs}
+        if client:  # their SYN may reach our listener first: we stay the client there too
+            transport.client_role_for |= targets  # type: ignore[arg-type]
         self.swarm.add_connection_observer(watch)
         attempts = [asyncio.ensure_future(dial(addr)) for addr in their_addrs]
         waiters = [*attempts, arrived]
@@ -413,6 +416,8 @@ class HolePuncher:
             return None
         finally:
             self.swarm.remove_connection_observer(watch)
+            if client:
+                transport.client_role_for -= targets  # type: ignore[arg-type]
             for attempt in attempts:
                 attempt.cancel()
 

@@ -248,17 +248,37 @@ class NatManager:
             if info is None or autonat.PROTOCOL not in info.protocols:
                 continue
             try:
-                reachable, addr = await self.autonat.check(server, candidates)
+                reached = await self._dial_backs(server, candidates)
             except (TransportError, TimeoutError, EOFError) as exc:
                 log.info("autonat via %s: %s", server, exc)
                 continue
-            self.addresses.record_dial_back(server, addr, reachable)
+            for addr in reached or [None]:
+                self.addresses.record_dial_back(server, addr, bool(reached))
             asked += 1
             if asked >= AUTONAT_SERVERS:
                 break
         log.info("reachability %s, NAT mapping %s", self.addresses.reachability(), self.mapping)
         self.refresh()
         return self.addresses.reachability()
+
+    async def _dial_backs(
+        self, server: PeerId, candidates: list[Multiaddr]
+    ) -> list[Multiaddr | None]:
+        """The addresses `server` reached us at: one request for all candidates (the first
+        transport to answer wins), then one for the other transport's candidates, so an
+        address of each transport that works gets confirmed (and advertised)."""
+        reachable, addr = await self.autonat.check(server, candidates)
+        if not reachable:
+            return []
+        reached: list[Multiaddr | None] = [addr]
+        if addr is not None:
+            other = [a for a in candidates if is_tcp_address(a) != is_tcp_address(addr)]
+            if other:
+                with contextlib.suppress(TransportError, TimeoutError, EOFError):
+                    again, other_addr = await self.autonat.check(server, other)
+                    if again and other_addr is not None:
+                        reached.append(other_addr)
+        return reached
 
     def behind_nat(self) -> bool:
         """Peers see us at an address we do not listen on."""

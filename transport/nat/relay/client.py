@@ -193,6 +193,7 @@ class RelayClient:
         """The swarm's relay strategy: all relay addresses known for `peer` at once, the first
         circuit wins (a dead relay must not cost a handshake timeout)."""
         attempts: dict[asyncio.Future[Connection], str] = {}
+        relays: set[PeerId] = set()
         for addr in self.swarm.peer_addrs(peer):
             if not addr.is_relayed:
                 continue
@@ -200,7 +201,12 @@ class RelayClient:
                 relay_addr, target = split_circuit_addr(addr)
             except InvalidMultiaddr:
                 continue
-            if target in (None, peer) and str(relay_addr) not in attempts.values():
+            if target not in (None, peer) or relay_addr.peer_id is None:
+                continue
+            # One circuit per relay; reaching the relay tries all its addresses (QUIC, TCP).
+            self.swarm.add_peer_addrs(relay_addr.peer_id, [relay_addr])
+            if relay_addr.peer_id not in relays:
+                relays.add(relay_addr.peer_id)
                 attempts[asyncio.ensure_future(self.connect_through(relay_addr, peer))] = str(
                     relay_addr
                 )
