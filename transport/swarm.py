@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 
 from transport.connection import DIRECT, HOLEPUNCHED, RELAYED, Connection
 from transport.errors import (
+    ConnectionClosed,
     DialError,
     HandshakeFailed,
     PeerIdMismatch,
@@ -100,6 +101,7 @@ class Swarm:
         self.tcp: TcpTransport | None = None  # created when we listen on or dial a /tcp address
         self._background: set[asyncio.Task[object]] = set()  # dials finishing, path probes
         self._measuring: dict[PeerId, asyncio.Task[None]] = {}
+        self._listen_port_dials: dict[PeerId, set[asyncio.Future[Connection]]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     async def listen(self, addr: Multiaddr) -> Multiaddr:
@@ -135,9 +137,17 @@ class Swarm:
         self._adopted.clear()
 
     # -- hole punching support --------------------------------------------------------------
-    def expect_holepunch(self, peer: PeerId) -> None:
-        """Direct connections with `peer` made from now on are hole-punched ones."""
+    def expect_holepunch(self, peer: PeerId, client: bool = True) -> None:
+        """Direct connections with `peer` made from now on are hole-punched ones.
+
+        If we are not the client of the punch, our ordinary TCP dials to `peer` from the
+        listen port give way: each holds the very port pair the punch dials on, and would
+        take the client's role if the punch's simultaneous open completed it. (As the client
+        they are kept: they already are what the punch would dial.)"""
         self._punching.add(peer)
+        if not client:
+            for dial in self._listen_port_dials.pop(peer, set()):
+                dial.cancel()
 
     def end_holepunch(self, peer: PeerId) -> None:
         self._punching.discard(peer)
@@ -196,8 +206,23 @@ class Swarm:
         if bulk:
             await self._measured_for_bulk(peer)
         connection = self.connection_to(peer, bulk=bulk) or connection
-        connection.last_used = time.monotonic()  # type: ignore[attr-defined]  # for liveness
-        stream = await connection.open_stream()
+        refused: set[Connection] = set()
+        while True:
+            connection.last_used = time.monotonic()  # type: ignore[attr-defined]  # liveness
+            try:
+                stream = await connection.open_stream()
+                break
+            except ConnectionClosed:
+                # Closed, or closing (the remote sent GoAway: it prunes this duplicate):
+                # another path, or a new dial.
+                refused.add(connection)
+                others = [c for c in self.connections_to(peer) if c not in refused]
+                tie_break = {c: self._pair_order(c) for c in others}
+                connection = choose_path(others, self.path_stats, tie_break, bulk) or (
+                    await self.connect(peer)
+                )
+                if connection in refused:
+                    raise
         await select_outbound(stream, protocols)
         return stream
 
@@ -455,9 +480,19 @@ class Swarm:
         transport = self._tcp_transport()
         target = addr.without_peer_id()
         source = self.tcp_dial_source(tcp_socket_address(target)[0])
+        if peer is not None and peer in self._punching:
+            source = None  # the hole puncher dials from the listen port now
         if source is not None:
+            attempt = asyncio.ensure_future(transport.dial(target, peer, local_address=source))
+            dials = self._listen_port_dials.setdefault(peer, set())  # type: ignore[arg-type]
+            dials.add(attempt)
             try:
-                return await transport.dial(target, peer, local_address=source)
+                return await attempt
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                raise PeerUnreachable(f"TCP dial to {addr} gave way to hole punching") from None
             except HandshakeFailed as exc:
                 if isinstance(exc, PeerIdMismatch):
                     raise
@@ -471,6 +506,11 @@ class Swarm:
                 log.debug(
                     "TCP dial to %s from port %d: %s; from a fresh port", addr, source[1], exc
                 )
+            finally:
+                attempt.cancel()
+                dials.discard(attempt)
+                if not dials and self._listen_port_dials.get(peer) is dials:  # type: ignore[arg-type]
+                    del self._listen_port_dials[peer]  # type: ignore[arg-type]
         return await transport.dial(target, peer)
 
     async def dial_addr(self, addr: Multiaddr, peer: PeerId | None = None) -> Connection:

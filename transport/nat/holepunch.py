@@ -69,6 +69,12 @@ TCP_REDIAL = 0.1  # seconds between TCP punch dials that failed at once (refused
 HolePunch = holepunch_pb2.HolePunch
 
 
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark a background dial's failure as seen (it is logged where it is awaited)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class PunchImpossible(TransportError):
     """No hole punch can work between these two NATs (both map endpoint-dependently)."""
 
@@ -131,6 +137,8 @@ class HolePuncher:
         self._mapping = mapping
         self._supports_extension = supports_extension
         self._running: dict[PeerId, asyncio.Task[Connection | None]] = {}
+        self._serving: dict[PeerId, asyncio.Future[None]] = {}  # punches we answer (as A)
+        self._tcp_dials: dict[tuple[PeerId, str], asyncio.Task[Connection]] = {}
         self.results: dict[PeerId, str] = {}  # peer -> "holepunched" / "failed: ..."
 
     def start(self) -> None:
@@ -138,6 +146,8 @@ class HolePuncher:
         self.swarm.set_stream_handler(EXTENDED_PROTOCOL, self._serve)
 
     async def stop(self) -> None:
+        for dial in list(self._tcp_dials.values()):
+            dial.cancel()
         for task in self._running.values():
             task.cancel()
         for task in list(self._running.values()):
@@ -169,6 +179,9 @@ class HolePuncher:
         """Up to three DCUtR attempts; the direct connection, or None (the relay stays)."""
         last_error = "no attempt"
         for attempt in range(1, ATTEMPTS + 1):
+            serving = self._serving.get(peer)
+            if serving is not None:  # the peer's own punch request went ahead: see how it ends
+                await asyncio.shield(serving)
             existing = self.swarm.connection_to(peer)
             healthy = existing is not None and not getattr(existing, "suspect", False)
             if healthy and existing.path != RELAYED:
@@ -226,11 +239,29 @@ class HolePuncher:
 
     # -- A: answers B ---------------------------------------------------------------------
     async def _serve(self, stream: Stream) -> None:
+        """One punch per peer at a time: with relayed connections both ways, both sides are
+        B for one of them and ask at once; the request of the smaller peer ID goes ahead (two
+        sessions in swapped roles would dial the same TCP port pair as client and server)."""
         peer = stream.remote_peer
         assert peer is not None
         if stream.remote_peer is not None and not self._arrived_relayed(stream):
             stream.reset("hole punching is for relayed connections")
             return
+        ours_running = self._running.get(peer)
+        if peer in self._serving or (
+            ours_running is not None and not ours_running.done() and self.swarm.peer_id < peer
+        ):
+            stream.reset("a hole punch with this peer is under way")
+            return
+        serving = asyncio.get_running_loop().create_future()
+        self._serving[peer] = serving
+        try:
+            await self._serve_as_a(stream, peer)
+        finally:
+            serving.set_result(None)
+            del self._serving[peer]
+
+    async def _serve_as_a(self, stream: Stream, peer: PeerId) -> None:
         extended = stream.protocol == EXTENDED_PROTOCOL
         request = self._parse(await stream.read_message(MAX_MESSAGE_SIZE), HolePunch.CONNECT)
         ours = self._our_addrs()
@@ -312,7 +343,7 @@ class HolePuncher:
     ) -> Connection | None:
         """Punch QUIC and TCP at once; the first direct connection (each transport that gets
         through within `PUNCH_TIMEOUT` stays as a path)."""
-        self.swarm.expect_holepunch(peer)
+        self.swarm.expect_holepunch(peer, client=we_dial)
         quic, tcp = _quic(their_addrs), _tcp(their_addrs)
         punches = []
         if quic and self.swarm.endpoints:
@@ -361,7 +392,12 @@ class HolePuncher:
         self, peer: PeerId, their_addrs: list[Multiaddr], client: bool
     ) -> Connection | None:
         """Dial each TCP address from our listen port until a connection exists: ours (as the
-        client or not, as DCUtR assigned) or theirs, arrived at our listener."""
+        client or not, as DCUtR assigned) or theirs, arrived at our listener.
+
+        A dial outlives the punch (up to the TCP connect timeout) and the next punch joins it:
+        a SYN already sent may have left the other side half-open (SYN-RECV) with its
+        sequence number, and a new socket on the same port pair, with another one, would
+        never complete against that."""
         assert self.swarm.tcp is not None
         transport = self.swarm.tcp
         arrived: asyncio.Future[Connection] = asyncio.get_running_loop().create_future()
@@ -375,9 +411,57 @@ class HolePuncher:
             ):
                 arrived.set_result(connection)
 
-        async def dial(addr: Multiaddr) -> Connection:
-            host = tcp_socket_address(addr)[0]
-            source = self.swarm.tcp_dial_source(host)
+        existing = self._punched(peer, "tcp")
+        if existing is not None:
+            return existing
+        targets = {tuple(tcp_socket_address(addr)[:2]) for addr in their_addrs}
+        if client:  # their SYN may reach our listener first: we stay the client there too
+            transport.client_role_for |= targets  # type: ignore[arg-type]
+        self.swarm.add_connection_observer(watch)
+        attempts = [self._tcp_dial(peer, addr, client) for addr in their_addrs]
+        waiters: list[asyncio.Future[Connection]] = [*map(asyncio.shield, attempts), arrived]
+        try:
+            while waiters:
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    waiters.remove(future)
+                    try:
+                        return future.result()
+                    except (TransportError, OSError, asyncio.CancelledError) as exc:
+                        log.debug("TCP punch to %s: %r", peer, exc)
+            return None
+        finally:
+            self.swarm.remove_connection_observer(watch)
+            if client:
+                transport.client_role_for -= targets  # type: ignore[arg-type]
+            for waiter in waiters:
+                waiter.cancel()  # (the shields: the dials themselves go on)
+
+    def _tcp_dial(self, peer: PeerId, addr: Multiaddr, client: bool) -> asyncio.Task[Connection]:
+        """The punch dial to `addr`: the one still under way, or a new one."""
+        key = (peer, str(addr))
+        running = self._tcp_dials.get(key)
+        if running is not None and not running.done():
+            return running
+        task = asyncio.get_running_loop().create_task(
+            self._dial_from_listen_port(peer, addr, client)
+        )
+        task.add_done_callback(_retrieve)
+        self._tcp_dials[key] = task
+        task.add_done_callback(
+            lambda done: (
+                self._tcp_dials.pop(key, None) if self._tcp_dials.get(key) is done else None
+            )
+        )
+        return task
+
+    async def _dial_from_listen_port(
+        self, peer: PeerId, addr: Multiaddr, client: bool
+    ) -> Connection:
+        assert self.swarm.tcp is not None
+        transport = self.swarm.tcp
+        source = self.swarm.tcp_dial_source(tcp_socket_address(addr)[0])
+        async with asyncio.timeout(transport.config.dial_timeout):
             while True:
                 try:
                     if source is None:  # no listener fits: still opens our NAT toward them
@@ -390,36 +474,12 @@ class HolePuncher:
                     raise
                 except PeerUnreachable as exc:  # refused, or the port pair is taken
                     log.debug("TCP punch dial to %s: %s", addr, exc)
+                    if self._punched(peer, "tcp") is not None:
+                        raise
                     await asyncio.sleep(TCP_REDIAL)
                     continue
                 self.swarm.add_connection(connection)
                 return connection
-
-        existing = self._punched(peer, "tcp")
-        if existing is not None:
-            return existing
-        targets = {tuple(tcp_socket_address(addr)[:2]) for addr in their_addrs}
-        if client:  # their SYN may reach our listener first: we stay the client there too
-            transport.client_role_for |= targets  # type: ignore[arg-type]
-        self.swarm.add_connection_observer(watch)
-        attempts = [asyncio.ensure_future(dial(addr)) for addr in their_addrs]
-        waiters = [*attempts, arrived]
-        try:
-            while waiters:
-                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                for future in done:
-                    waiters.remove(future)
-                    try:
-                        return future.result()
-                    except (TransportError, OSError) as exc:
-                        log.debug("TCP punch to %s: %s", peer, exc)
-            return None
-        finally:
-            self.swarm.remove_connection_observer(watch)
-            if client:
-                transport.client_role_for -= targets  # type: ignore[arg-type]
-            for attempt in attempts:
-                attempt.cancel()
 
     async def _dial_side(
         self, peer: PeerId, their_addrs: list[Multiaddr], birthday: list[socket.socket]
