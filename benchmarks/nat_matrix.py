@@ -3,8 +3,10 @@
     sudo .venv/bin/python benchmarks/nat_matrix.py [--json]
 
 Builds a lab of two public relays and two routers of each kind (full cone, restricted cone,
-port-restricted, symmetric, public, firewall) with one peer behind each, connects every ordered
-pair, and prints the path kind, the time to that path, the time to the first ping and the RTT.
+port-restricted, symmetric, public, firewall, UDP blocked) with one peer behind each (every
+node listens on QUIC and TCP), connects every ordered pair, and prints the path kind and the
+transport new streams take, the time to that path, the time to the first ping, the RTT and
+every path kept (transport/kind).
 Then injects faults (relay killed, NAT mapping flushed, link cut) and prints recovery times.
 Reference: libp2p DCUtR succeeds in ~70% of real-world attempts (2025 measurement).
 """
@@ -70,19 +72,29 @@ def main() -> None:
     if args.json:
         print(json.dumps({"matrix": matrix, "recovery": recovery}))
         return
-    print(f"\n{'dialer':16} {'target':16} {'path':12} {'to path':>9} {'1st ping':>9} {'rtt':>8}")
+    print(
+        f"\n{'dialer':16} {'target':16} {'path':12} {'via':5} {'to path':>9} {'1st ping':>9} "
+        f"{'rtt':>8}  paths kept"
+    )
     for row in matrix:
         print(
-            f"{row['dialer']:16} {row['target']:16} {row['path']:12} "
+            f"{row['dialer']:16} {row['target']:16} {row['path']:12} {row['transport']:5} "
             f"{row['time_to_path_ms']:7.0f}ms {row['first_ping_ms']:7.2f}ms {row['rtt_ms']:6.2f}ms"
+            f"  {' '.join(row['paths'])}"
         )
     direct = sum(1 for row in matrix if row["path"] in ("direct", "holepunched"))
+    blocked = [row for row in matrix if "udp_blocked" in (row["dialer"], row["target"])]
+    blocked_direct = sum(1 for row in blocked if row["path"] in ("direct", "holepunched"))
     punched = [row for row in matrix if row["first_path"] == "relayed"]
     upgraded = sum(1 for row in punched if row["path"] == "holepunched")
     print(
         f"\nconnected {len(matrix)}/{len(matrix)} pairs; direct or hole-punched {direct}/"
         f"{len(matrix)}; hole punching upgraded {upgraded}/{len(punched)} relayed connections "
         "(libp2p DCUtR in the wild: ~70%)"
+    )
+    print(
+        f"UDP-blocked site: connected {len(blocked)}/{len(blocked)} pairs over TCP; direct or "
+        f"hole-punched {blocked_direct}/{len(blocked)} (symmetric NAT pairs stay relayed)"
     )
     print(f"\n{'fault':32} {'path before':12} {'path after':12} {'lost':>5} {'recovery':>9}")
     for row in recovery:

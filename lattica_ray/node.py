@@ -373,8 +373,8 @@ class Node:
         task.add_done_callback(self._tasks.discard)
 
     # -- Host (what the DHT, RPC and view services use) -------------------------------------
-    async def open_stream(self, peer: PeerId, protocols: list[str]) -> Stream:
-        return await self.swarm.open_stream(peer, protocols)
+    async def open_stream(self, peer: PeerId, protocols: list[str], bulk: bool = False) -> Stream:
+        return await self.swarm.open_stream(peer, protocols, bulk)
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         self.swarm.set_stream_handler(protocol, handler)

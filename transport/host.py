@@ -45,11 +45,12 @@ class Host(Protocol):
         """Our advertised addresses, each ending in `/p2p/<peer_id>`."""
         ...
 
-    async def open_stream(self, peer: PeerId, protocols: list[str]) -> Stream:
+    async def open_stream(self, peer: PeerId, protocols: list[str], bulk: bool = False) -> Stream:
         """A new stream to `peer` speaking the first of `protocols` it accepts.
 
-        Dials if needed (known addresses, then the DHT / relays). Raises `DialError` or
-        `ProtocolNotSupported`.
+        Dials if needed (known addresses, then the DHT / relays). `bulk` marks a large
+        transfer: a host with several paths to `peer` sends it over the fastest one. Raises
+        `DialError` or `ProtocolNotSupported`.
         """
         ...
 

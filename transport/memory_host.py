@@ -83,7 +83,9 @@ class MemoryHost:
     def addrs(self) -> list[Multiaddr]:
         return list(self._advertised)
 
-    async def open_stream(self, peer: PeerId, protocols: list[str]) -> MemoryStream:
+    async def open_stream(
+        self, peer: PeerId, protocols: list[str], bulk: bool = False
+    ) -> MemoryStream:  # (one path per peer here: `bulk` changes nothing)
         if not self.alive:
             raise PeerUnreachable(f"{self._peer_id.short()} is dead")
         remote = self.network.hosts.get(peer)

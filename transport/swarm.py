@@ -13,7 +13,9 @@ punching) tried after the direct addresses.
 
 TCP dials leave from the port we listen on (SO_REUSEPORT), as hole punching needs and so that
 NATs map the port peers reach us at; a dial that cannot (the port pair is taken, or both sides
-dialed each other at the same instant) is retried once from a fresh port.
+dialed each other at the same instant) is retried once from a fresh port. Dials to a peer known
+by relay addresses (behind a NAT or firewall) leave from a fresh port: only the hole puncher
+uses the listen port toward such a peer.
 """
 
 from __future__ import annotations
@@ -480,8 +482,14 @@ class Swarm:
         transport = self._tcp_transport()
         target = addr.without_peer_id()
         source = self.tcp_dial_source(tcp_socket_address(target)[0])
-        if peer is not None and peer in self._punching:
-            source = None  # the hole puncher dials from the listen port now
+        if peer is not None and (
+            peer in self._punching or any(a.is_relayed for a in self._peer_addrs.get(peer, []))
+        ):
+            # The hole puncher dials from the listen port. And a peer reached through relays
+            # is behind a NAT or firewall: our SYN from the listen port would likely die
+            # there, yet leave its NAT (or ours) tracking that port pair with this socket's
+            # sequence numbers for minutes, and a later punch on the pair would fail.
+            source = None
         if source is not None:
             attempt = asyncio.ensure_future(transport.dial(target, peer, local_address=source))
             dials = self._listen_port_dials.setdefault(peer, set())  # type: ignore[arg-type]

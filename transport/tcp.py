@@ -519,7 +519,8 @@ class TcpTransport:
     ) -> tuple[asyncio.BaseTransport, TcpChannel]:
         if family == socket.AF_UNSPEC:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP: asyncio turns Nagle off only for sockets that say so
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if REUSE_PORT:

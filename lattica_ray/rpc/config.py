@@ -55,6 +55,12 @@ class RpcConfig(BaseModel):
     read_size: int = Field(
         1024 * 1024, gt=0, description="Largest single read from a stream (bytes)."
     )
+    bulk_from: int = Field(
+        1024 * 1024,
+        ge=0,
+        description="Calls whose first message is at least this large, and calls that stream "
+        "requests, ask the host for its fastest path to the peer (`open_stream(bulk=True)`).",
+    )
     coalesce_below: int = Field(
         64 * 1024,
         ge=0,

@@ -510,8 +510,11 @@ class _OutboundCall:
 
     async def start(self) -> None:
         service = self.service
+        bulk = self._requests is not None or (
+            sum(memoryview(chunk).nbytes for chunk in self._first) >= service.config.bulk_from
+        )
         try:
-            self.stream = await service.host.open_stream(self.peer, [PROTOCOL_ID])
+            self.stream = await service.host.open_stream(self.peer, [PROTOCOL_ID], bulk=bulk)
         except (TransportError, ConnectionError, OSError) as exc:
             raise self._error(PeerUnavailable(f"cannot reach the peer: {exc}")) from exc
         self.writer = _FrameWriter(self.stream, service.config.coalesce_below)

@@ -1,7 +1,10 @@
 """The connectivity matrix in the NAT lab: every pair of router kinds, both directions.
 
 Connected always (a relay is allowed); direct (public or hole-punched) in every pair where at
-least one side maps endpoint-independently and neither side is the UDP-dropping firewall.
+least one side maps endpoint-independently and neither side is the firewall. The UDP-blocked
+site speaks TCP only: it holds its relay slots over TCP, is reached through them, and is
+hole-punched over TCP (simultaneous open) with every kind but the symmetric NAT (our birthday
+search for symmetric NATs is UDP-only), with which it stays relayed.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ DIRECT_PATHS = {"direct", "holepunched"}
 
 
 def direct_required(dialer: NatKind, target: NatKind) -> bool:
-    if NatKind.FIREWALL in (dialer, target):
+    kinds = {dialer, target}
+    if NatKind.FIREWALL in kinds:
         return False
+    if kinds == {NatKind.UDP_BLOCKED, NatKind.SYMMETRIC}:
+        return False  # TCP has no birthday search: symmetric <-> TCP-only stays relayed
     return not (dialer == NatKind.SYMMETRIC and target == NatKind.SYMMETRIC)
 
 
@@ -39,11 +45,16 @@ def test_every_pair_connects_and_punches_where_theory_allows(
         ready = peers[f"h{kind.value[:4]}0"].ready
         expected = "endpoint-dependent" if kind == NatKind.SYMMETRIC else "endpoint-independent"
         assert ready["mapping"] == expected, (kind, ready)
-        if kind in (NatKind.PORT_RESTRICTED, NatKind.SYMMETRIC, NatKind.FIREWALL):
+        private = (NatKind.PORT_RESTRICTED, NatKind.SYMMETRIC, NatKind.FIREWALL)
+        if kind in (*private, NatKind.UDP_BLOCKED):
             assert ready["reachability"] == "private", (kind, ready)
             assert any("/p2p-circuit" in a for a in ready["addrs"]), (kind, ready)
         if kind == NatKind.PUBLIC:
             assert ready["reachability"] == "public", ready
+    udp_blocked = peers[f"h{NatKind.UDP_BLOCKED.value[:4]}0"].ready
+    assert udp_blocked["relay_transports"], udp_blocked  # its relay slots, held over TCP
+    assert set(udp_blocked["relay_transports"]) == {"tcp"}, udp_blocked
+    assert all("/tcp/" in a for a in udp_blocked["observed"]), udp_blocked
     table = []
     for dialer_kind, target_kind in itertools.product(ROUTER_KINDS, repeat=2):
         dialer = peers[f"h{dialer_kind.value[:4]}0"]
@@ -55,8 +66,9 @@ def test_every_pair_connects_and_punches_where_theory_allows(
     print()
     for dialer_kind, target_kind, result in table:
         print(
-            f"{dialer_kind:16} -> {target_kind:16} {result['path']:12} "
-            f"{result['time_to_path_ms']:8.0f} ms to path, rtt {result['rtt_ms']:.2f} ms"
+            f"{dialer_kind:16} -> {target_kind:16} {result['path']:12} {result['transport']:6}"
+            f"{result['time_to_path_ms']:8.0f} ms to path, rtt {result['rtt_ms']:.2f} ms, "
+            f"paths {' '.join(result['paths'])}"
         )
     failures = [
         (d, t, r["path"])
@@ -66,3 +78,8 @@ def test_every_pair_connects_and_punches_where_theory_allows(
     assert not failures, failures
     symmetric_pair = [r for d, t, r in table if d == t == NatKind.SYMMETRIC.value]
     assert symmetric_pair[0]["path"] == "relayed"
+    # No UDP left or entered the UDP-blocked site: every path of its pairs is TCP or a relay.
+    blocked = NatKind.UDP_BLOCKED.value
+    for d, t, r in table:
+        if blocked in (d, t):
+            assert all(p.split("/")[0] in ("tcp", "relay") for p in r["paths"]), (d, t, r)

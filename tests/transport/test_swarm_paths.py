@@ -5,6 +5,7 @@ clearly while the others (and new ones) carry on."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -117,3 +118,21 @@ async def test_a_dead_path_fails_its_streams_clearly_and_the_other_path_carries_
         await stream.write(b"new")
         await stream.close()
         assert await stream.read_to_end() == b"new"
+
+
+async def test_listen_port_dials_turn_nagle_off_like_any_asyncio_socket() -> None:
+    """A dial from the listen port builds its own socket; it must get TCP_NODELAY as asyncio
+    gives every other one, or each small message on it may wait for a delayed ACK (~40 ms)."""
+    a, b = Swarm(KeyPair.generate()), Swarm(KeyPair.generate())
+    try:
+        for swarm in (a, b):
+            await swarm.listen(Multiaddr.parse("/ip4/127.0.0.1/tcp/0"))
+        connection = await a.dial_addr(b.addrs[0])
+        assert connection.local_addr is not None
+        assert connection.local_addr.value_for("tcp") == a.listen_addrs[0].value_for("tcp")
+        tcp_channel = connection._channel.raw  # type: ignore[attr-defined]  # (white box)
+        sock = tcp_channel._transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        await a.close()
+        await b.close()

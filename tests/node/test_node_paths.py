@@ -1,0 +1,60 @@
+"""Nodes reachable over QUIC and TCP: both paths kept, RPC marks large and streaming calls as
+bulk, so they go by measured throughput while small calls go by round trip."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from lattica_ray import Node
+
+BOTH = ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
+
+
+async def _wait_for(condition, timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110  (state of the swarm, no event for it)
+            await asyncio.sleep(0.01)
+
+
+async def test_rpc_bulk_calls_measure_and_take_the_fastest_path() -> None:
+    async with Node(listen=BOTH) as server, Node(listen=BOTH) as client:
+
+        @server.rpc.method()
+        async def echo(x: object) -> object:
+            return x
+
+        @server.rpc.method()
+        async def total(requests: AsyncIterator[np.ndarray]) -> int:
+            return sum([int(r.sum()) async for r in requests])
+
+        client.add_peer_addrs(server.peer_id, server.addrs)
+        await client.connect(server.peer_id)
+        swarm = client.swarm
+
+        def paths():
+            return swarm.connections_to(server.peer_id)
+
+        await _wait_for(
+            lambda: {c.transport for c in paths()} == {"quic", "tcp"}
+            and all(swarm.path_stats.get(c) is not None for c in paths())
+        )
+        assert all(swarm.path_stats[c].throughput is None for c in paths())
+
+        assert await client.rpc.call(server.peer_id, "echo", "small") == "small"
+        assert all(swarm.path_stats[c].throughput is None for c in paths())  # not bulk
+
+        big = np.arange(4 << 20, dtype=np.uint8)
+        assert np.array_equal(await client.rpc.call(server.peer_id, "echo", big), big)
+        measured = {c: swarm.path_stats[c].throughput for c in paths()}
+        assert all(rate is not None and rate > 0 for rate in measured.values()), measured
+        fastest = max(measured, key=lambda c: measured[c] or 0)
+        assert swarm.connection_to(server.peer_id, bulk=True) is fastest
+
+        async def chunks() -> AsyncIterator[np.ndarray]:
+            for _ in range(3):
+                yield np.ones(1000, dtype=np.uint8)
+
+        assert await client.rpc.call(server.peer_id, "total", requests=chunks()) == 3000
