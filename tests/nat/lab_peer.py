@@ -21,7 +21,7 @@ import sys
 import time
 
 from lattica_ray import Node
-from transport.errors import TransportError
+from transport.errors import ConnectionClosed, StreamReset, TransportError
 from transport.identity import PeerId
 from transport.multiaddr import Multiaddr
 
@@ -52,8 +52,8 @@ async def _connect(node: Node, command: dict) -> dict:
     connect_ms = (time.perf_counter() - started) * 1000
     first_path = node.connection_to(peer).path
     path = await node.wait_direct(peer, float(command.get("direct_timeout", 8.0)))
-    first_ping = await node.ping(peer)
-    rtts = [await node.ping(peer) for _ in range(3)]
+    first_ping = await _ping(node, peer)
+    rtts = [await _ping(node, peer) for _ in range(3)]
     connection = node.connection_to(peer)
     return {
         "path": path,
@@ -67,6 +67,16 @@ async def _connect(node: Node, command: dict) -> dict:
         "punch": node.nat.holepuncher.results.get(peer, ""),
         "via": _via(node, peer),
     }
+
+
+async def _ping(node: Node, peer: PeerId) -> float:
+    """A ping; once more if the path under it died meanwhile (in-flight streams on a dead path
+    fail, by design; the next stream takes another path)."""
+    try:
+        return await node.ping(peer)
+    except (StreamReset, ConnectionClosed) as exc:
+        logging.getLogger(__name__).warning("ping of %s: %s; once more", peer, exc)
+        return await node.ping(peer)
 
 
 class Monitor:
