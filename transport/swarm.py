@@ -2,14 +2,14 @@
 
 The swarm keeps every path a peer can be reached on: one connection per transport (QUIC, TCP)
 among direct and hole-punched ones, relayed ones until a direct one exists. Dialing tries the
-direct addresses at once; the first connection answers the caller and the attempts on other
-transports finish in the background, so the other path is there too. Each direct path is
-measured (`transport.paths`: round trips once a peer has two paths, throughput before the first
-bulk stream): new streams take the healthy path with the lowest round trip, bulk streams
-(`open_stream(..., bulk=True)`) the one with the highest measured throughput. When
-a path dies, its streams fail with a clear error and new ones take another path. Concurrent dials
-to one peer share one attempt, and NAT traversal plugs in as extra dial strategies (relay, hole
-punching) tried after the direct addresses.
+direct addresses at once; the first connection answers the caller (if a relay won, the direct
+attempts go on in the background). The first bulk stream to a peer (`open_stream(...,
+bulk=True)`) also dials its other transport, so both paths exist. Each direct path is measured
+(`transport.paths`: round trips once a peer has two paths, throughput before the first bulk
+stream): new streams take the healthy path with the lowest round trip, bulk streams the one with
+the highest measured throughput. When a path dies, its streams fail with a clear error and new
+ones take another path. Concurrent dials to one peer share one attempt, and NAT traversal plugs
+in as extra dial strategies (relay, hole punching) tried after the direct addresses.
 
 TCP dials leave from the port we listen on (SO_REUSEPORT), as hole punching needs and so that
 NATs map the port peers reach us at; a dial that cannot (the port pair is taken, or both sides
@@ -368,8 +368,10 @@ class Swarm:
         """Direct addresses at once; relays (and other strategies) from `relay_delay` on, or as
         soon as every direct attempt failed ("happy eyeballs"): the first connection wins.
 
-        Direct attempts on another transport than the winner's (all of them, if a relay won)
-        go on in the background: what they reach becomes another path to the peer."""
+        If a relay won, the direct attempts go on in the background: what they reach becomes
+        a direct path. (A second direct path, on the other transport, is dialed when a bulk
+        stream asks for the fastest path: every connection costs handshakes and keep-alives,
+        and most peers only see small calls.)"""
         errors: list[str] = []
         mismatch: PeerIdMismatch | None = None  # the most telling failure: someone else is there
         direct = [
@@ -414,12 +416,10 @@ class Swarm:
                         log.debug("dial %s via %s failed: %s", peer.short(), label, exc)
                         continue
                     if connection is not None:
-                        for other in list(attempts):
-                            kind = transports.get(other)
-                            if kind is not None and (
-                                connection.path == RELAYED or kind != connection.transport
-                            ):
-                                self._finish_in_background(other, peer, attempts.pop(other))
+                        if connection.path == RELAYED:  # a direct path may still come
+                            for other in list(attempts):
+                                if other in transports:
+                                    self._finish_in_background(other, peer, attempts.pop(other))
                         return connection
                 if not attempts and not strategies_started:
                     start_strategies()
@@ -613,6 +613,7 @@ class Swarm:
         recent measurement (bounded by the probe timeout; streams go on regardless)."""
         if not self.paths.measure or self.paths.probe_bytes == 0 or self._closing:
             return
+        await self._dial_other_transports(peer)
         paths = [c for c in self._direct_paths(peer) if not getattr(c, "suspect", False)]
         if len(paths) < 2:
             return
@@ -629,6 +630,31 @@ class Swarm:
         task = self._schedule_measure(peer, throughput=True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(task), self.paths.probe_timeout * len(paths))
+
+    async def _dial_other_transports(self, peer: PeerId) -> None:
+        """Direct connections on the transports we have none on yet, from the peer's known
+        direct addresses (at once, bounded by the probe timeout; failures only logged)."""
+        have = {c.transport for c in self._direct_paths(peer)}
+        if not have:
+            return  # relayed only: the hole puncher looks for direct paths
+        other = [
+            a
+            for a in self._peer_addrs.get(peer, [])
+            if not a.is_relayed
+            and (a.has("quic-v1") or is_tcp_address(a))
+            and ("tcp" if is_tcp_address(a) else "quic") not in have
+        ]
+        if not other:
+            return
+        dials = [asyncio.ensure_future(self.dial_addr(a, peer)) for a in other]
+        done, pending = await asyncio.wait(
+            dials, timeout=self.paths.probe_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for dial in pending:
+            dial.cancel()
+        for dial in done:
+            if not dial.cancelled() and dial.exception() is not None:
+                log.debug("second path to %s: %s", peer.short(), dial.exception())
 
     async def measure_paths(
         self, peer: PeerId, throughput: bool = True

@@ -70,12 +70,13 @@ async def _connect(node: Node, command: dict) -> dict:
 
 
 async def _ping(node: Node, peer: PeerId) -> float:
-    """A ping; once more if the path under it died meanwhile (in-flight streams on a dead path
-    fail, by design; the next stream takes another path)."""
+    """A ping; once more if the path under it died or stalled meanwhile (in-flight streams on
+    a dead path fail, by design; liveness marks a silent path suspect within a second, and the
+    next stream takes another path)."""
     try:
-        return await node.ping(peer)
-    except (StreamReset, ConnectionClosed) as exc:
-        logging.getLogger(__name__).warning("ping of %s: %s; once more", peer, exc)
+        return await node.ping(peer, timeout=3.0)
+    except (StreamReset, ConnectionClosed, TimeoutError) as exc:
+        logging.getLogger(__name__).warning("ping of %s: %r; once more", peer, exc)
         return await node.ping(peer)
 
 

@@ -302,7 +302,7 @@ class NatManager:
             return
         relays = [
             peer
-            for peer in candidates
+            for peer in dict.fromkeys(candidates)  # (a peer bootstrapped by QUIC and by TCP)
             if HOP_PROTOCOL in (getattr(self._identify_info(peer), "protocols", None) or [])
         ]
         for relay in relays[: self.relay_client.config.wanted_reservations]:
