@@ -60,6 +60,11 @@ class Connection(abc.ABC):
     def is_closed(self) -> bool:
         return self.closed.done()
 
+    def open_streams(self) -> list[Stream]:
+        """The streams open on this connection (implementations keep them in `_streams`)."""
+        streams: dict[int, Stream] = getattr(self, "_streams", {})
+        return list(streams.values())
+
     def set_inbound_stream_callback(self, callback: InboundStreamCallback) -> None:
         """Called (synchronously) with each stream the remote opens."""
         self._inbound_callback = callback

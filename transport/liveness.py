@@ -6,6 +6,10 @@ answer is `suspect_after` late the connection becomes *suspect*: new streams avo
 swarm dials another path in the background. A late answer clears the suspicion (a short link
 cut heals in place); no answer for `dead_after` closes it, so calls still on it fail with a
 clear error instead of hanging.
+
+Silence is counted on the path only while our own event loop was on time: a process that did not
+run for seconds (a loaded machine, a blocking call, a pause under a debugger) would otherwise
+read its own stall as every path being dead at once. `LoopLag` measures how late the loop was.
 """
 
 from __future__ import annotations
@@ -35,6 +39,56 @@ class LivenessConfig:
     dead_after: float = 6.0  # seconds without an answer before the connection is closed
 
 
+def in_use(connection: Connection) -> bool:
+    """Whether `connection` carries work: keep-alive pings (ours and the remote's liveness
+    streams) do not count, or every watched connection would look busy forever."""
+    return any(stream.protocol != ping.PROTOCOL for stream in connection.open_streams())
+
+
+class LoopLag:
+    """How late this event loop has been: a ticker that sleeps `tick` seconds and adds up by how
+    much each wake-up overshot. `total()` also counts the overshoot of a tick still pending, so a
+    reader woken at the end of a stall sees the stall even before the ticker has run."""
+
+    def __init__(self, tick: float = 0.1, report_after: float = 1.0) -> None:
+        self.tick = tick
+        self.report_after = report_after  # log a stall at least this long
+        self._total = 0.0
+        self._due = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._users = 0
+
+    def total(self) -> float:
+        overdue = time.monotonic() - self._due if self._task is not None else 0.0
+        return self._total + max(0.0, overdue)
+
+    def start(self) -> None:
+        self._users += 1
+        if self._task is None:
+            self._due = time.monotonic() + self.tick
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._users = max(0, self._users - 1)
+        task, self._task = self._task, None
+        if task is not None and self._users == 0:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        elif task is not None:
+            self._task = task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            now = time.monotonic()
+            late = max(0.0, now - self._due)
+            self._total += late
+            self._due = now + self.tick
+            if late >= self.report_after:
+                log.warning("event loop stalled for %.1f s (not counted against any path)", late)
+
+
 class LivenessMonitor:
     """Watches every connection it is given until the connection closes."""
 
@@ -42,14 +96,20 @@ class LivenessMonitor:
         self,
         on_suspect: Callable[[Connection], None],
         config: LivenessConfig | None = None,
+        lag: LoopLag | None = None,
     ) -> None:
         self.config = config or LivenessConfig()
         self._on_suspect = on_suspect
         self._tasks: dict[Connection, asyncio.Task[None]] = {}
+        self.lag = lag or LoopLag()
+        self._lag_started = False
 
     def watch(self, connection: Connection) -> None:
         if connection in self._tasks or connection.is_closed:
             return
+        if not self._lag_started:
+            self.lag.start()
+            self._lag_started = True
         task = asyncio.get_running_loop().create_task(self._watch(connection))
         self._tasks[connection] = task
         task.add_done_callback(lambda _: self._tasks.pop(connection, None))
@@ -61,6 +121,9 @@ class LivenessMonitor:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._lag_started:
+            self._lag_started = False
+            await self.lag.stop()
 
     async def _watch(self, connection: Connection) -> None:
         config = self.config
@@ -74,9 +137,7 @@ class LivenessMonitor:
                     return
                 now = time.monotonic()
                 recently_used = now - getattr(connection, "last_used", 0.0) < config.active_window
-                busy = recently_used or getattr(connection, "stream_count", 0) > (
-                    1 if stream else 0
-                )
+                busy = recently_used or in_use(connection)
                 if not busy and now - last_ping < config.idle_interval:
                     continue
                 last_ping = now
@@ -86,13 +147,18 @@ class LivenessMonitor:
                         await select_outbound(stream, [ping.PROTOCOL])
                     payload = os.urandom(ping.PAYLOAD_SIZE)
                     await stream.write(payload)
-                    if await self._answered(stream, config.suspect_after):
-                        self._clear(connection)
-                        continue
-                    self._suspect(connection)
-                    if await self._answered(stream, config.dead_after - config.suspect_after):
-                        self._clear(connection)
-                        continue
+                    sent = (time.monotonic(), self.lag.total())
+                    answer = asyncio.ensure_future(stream.readexactly(ping.PAYLOAD_SIZE))
+                    try:
+                        if await self._answered(answer, sent, config.suspect_after):
+                            self._clear(connection)
+                            continue
+                        self._suspect(connection)
+                        if await self._answered(answer, sent, config.dead_after):
+                            self._clear(connection)
+                            continue
+                    finally:
+                        answer.cancel()
                 except (TransportError, EOFError, ConnectionError) as exc:
                     log.debug("liveness ping on %r failed: %r", connection, exc)
                     if stream is not None:
@@ -106,14 +172,20 @@ class LivenessMonitor:
             if stream is not None:
                 stream.reset("liveness monitor done")
 
-    @staticmethod
-    async def _answered(stream, within: float) -> bool:
-        try:
-            async with asyncio.timeout(within):
-                await stream.readexactly(ping.PAYLOAD_SIZE)
-        except TimeoutError:
-            return False
-        return True
+    async def _answered(
+        self, answer: asyncio.Future[bytes], sent: tuple[float, float], within: float
+    ) -> bool:
+        """Whether `answer` arrives before the path was silent for `within` seconds since the
+        ping was `sent` (a (time, loop lag) pair), not counting the time our own loop was late."""
+        sent_at, lag_at_sent = sent
+        while True:
+            silent = time.monotonic() - sent_at - (self.lag.total() - lag_at_sent)
+            if silent >= within and not answer.done():
+                return False
+            done, _ = await asyncio.wait({answer}, timeout=max(0.0, within - silent))
+            if done:
+                answer.result()  # raises the read's error, which the caller handles
+                return True
 
     def _suspect(self, connection: Connection) -> None:
         if getattr(connection, "suspect", False):

@@ -42,7 +42,7 @@ from transport.errors import (
 from transport.handlers import StreamHandler, StreamHandlers
 from transport.host import ConnectionListener, PeerConnected, PeerDisconnected
 from transport.identity import KeyPair, PeerId
-from transport.liveness import LivenessConfig, LivenessMonitor
+from transport.liveness import LivenessConfig, LivenessMonitor, in_use
 from transport.multiaddr import Multiaddr, quic_socket_address
 from transport.multistream import select_outbound
 from transport.paths import (
@@ -104,6 +104,7 @@ class Swarm:
         self._background: set[asyncio.Task[object]] = set()  # dials finishing, path probes
         self._measuring: dict[PeerId, asyncio.Task[None]] = {}
         self._listen_port_dials: dict[PeerId, set[asyncio.Future[Connection]]] = {}
+        self._prunes: dict[PeerId, asyncio.TimerHandle] = {}  # pending duplicate pruning
 
     # -- lifecycle ------------------------------------------------------------------------
     async def listen(self, addr: Multiaddr) -> Multiaddr:
@@ -126,6 +127,9 @@ class Swarm:
         self._closing = True
         for future in self._pending_dials.values():
             future.cancel()
+        for handle in self._prunes.values():
+            handle.cancel()
+        self._prunes.clear()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -694,8 +698,13 @@ class Swarm:
         return measured
 
     def _schedule_prune(self, peer: PeerId) -> None:
-        if len(self.connections_to(peer)) > 1:
-            asyncio.get_running_loop().call_later(DUPLICATE_GRACE, self._prune, peer)
+        """One pending prune per peer: a prune that finds streams still running tries again
+        once later (never once per connection: that doubled the timers every grace period)."""
+        if peer in self._prunes or len(self.connections_to(peer)) < 2 or self._closing:
+            return
+        self._prunes[peer] = asyncio.get_running_loop().call_later(
+            DUPLICATE_GRACE, self._prune, peer
+        )
 
     def _prune(self, peer: PeerId) -> None:
         """Close redundant connections once their streams are done.
@@ -704,6 +713,7 @@ class Swarm:
         of one transport, the side that dialed the loser closes it. A relayed connection goes
         once a healthy direct one exists (either side may close it).
         """
+        self._prunes.pop(peer, None)
         live = self.connections_to(peer)
         direct = [c for c in live if c.path != RELAYED]
         keep = {
@@ -711,6 +721,7 @@ class Swarm:
             for transport in {c.transport for c in direct}
         }
         healthy_direct = any(not getattr(c, "suspect", False) for c in direct)
+        waiting = False
         for connection in live:
             if connection in keep:
                 continue
@@ -719,10 +730,12 @@ class Swarm:
                     continue  # relays are the fallback: keep them all
             elif not connection.is_initiator:
                 continue
-            if getattr(connection, "stream_count", 0) == 0:
+            if not in_use(connection):
                 asyncio.get_running_loop().create_task(connection.close("duplicate connection"))
             else:
-                self._schedule_prune(peer)
+                waiting = True
+        if waiting:
+            self._schedule_prune(peer)
 
     def _connection_closed(self, connection: Connection) -> None:
         self.path_stats.pop(connection, None)
