@@ -32,6 +32,7 @@ from transport.protocols import identify, ping
 from transport.quic import QuicConfig
 from transport.stream import Stream
 from transport.swarm import Swarm
+from transport.tcp import is_tcp_address
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,14 @@ class Node:
         async def reach(addr: Multiaddr) -> PeerId | None:
             try:
                 async with asyncio.timeout(BOOTSTRAP_TIMEOUT):
-                    return await self.connect(addr)
+                    peer = await self.connect(addr)
+                    if is_tcp_address(addr) and not any(
+                        c.transport == "tcp" for c in self.swarm.connections_to(peer)
+                    ):
+                        # Reached over QUIC first: our TCP mapping (which TCP hole punching
+                        # offers) shows only on a TCP connection, so make one.
+                        await self.swarm.dial_addr(addr)
+                    return peer
             except (TransportError, TimeoutError) as exc:
                 log.warning("bootstrap peer %s unreachable: %s", addr, exc)
                 return None

@@ -3,11 +3,15 @@ bulk, so they go by measured throughput while small calls go by round trip."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import numpy as np
+import pytest
 
 from lattica_ray import Node
+from lattica_ray.rpc.errors import RpcError
+from transport.errors import TransportError
 
 BOTH = ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
 
@@ -47,3 +51,45 @@ async def test_rpc_bulk_calls_measure_and_take_the_fastest_path() -> None:
                 yield np.ones(1000, dtype=np.uint8)
 
         assert await client.rpc.call(server.peer_id, "total", requests=chunks()) == 3000
+
+
+async def test_a_call_in_flight_on_a_path_that_dies_fails_clearly_and_the_next_takes_another() -> (
+    None
+):
+    """A call in flight is not moved to another path: its method may already be running (RPC
+    cannot know it is idempotent), so the caller gets a clear error at once, never a hang; the
+    path left carries the next calls."""
+    async with Node(listen=BOTH) as server, Node(listen=BOTH) as client:
+        started, release = asyncio.Event(), asyncio.Event()
+
+        @server.rpc.method()
+        async def hold(x: object) -> object:
+            started.set()
+            await release.wait()
+            return x
+
+        @server.rpc.method()
+        async def echo(x: object) -> object:
+            return x
+
+        client.add_peer_addrs(server.peer_id, server.addrs)
+        await client.connect(server.peer_id)
+        big = np.arange(4 << 20, dtype=np.uint8)
+        assert np.array_equal(await client.rpc.call(server.peer_id, "echo", big), big)
+        assert {c.transport for c in client.swarm.connections_to(server.peer_id)} == {"quic", "tcp"}
+        bulk_path = client.swarm.connection_to(server.peer_id, bulk=True)
+        assert bulk_path is not None
+
+        call = asyncio.ensure_future(client.rpc.call(server.peer_id, "hold", big))
+        async with asyncio.timeout(10):
+            await started.wait()
+        bulk_path.abort("test: the path died")  # type: ignore[attr-defined]
+        with pytest.raises((RpcError, TransportError), match="the path died"):
+            async with asyncio.timeout(5):
+                await call
+        release.set()
+
+        assert await client.rpc.call(server.peer_id, "echo", "small") == "small"
+        assert np.array_equal(await client.rpc.call(server.peer_id, "echo", big), big)
+        left = client.swarm.connections_to(server.peer_id)
+        assert bulk_path not in left and left, left

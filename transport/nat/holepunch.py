@@ -191,6 +191,7 @@ class HolePuncher:
                 connection = await self._attempt_as_b(peer)
             except PunchImpossible as exc:
                 last_error = str(exc)
+                log.info("no hole punch to %s: %s", peer, exc)
                 break
             except (TransportError, TimeoutError, EOFError, OSError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
