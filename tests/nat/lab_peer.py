@@ -25,7 +25,7 @@ from transport.errors import ConnectionClosed, StreamReset, TransportError
 from transport.identity import PeerId
 from transport.multiaddr import Multiaddr
 
-READY_TIMEOUT = 15.0
+READY_TIMEOUT = 60.0  # a UDP-blocked node waits out QUIC dials and AutoNAT dial-backs first
 
 
 def _emit(message: dict) -> None:
