@@ -12,6 +12,11 @@ class QuicConfig(BaseModel):
 
     model_config = {"frozen": True}
 
+    engine: Literal["aioquic", "qh3"] = Field(
+        "aioquic",
+        description="the QUIC state machine: aioquic (pure Python) or qh3 (Rust core, about "
+        "6-16x less CPU per byte; grants flow-control credit as data is delivered, not read)",
+    )
     handshake_timeout: float = Field(10.0, gt=0, description="seconds a dial may take")
     idle_timeout: float = Field(
         30.0, gt=0, description="close a connection silent this long (both sides must agree)"
@@ -56,7 +61,7 @@ class QuicConfig(BaseModel):
     congestion_control: Literal["reno", "cubic"] = Field(
         "reno",
         description="aioquic's congestion controller (the same figures on loopback; cubic may "
-        "suit long, lossy paths better)",
+        "suit long, lossy paths better); qh3 uses its own",
     )
     udp_offload: bool = Field(
         True,
