@@ -289,9 +289,16 @@ def striped_throughput(config: QuicConfig, size: int, stripes: int) -> tuple[flo
 
 
 async def run(
-    size: int, rounds: int, datagram: int, repeat: int, stripes: list[int] | None = None
+    size: int,
+    rounds: int,
+    datagram: int,
+    repeat: int,
+    stripes: list[int] | None = None,
+    engine: str | None = None,
 ) -> dict:
     config = QuicConfig(max_datagram_size=datagram)
+    if engine is not None:
+        config = config.model_copy(update={"engine": engine})
     quic_samples = await quic_rtt(config, rounds)
     tcp_samples = await tcp_rtt(rounds)
     variants = {
@@ -397,13 +404,14 @@ def main() -> None:
         help="comma-separated connection counts for the striped multi-process transfer",
     )
     parser.add_argument("--sdk", action="store_true", help="also measure the lattica SDK")
+    parser.add_argument("--engine", choices=["aioquic", "qh3"], help="QUIC engine (QuicConfig's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     stripes = [int(count) for count in args.stripes.split(",") if count]
     if args.sdk and 1 not in stripes:
         stripes.insert(0, 1)
     result = asyncio.run(
-        run(args.size_mib * 2**20, args.rounds, args.datagram, args.repeat, stripes)
+        run(args.size_mib * 2**20, args.rounds, args.datagram, args.repeat, stripes, args.engine)
     )
     if args.sdk:
         result["sdk"] = _sdk_figures(args.size_mib * 2**20)
@@ -411,7 +419,11 @@ def main() -> None:
         print(json.dumps(result))
         return
     rtt50, rtt99 = result["rtt_p50_us"], result["rtt_p99_us"]
-    print(f"one connection on loopback, best of {args.repeat} (wall clock, and per CPU-second)")
+    engine_name = args.engine or QuicConfig().engine
+    print(
+        f"QUIC engine {engine_name}; one connection on loopback, best of {args.repeat} "
+        "(wall clock, and per CPU-second)"
+    )
     print(f"{'':44}{'QUIC':>10}{'asyncio TCP':>13}{'QUIC/TCP':>10}")
     for label, row in (("64 B round trip p50 (us)", rtt50), ("64 B round trip p99 (us)", rtt99)):
         print(f"{label:44}{row['quic']:10.1f}{row['tcp']:13.1f}{row['ratio']:10.2f}")

@@ -27,7 +27,6 @@ from transport.multistream import select_inbound, select_outbound
 from transport.quic import QuicConfig, QuicEndpoint
 from transport.tls import ALPN
 
-
 __all__ = ["engine"]  # the fixture the engine-parametrized `quic_config` below depends on
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+ENGINE_VARIABLE = "LATTICA_RAY_QUIC_ENGINE"
+DEFAULT_ENGINE = "aioquic"
 
 
 class QuicConfig(BaseModel):
@@ -13,9 +17,11 @@ class QuicConfig(BaseModel):
     model_config = {"frozen": True}
 
     engine: Literal["aioquic", "qh3"] = Field(
-        "aioquic",
+        default_factory=lambda: os.environ.get(ENGINE_VARIABLE, DEFAULT_ENGINE),
+        validate_default=True,
         description="the QUIC state machine: aioquic (pure Python) or qh3 (Rust core, about "
-        "6-16x less CPU per byte; grants flow-control credit as data is delivered, not read)",
+        "6-16x less CPU per byte; grants flow-control credit as data is delivered, not read). "
+        f"Unset, ${ENGINE_VARIABLE} decides (for processes configured by others)",
     )
     handshake_timeout: float = Field(10.0, gt=0, description="seconds a dial may take")
     idle_timeout: float = Field(
