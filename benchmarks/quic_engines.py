@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import serialization
-
 # Run as a script, this directory heads sys.path and transport.py here would shadow the package.
 if pathlib.Path(sys.path[0]).resolve() == pathlib.Path(__file__).resolve().parent:
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
@@ -76,29 +74,26 @@ def _aioquic_pair(datagram: int) -> tuple[object, object]:
 
 
 def _qh3_pair(datagram: int) -> tuple[object, object]:
-    from qh3.quic.configuration import QuicConfiguration
     from qh3.quic.connection import QuicConnection
 
-    certificate, key = make_certificate(KeyPair.generate())
-    pem = certificate.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    from transport.quic.engine_qh3 import qh3_configuration
 
-    def config(is_client: bool) -> QuicConfiguration:
-        configuration = QuicConfiguration(
+    certificate, key = make_certificate(KeyPair.generate())
+
+    def config(is_client: bool):
+        return qh3_configuration(
             is_client=is_client,
-            alpn_protocols=[ALPN],
-            verify_mode=ssl.CERT_NONE,
+            certificate=certificate,
+            private_key=key,
+            alpn=ALPN,
+            idle_timeout=30.0,
             max_datagram_size=datagram,
             probe_datagram_size=False,
             max_data=WINDOW,
             max_stream_data=WINDOW,
+            connection_id_length=8,
+            supported_versions=[1],
         )
-        configuration.load_cert_chain(pem + key_pem)
-        return configuration
 
     client = QuicConnection(configuration=config(True))
     server = QuicConnection(

@@ -23,9 +23,10 @@ import logging
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from qh3._hazmat import Certificate as X509Certificate
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnectionError
-from qh3.tls import load_pem_private_key, load_pem_x509_certificates
+from qh3.tls import load_pem_private_key
 
 from transport.quic.glue_qh3 import Qh3Connection
 from transport.quic.pmtu import PathMtuSearch
@@ -61,9 +62,9 @@ def qh3_configuration(
         connection_id_length=connection_id_length,
         supported_versions=supported_versions,
     )
-    configuration.certificate = load_pem_x509_certificates(
-        certificate.public_bytes(serialization.Encoding.PEM)
-    )[0]
+    configuration.certificate = X509Certificate(
+        certificate.public_bytes(serialization.Encoding.DER)
+    )
     configuration.private_key = load_pem_private_key(
         private_key.private_bytes(
             serialization.Encoding.PEM,
