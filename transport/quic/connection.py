@@ -142,6 +142,7 @@ class QuicConnection(Connection):
 
     def _scheduled_flush(self) -> None:
         if self._flush_scheduled:  # else a receive batch has flushed since
+            self._process_events()  # what an engine let through as the reader read
             self._flush()
 
     def _on_timer(self) -> None:

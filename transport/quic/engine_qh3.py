@@ -6,11 +6,12 @@ What the seam asks and qh3 does differently:
 
 - Datagrams are handed to the core in batches (`receive_many_datagrams`): the endpoint feeds
   one datagram at a time, and this engine passes the run on at the first question asked of it.
-- Flow control: qh3's core grants credit as data is *delivered* to Python, not as the
-  application reads it, and has no hook to change that. Receive memory per stream is bounded
-  by what the remote may send before its writer's backpressure (our `send_buffer_high_water`)
-  stops it when both ends are ours; against other peers a slow reader's buffer may grow.
-  `consume` and `reader_needs` therefore grant nothing.
+- Flow control: qh3's core grants credit for data when Python takes its event from the core.
+  This engine counts what was delivered and not yet read (`consume`); once that reaches the
+  connection window it leaves further events in the core (no credit for the remote) until the
+  application has read half of it. Memory per connection stays under about two connection
+  windows. Unlike the aioquic engine, the bound is per connection: one unread stream can use
+  the whole window (as QUIC's connection-level credit lets it), not only a stream window.
 - Path MTU: qh3 probes datagram sizes itself (DPLPMTUD, RFC 8899) up to its maximum datagram
   size. The endpoint caps that maximum at the local route's MTU so no probe is fragmented
   locally; our `PathMtuSearch` is not used (`mtu_search` is None).
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from qh3._hazmat import Certificate as X509Certificate
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnectionError
+from qh3.quic.events import StreamDataReceived
 from qh3.tls import load_pem_private_key
 
 from transport.quic.glue_qh3 import Qh3Connection
@@ -97,6 +99,10 @@ class Qh3Engine:
         self._probing = configuration.probe_datagram_size
         self._base_size = min(configuration.max_datagram_size, 1200 if self._probing else 65527)
         self._largest_sent = 0
+        self._window = configuration.max_data  # unread bytes allowed before events wait
+        self._limit = self._window  # raised while a reader waits for more than the window
+        self._unread: dict[int, int] = {}  # stream ID -> delivered, not yet read
+        self._unread_total = 0
 
     # -- datagrams, time and events ---------------------------------------------------------
     def connect(self, addr: NetworkAddress, now: float) -> None:
@@ -140,7 +146,14 @@ class Qh3Engine:
     def next_event(self):
         if self._pending:
             self._feed()
-        return self._quic.next_event()
+        event = self._quic.next_event()
+        if type(event) is StreamDataReceived and event.data:
+            size = len(event.data)
+            self._unread[event.stream_id] = self._unread.get(event.stream_id, 0) + size
+            self._unread_total += size
+            if self._unread_total >= self._limit:
+                self._quic.holding = True  # no more credit until the application reads
+        return event
 
     # -- streams and the connection ---------------------------------------------------------
     def get_next_available_stream_id(self, is_unidirectional: bool = False) -> int:
@@ -192,13 +205,39 @@ class Qh3Engine:
             return 0
 
     def consume(self, stream_id: int, nbytes: int) -> bool:
-        return False  # qh3 granted this credit when it delivered the data
+        """The application read `nbytes` of `stream_id`; True if credit is due (flush)."""
+        unread = self._unread.get(stream_id, 0) - nbytes
+        if unread > 0:
+            self._unread[stream_id] = unread
+        else:
+            self._unread.pop(stream_id, None)
+        self._unread_total -= nbytes
+        if self._unread_total < self._window:
+            self._limit = self._window
+        return self._release(self._limit - self._window // 2)
 
     def reader_needs(self, stream_id: int, needed: int) -> bool:
-        return False  # qh3's window slides as data is delivered: a waiting reader gets it
+        """A reader waits for `needed` unread bytes: let that much in, even past the window.
+
+        Without it a reader waiting for more than the window (readexactly, a big message)
+        and the remote writer, out of credit, would wait for each other forever.
+        """
+        others = self._unread_total - self._unread.get(stream_id, 0)
+        self._limit = max(self._limit, others + needed + 1)
+        return self._release(self._limit - 1)
 
     def forget_stream(self, stream_id: int) -> None:
-        pass
+        self._unread_total -= self._unread.pop(stream_id, 0)
+        self._release(self._limit - self._window // 2)
+
+    def _release(self, threshold: int) -> bool:
+        """Take held events (granting their credit) once no more than `threshold` is unread:
+        half a window below the limit after reads, so credit goes out in big steps."""
+        if not self._quic.holding or self._unread_total > threshold:
+            return False
+        self._quic.holding = False
+        self._quic._drain_core()
+        return True
 
     # -- path MTU discovery (qh3's own) -------------------------------------------------------
     @property

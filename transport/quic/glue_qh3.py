@@ -16,6 +16,8 @@ CertificateVerify. libp2p's tls spec says "servers MUST require client authentic
 - A client that sends no certificate completes the TLS handshake without a peer certificate;
   the connection then refuses it with libp2p's own error (as the aioquic engine does).
 
+`Qh3Connection` also lets the engine leave events in qh3's core (see its docstring).
+
 Each step is tested in tests/transport/quic/test_qh3_mutual_tls.py against qh3's client, and
 against aioquic and the lattica SDK in the endpoint and interop tests.
 """
@@ -170,7 +172,18 @@ class MutualTlsContext(tls.Context):
 
 
 class Qh3Connection(QuicConnection):
-    """qh3's QUIC connection whose TLS is `MutualTlsContext`."""
+    """qh3's QUIC connection whose TLS is `MutualTlsContext`, and whose core events can wait.
+
+    qh3's core grants flow-control credit for received data when its event is taken from the
+    core. While `holding`, events stay in the core, so the remote gets no more credit: that is
+    how `transport.quic.engine_qh3` makes credit follow what the application reads.
+    """
+
+    holding = False
+
+    def _drain_core(self) -> None:
+        if not self.holding:
+            super()._drain_core()
 
     def _create_tls(self, remote_source_cid: bytes | None) -> QuicTlsBridge:
         bridge = super()._create_tls(remote_source_cid)
