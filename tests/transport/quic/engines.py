@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from transport.quic import QuicConfig
 
-ENGINES = ["aioquic", "qh3"]
+QH3_MISSING = importlib.util.find_spec("qh3") is None
+ENGINES = [
+    "aioquic",
+    pytest.param("qh3", marks=pytest.mark.skipif(QH3_MISSING, reason="qh3 is not installed")),
+]
 
 
 def engine_config(engine: str, **settings) -> QuicConfig:

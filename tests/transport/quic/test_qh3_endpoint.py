@@ -12,6 +12,9 @@ import pytest
 
 from tests.transport.conftest import EndpointPair, LossyPath, wait_until
 from transport.quic import QuicConfig, QuicConnection
+
+pytest.importorskip("qh3", reason="qh3 is not installed (the qh3 QUIC engine is optional)")
+
 from transport.quic.engine_qh3 import Qh3Engine
 
 BASE = 1350

@@ -7,16 +7,21 @@ client without a certificate must not authenticate.
 
 from __future__ import annotations
 
+import pytest
 from cryptography.hazmat.primitives import serialization
-from qh3 import tls
-from qh3._hazmat import Buffer
 
 from transport.identity import KeyPair
 from transport.quic.endpoint import CONNECTION_ID_LENGTH, SUPPORTED_VERSIONS
 from transport.quic.engine import QuicEngine
+from transport.tls import ALPN, make_certificate, verify_certificate
+
+pytest.importorskip("qh3", reason="qh3 is not installed (the qh3 QUIC engine is optional)")
+
+from qh3 import tls
+from qh3._hazmat import Buffer
+
 from transport.quic.engine_qh3 import Qh3Engine, qh3_configuration
 from transport.quic.glue_qh3 import CLIENT_SIGNATURE_ALGORITHMS, certificate_request
-from transport.tls import ALPN, make_certificate, verify_certificate
 
 SERVER = ("127.0.0.1", 4001)
 CLIENT = ("127.0.0.1", 4002)
