@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 ENGINE_VARIABLE = "LATTICA_RAY_QUIC_ENGINE"
+QH3_INSTALLED = importlib.util.find_spec("qh3") is not None
 DEFAULT_ENGINE = "aioquic"
 
 
@@ -19,10 +21,11 @@ class QuicConfig(BaseModel):
     engine: Literal["aioquic", "qh3"] = Field(
         default_factory=lambda: os.environ.get(ENGINE_VARIABLE, DEFAULT_ENGINE),
         validate_default=True,
-        description="the QUIC state machine: aioquic (pure Python) or qh3 (Rust core, about "
-        "6-16x less CPU per byte; grants flow-control credit as data is delivered, not read). "
-        f"Unset, ${ENGINE_VARIABLE} decides (for processes configured by others)",
+        description="the QUIC state machine: aioquic (pure Python) or qh3 (Rust core: 5-20x "
+        "less CPU per byte; see transport.quic.engine_qh3 for how it differs). Unset, "
+        f"${ENGINE_VARIABLE} decides (for processes configured by others)",
     )
+
     handshake_timeout: float = Field(10.0, gt=0, description="seconds a dial may take")
     idle_timeout: float = Field(
         30.0, gt=0, description="close a connection silent this long (both sides must agree)"
@@ -74,3 +77,10 @@ class QuicConfig(BaseModel):
         description="batch datagrams through the kernel with Linux UDP GSO/GRO where it offers "
         "them (one system call per run of datagrams); off: one system call per datagram",
     )
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_installed(cls, engine: str) -> str:
+        if engine == "qh3" and not QH3_INSTALLED:
+            raise ValueError("the qh3 QUIC engine needs the qh3 package (pip install qh3)")
+        return engine
