@@ -100,6 +100,19 @@ class Stream:
         self._on_consumed(len(chunk))
         return chunk
 
+    def read_nowait(self, max_bytes: int = 65536) -> bytes:
+        """Up to `max_bytes` of what is buffered now, without waiting; b"" if nothing is (which
+        is not the end: see `at_eof`). Raises StreamReset once reset and drained. An outbound
+        stream whose protocol confirmation is still due reads nothing here: use `read`."""
+        if self._pending_confirmation or not self._buffer:
+            if self._reset_reason is not None and not self._pending_confirmation:
+                raise StreamReset(self._reset_reason)
+            return b""
+        chunk = bytes(self._buffer[:max_bytes])
+        del self._buffer[: len(chunk)]
+        self._on_consumed(len(chunk))
+        return chunk
+
     async def readexactly(self, nbytes: int) -> bytes:
         await self._settle_negotiation()
         return await self._readexactly_raw(nbytes)

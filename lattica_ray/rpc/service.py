@@ -384,15 +384,14 @@ class _InboundCall:
         try:
             # The response takes as long as the path needs (bounded by the call's own deadline,
             # if it has one); only the status after it is held to `status_timeout`.
-            remaining = self.context.deadline
-            async with asyncio.timeout(
-                None if remaining is None else max(0.0, remaining - time.monotonic())
-            ):
-                if len(response) and sum(memoryview(b).nbytes for b in response) >= (
-                    self.service.config.coalesce_below
+            size = sum(memoryview(b).nbytes for b in response) if response else 0
+            if size >= self.service.config.coalesce_below:
+                remaining = self.context.deadline
+                async with asyncio.timeout(
+                    None if remaining is None else max(0.0, remaining - time.monotonic())
                 ):
                     await self.writer.write(response)
-                    response = []
+                response = []
             async with asyncio.timeout(self.service.config.status_timeout):
                 await self.writer.write([*response, self.proto.send_status(status)])
                 await self.stream.close()
@@ -999,8 +998,13 @@ class RpcService:
         proto = ServerCall(self.config.max_message_size)
         pending: collections.deque[Event] = collections.deque()
         try:
-            async with asyncio.timeout(self.config.header_timeout):
-                header = await self._read_event(stream, proto, pending)
+            # The header usually came with the stream's first bytes: no timer needed then.
+            pending.extend(proto.receive_data(stream.read_nowait(self.config.read_size)))
+            if pending:
+                header = pending.popleft()
+            else:
+                async with asyncio.timeout(self.config.header_timeout):
+                    header = await self._read_event(stream, proto, pending)
         except TimeoutError:
             stream.reset("no call header in time")
             return
@@ -1011,7 +1015,9 @@ class RpcService:
             logger.debug("rpc stream from %s lost before its header: %r", stream.remote_peer, exc)
             stream.reset("stream lost")
             return
-        assert isinstance(header, Header)
+        if not isinstance(header, Header):  # the caller gave up before sending a header
+            stream.reset("closed before its call header")
+            return
         refusal = self._admission(stream.remote_peer, header)
         if refusal is not None:
             await self._refuse(stream, proto, refusal)
