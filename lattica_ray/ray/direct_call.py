@@ -274,7 +274,7 @@ class DirectCallServer:
                         future.cancel()
                     continue
                 call_id = message["call"]
-                future = self._start_call(message)
+                future = self._start_call(message, inline=not running and not _more_to_read(conn))
                 running[call_id] = future
                 future.add_done_callback(functools.partial(self._finished, call_id, running, send))
         except Exception as exc:
@@ -285,7 +285,12 @@ class DirectCallServer:
             self._connections.discard(conn)
             conn.close()
 
-    def _start_call(self, message: dict[str, Any]) -> concurrent.futures.Future[Any]:
+    def _start_call(
+        self, message: dict[str, Any], inline: bool = False
+    ) -> concurrent.futures.Future[Any]:
+        """The call's future. A sync actor's call runs right here when `inline` (nothing else
+        of this connection waits, so no cancel can be stuck behind it) and the lock is free:
+        one thread wake-up fewer than the worker."""
         method = message.get("method")
         args, kwargs = message.get("args"), message.get("kwargs")
         if (
@@ -305,6 +310,17 @@ class DirectCallServer:
                 return await result if inspect.isawaitable(result) else result
 
             return asyncio.run_coroutine_threadsafe(run(), self.loop)
+
+        assert self.lock is not None
+        if inline and self.lock.acquire(blocking=False):
+            done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            try:
+                done.set_result(fn(*args, **kwargs))
+            except Exception as exc:
+                done.set_exception(exc)
+            finally:
+                self.lock.release()
+            return done
 
         def run_locked() -> Any:
             assert self.lock is not None
@@ -335,6 +351,15 @@ class DirectCallServer:
             return
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         send({"reply": call_id, "error": [type(exc).__name__, str(exc), text]})
+
+
+def _more_to_read(conn: socket.socket) -> bool:
+    """Whether `conn` has bytes waiting (or is at its end), without reading them."""
+    try:
+        conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    return True
 
 
 def _recv_exactly(conn: socket.socket, size: int) -> bytearray | None:

@@ -135,13 +135,13 @@ async def _client(server) -> DirectCallClient:
     return client
 
 
-async def test_sync_calls_run_on_the_worker_thread_with_values_and_errors(sync_server):
+async def test_sync_calls_run_in_the_servers_threads_with_values_and_errors(sync_server):
     target, server = sync_server
     client = await _client(server)
     try:
         out = await client.call("add", [[1, 2]], {"scale": 3})
         assert out["sum"].tolist() == [3, 6] and out["calls"] == 1
-        assert target.threads == ["lattica-direct-call_0"]
+        assert target.threads[0].startswith("lattica-direct")
         ref = GlobalRef("bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy", 3, ("p",))
         assert await client.call("echo_ref", [ref], {}) == [ref, True]
         with pytest.raises(DirectCallFailed) as info:
