@@ -76,6 +76,10 @@ class RayInvoker:
             previous.close()
         self._direct[id(target)] = DirectTarget(target, self.node_id)
 
+    def direct_exports(self, exports: dict[str, Any]) -> list[str]:
+        """Names of the exports (`LatticaService.exports`) whose calls may run directly."""
+        return [name for name, export in exports.items() if id(export.target) in self._direct]
+
     def forget(self, target: Any) -> None:
         direct = self._direct.pop(id(target), None)
         if direct is not None:
@@ -270,6 +274,7 @@ class LatticaActor:
             started_at=self.started_at,
             namespace=self.config.namespace,
             direct_calls=self.invoker.direct_calls,
+            direct_exports=sorted(self.invoker.direct_exports(self.service.exports)),
             node_on_control_loop=asyncio.get_running_loop() is self.loop.loop,
         )
         return info
