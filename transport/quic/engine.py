@@ -1,12 +1,12 @@
 """The seam between our QUIC glue and the QUIC engine: what `QuicConnection` asks of it.
 
 Two engines fill it, chosen by `QuicConfig.engine`:
-- aioquic's sans-I/O `QuicConnection`, extended in `transport.quic.glue` (the default). Its
+- aioquic's sans-I/O `QuicConnection`, extended in `transport.quic.glue` (the fallback). Its
   per-packet Python work bounds one connection at Internet-size datagrams (about 65-90 MB per
   CPU-second per side here, engine alone: `benchmarks/quic_engines.py`).
-- qh3's Rust connection core (`transport.quic.engine_qh3`, TLS in `transport.quic.glue_qh3`):
-  6-16x less CPU per byte, but credit follows delivery rather than reading, and it probes the
-  path MTU itself.
+- qh3's Rust connection core (`transport.quic.engine_qh3`, TLS in `transport.quic.glue_qh3`),
+  the default where qh3 is installed: 5-20x less CPU per byte; its flow-control bound is per
+  connection, and it probes the path MTU itself.
 An engine takes datagrams and time in, gives datagrams and events out (classes named as
 aioquic's `aioquic.quic.events`, with the same fields), never touches a socket or a clock, and
 offers the flow-control and path MTU hooks below.
