@@ -46,9 +46,8 @@ class StreamHandlers:
 
     async def _serve(self, stream: Stream) -> None:
         try:
-            protocol = await asyncio.wait_for(
-                select_inbound(stream, self._handlers), self.negotiation_timeout
-            )
+            async with asyncio.timeout(self.negotiation_timeout):  # no task of its own
+                protocol = await select_inbound(stream, self._handlers)
         except ProtocolNotSupported as exc:
             log.debug("inbound stream from %s: %s", stream.remote_peer, exc)
             stream.reset("no common protocol")

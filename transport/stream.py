@@ -7,6 +7,7 @@ transport (QUIC, in-memory, later TCP/Yamux and relayed circuits) supplies the w
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from transport.errors import MessageTooLarge, StreamReset
@@ -30,21 +31,34 @@ class Stream:
         self._readable = asyncio.Event()
         # Lazy multistream-select: confirmations we still expect before the first data byte.
         self._pending_confirmation: list[str] = []
+        self._watcher: Callable[[], None] | None = None
+
+    def watch(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` (synchronously, keep it short) whenever data, the end or a reset
+        arrives; None stops. For a protocol that must notice a reset while nobody reads (an
+        RPC server whose handler runs after the whole request came)."""
+        self._watcher = callback
 
     # -- fed by the transport -------------------------------------------------------------
     def _feed_data(self, data: bytes) -> None:
         if data:
             self._buffer += data
             self._readable.set()
+            if self._watcher is not None:
+                self._watcher()
 
     def _feed_eof(self) -> None:
         self._eof = True
         self._readable.set()
+        if self._watcher is not None:
+            self._watcher()
 
     def _feed_reset(self, reason: str) -> None:
         if self._reset_reason is None:
             self._reset_reason = reason
         self._readable.set()
+        if self._watcher is not None:
+            self._watcher()
 
     def _on_consumed(self, nbytes: int) -> None:
         """Hook for transports that give flow-control credit as the application reads."""
@@ -79,6 +93,19 @@ class Stream:
         await self._wait_readable()
         if not self._buffer:
             if self._reset_reason is not None:
+                raise StreamReset(self._reset_reason)
+            return b""
+        chunk = bytes(self._buffer[:max_bytes])
+        del self._buffer[: len(chunk)]
+        self._on_consumed(len(chunk))
+        return chunk
+
+    def read_nowait(self, max_bytes: int = 65536) -> bytes:
+        """Up to `max_bytes` of what is buffered now, without waiting; b"" if nothing is (which
+        is not the end: see `at_eof`). Raises StreamReset once reset and drained. An outbound
+        stream whose protocol confirmation is still due reads nothing here: use `read`."""
+        if self._pending_confirmation or not self._buffer:
+            if self._reset_reason is not None and not self._pending_confirmation:
                 raise StreamReset(self._reset_reason)
             return b""
         chunk = bytes(self._buffer[:max_bytes])

@@ -12,6 +12,7 @@ import ray
 
 from lattica_ray.ray.actor import ACTOR_NAME_PREFIX, start_actor
 from lattica_ray.ray.config import LatticaConfig
+from lattica_ray.ray.direct_call import CONCURRENCY_OPTIONS, serving_class
 from lattica_ray.ray.errors import ActorNotFound, ConfigMismatch
 from lattica_ray.ray.protocol import ActorRecord, GlobalRef, MethodKind, method_table
 from lattica_ray.ray.proxy import RemoteActorHandle, forget_local_actors, local_lattica_actor
@@ -165,16 +166,26 @@ class ExportedActorClass:
         cls: type,
         export_methods: Sequence[str] | None,
         options: dict[str, Any] | None = None,
+        *,
+        decorator_options: dict[str, Any] | None = None,
+        serves_direct: bool = False,
     ) -> None:
         self._ray_class = ray_class
         self._cls = cls
         self._export_methods = list(export_methods) if export_methods is not None else None
         self._options = dict(options or {})
+        self._decorator_options = dict(decorator_options or {})
+        self._serves_direct = serves_direct
         self._table: dict[str, MethodKind] = method_table(_class_methods(cls), export_methods)
 
     def options(self, **options: Any) -> ExportedActorClass:
         return ExportedActorClass(
-            self._ray_class, self._cls, self._export_methods, {**self._options, **options}
+            self._ray_class,
+            self._cls,
+            self._export_methods,
+            {**self._options, **options},
+            decorator_options=self._decorator_options,
+            serves_direct=self._serves_direct,
         )
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
@@ -186,9 +197,19 @@ class ExportedActorClass:
         if name:
             namespace = options.get("namespace") or ray.get_runtime_context().namespace
             actor = local_lattica_actor(_namespace())
-            restore = {"ray_name": name, "ray_namespace": namespace}
+            restore = {
+                "ray_name": name,
+                "ray_namespace": namespace,
+                "direct": self._direct(options),
+            }
             ray.get(actor.export.remote(name, handle, self._table, restore))
         return handle
+
+    def _direct(self, options: dict[str, Any]) -> bool:
+        """Whether the LatticaActor may run calls in the actor's process (`direct_call`): not
+        when Ray is told how to run its tasks concurrently, which a direct call cannot copy."""
+        chosen = {**self._decorator_options, **options}
+        return self._serves_direct and not any(o in chosen for o in CONCURRENCY_OPTIONS)
 
     def __getattr__(self, item: str) -> Any:
         return getattr(self._ray_class, item)
@@ -217,9 +238,17 @@ def remote(*args: Any, **options: Any) -> Any:
 def _decorate(target: Callable[..., Any] | type, options: dict[str, Any]) -> Any:
     options = dict(options)
     export_methods = options.pop("export_methods", None)
-    ray_object = ray.remote(**options)(target) if options else ray.remote(target)
     if inspect.isclass(target):
-        return ExportedActorClass(ray_object, target, export_methods)
+        served = serving_class(target)
+        ray_class = ray.remote(**options)(served) if options else ray.remote(served)
+        return ExportedActorClass(
+            ray_class,
+            target,
+            export_methods,
+            decorator_options=options,
+            serves_direct=served is not target,
+        )
+    ray_object = ray.remote(**options)(target) if options else ray.remote(target)
     if export_methods is not None:
         raise TypeError("export_methods applies to actor classes only")
     return ray_object

@@ -32,7 +32,11 @@ class LatticaConfig(BaseModel):
     """Concurrent bulk calls per LatticaActor (large arguments, object transfers), so that
     transfers never starve the control group."""
     bulk_argument_bytes: int = Field(default=1 * MiB, ge=0)
-    """Calls whose arguments exceed this run in the bulk group."""
+    """Calls whose arguments exceed this run in the bulk group (and, on the serving side, go
+    through Ray rather than a direct call)."""
+    direct_calls: bool = True
+    """Run calls to actors made by `@lattica_ray.remote` in the actor's own process (one Ray
+    actor call fewer per mesh call; see `direct_call`). False: always through Ray."""
     start_timeout: float = Field(default=60.0, gt=0)
     call_timeout: float | None = Field(default=None, gt=0)
     """Default per-call timeout of remote actor calls (None: wait as long as the peer lives)."""

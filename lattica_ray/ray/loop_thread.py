@@ -1,9 +1,14 @@
-"""An asyncio loop on its own thread, for the Node inside the LatticaActor.
+"""The event loop the Node inside the LatticaActor runs on, and how other loops reach it.
 
 Ray runs each concurrency group of an async actor on its own event loop (its own thread), but a
-Node's sockets and tasks belong to one loop. So the Node lives here, and actor methods in any
-group hand it coroutines with `await loop_thread.run(coro)`: the result comes back to the
-caller's loop, and cancelling the caller cancels the coroutine on the Node's loop.
+Node's sockets and tasks belong to one loop. So the Node lives on one loop, and actor methods in
+any group hand it coroutines with `await loop_thread.run(coro)`: the result comes back to the
+caller's loop, and cancelling the caller cancels the coroutine on the Node's loop. A coroutine
+from the Node's own loop is simply awaited: no thread hand-off.
+
+The loop is either a thread of our own (`LoopThread()`), or one somebody else runs
+(`LoopThread.borrow(loop)`: Ray's loop of the control group, so control calls, the hot path,
+need no hand-off at all); a borrowed loop is never stopped by us.
 """
 
 from __future__ import annotations
@@ -20,12 +25,25 @@ _END = object()
 
 
 class LoopThread:
-    """A daemon thread running one event loop until `stop()`."""
+    """A daemon thread running one event loop until `stop()` (or a borrowed running loop)."""
 
     def __init__(self, name: str = "lattica-node") -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self.borrowed = False
         self._thread.start()
+
+    @classmethod
+    def borrow(cls, loop: asyncio.AbstractEventLoop) -> LoopThread:
+        """Hand coroutines to `loop`, which another thread runs (and stops: `stop()` here
+        only forgets it)."""
+        if not loop.is_running():
+            raise ValueError("can only borrow a running event loop")
+        borrowed = cls.__new__(cls)
+        borrowed.loop = loop
+        borrowed.borrowed = True
+        borrowed._thread = None
+        return borrowed
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -37,10 +55,21 @@ class LoopThread:
 
     @property
     def running(self) -> bool:
+        if self._thread is None:
+            return self.borrowed and self.loop.is_running()
         return self._thread.is_alive() and not self.loop.is_closed()
+
+    def _here(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
 
     def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run `coro` on the loop and block this (other) thread for its result."""
+        if self._here():
+            coro.close()
+            raise RuntimeError("run_sync would block the loop it waits for: await run() instead")
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
@@ -49,7 +78,9 @@ class LoopThread:
             raise TimeoutError(f"did not finish within {timeout} s") from None
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Await `coro` running on the loop, from a coroutine on another loop."""
+        """Await `coro` running on the loop (from any loop; on the loop itself, directly)."""
+        if self._here():
+            return await coro
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     async def iterate(self, source: AsyncIterator[T], buffer: int = 4) -> AsyncIterator[T]:
@@ -58,6 +89,15 @@ class LoopThread:
         At most `buffer` items are read ahead. Closing or cancelling the consumer cancels the
         pump, which closes `source`; an exception in `source` reaches the consumer.
         """
+        if self._here():
+            try:
+                async for item in source:
+                    yield item
+            finally:
+                aclose = getattr(source, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            return
         queue: asyncio.Queue[Any] = asyncio.Queue(buffer)  # used on the thread's loop only
 
         async def pump() -> None:
@@ -91,7 +131,11 @@ class LoopThread:
                 self.loop.call_soon_threadsafe(task.cancel)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel what still runs on the loop, stop it and join the thread."""
+        """Cancel what still runs on the loop, stop it and join the thread (a borrowed loop
+        is left to its owner: only forgotten)."""
+        if self._thread is None:
+            self.borrowed = False
+            return
         if not self.running:
             return
 

@@ -17,7 +17,9 @@ that sign and payload survive); a container is `["L"|"T"|"D", n]`
 (list, tuple, dict) followed by its n items (n key/value pairs for a dict); a leaf names its
 data. If flag bit 0 is set, stream 0 is the *data stream*: one record batch of one row whose
 `large_binary` columns come in pairs, a zero pad (named "") that puts the next block 64-byte
-aligned from the message start, then the block (named by its index). A block holds a numpy array
+aligned from the message start, then the block (named by its index); if flag bit 1 is set too
+(blocks totalling under `RAW_DATA_MAX`), stream 0 is instead the compact section of
+`codec_raw`, which costs no Arrow IPC to write or check. A block holds a numpy array
 (`["N", block, dtype, shape, strides]`), numpy scalar (`"G"`), torch tensor (`["P", block, torch
 dtype, shape, strides]`), bytes (`["B", block]`, bytearray `"Y"`) or a str longer than
 `STR_INLINE_MAX` (`["S", block]`, UTF-8). An array's block is the
@@ -71,6 +73,7 @@ from lattica_ray.rpc.codec_layout import (
     torch_to_numpy,
     view_block,
 )
+from lattica_ray.rpc.codec_raw import RAW_DATA_MAX, raw_section, read_raw_section
 
 __all__ = [
     "CodecError",
@@ -87,6 +90,8 @@ logger = logging.getLogger(__name__)
 MAGIC = b"LRAC"
 VERSION = 1
 FLAG_DATA_STREAM = 0x01  # stream 0 carries the data blocks
+FLAG_RAW_DATA = 0x02  # ... in the compact section of `codec_raw`, not as Arrow IPC
+_KNOWN_FLAGS = FLAG_DATA_STREAM | FLAG_RAW_DATA
 _HEADER = struct.Struct("<4sBBHII")
 _LENGTH = struct.Struct("<Q")
 _OFFSETS = struct.Struct("<qq")  # offsets buffer of a one-row large_binary column
@@ -271,7 +276,12 @@ def encode(obj: object, limits: CodecLimits | None = None) -> list[memoryview]:
     sink = Gather()
     lengths: list[int] = []
     flags = 0
-    if blocks:
+    if blocks and sum(block.size for block in encoder.blocks) < RAW_DATA_MAX:
+        flags |= FLAG_DATA_STREAM | FLAG_RAW_DATA
+        section = raw_section(encoder.blocks, header_size)
+        sink.write(section)
+        lengths.append(len(section))
+    elif blocks:
         flags |= FLAG_DATA_STREAM
         schema, batch = data_batch(encoder.blocks, header_size)
         # Blocks that would all be copied into header segments anyway: one copy, in C++.
@@ -335,8 +345,10 @@ class _Decoder:
             raise MalformedMessage(f"not a codec message (magic {bytes(magic)!r})")
         if version != VERSION:
             raise MalformedMessage(f"codec version {version} is not supported (this is {VERSION})")
-        if flags & ~FLAG_DATA_STREAM or reserved:
+        if flags & ~_KNOWN_FLAGS or reserved:
             raise MalformedMessage("unknown flags or non-zero reserved header bits")
+        if flags & FLAG_RAW_DATA and not flags & FLAG_DATA_STREAM:
+            raise MalformedMessage("the raw data flag is set without the data stream flag")
         if count > limits.max_buffers:
             raise LimitExceeded("Arrow stream count", count, limits.max_buffers, "max_buffers")
         if tree_length > limits.max_tree_bytes:
@@ -355,7 +367,7 @@ class _Decoder:
                 f"header announces {sum(lengths)} bytes of Arrow streams, message has {size - body}"
             )
         nodes = self._parse_tree(message[tree_start:tree_end])
-        self._read_streams(body, lengths, bool(flags & FLAG_DATA_STREAM))
+        self._read_streams(body, lengths, flags)
         value = self._build(nodes)
         if len(self.used_blocks) != len(self.blocks) or len(self.used_streams) != len(self.streams):
             raise MalformedMessage("message carries data that its tree does not use")
@@ -371,11 +383,19 @@ class _Decoder:
             raise LimitExceeded("value count", len(nodes), self.limits.max_nodes, "max_nodes")
         return nodes
 
-    def _read_streams(self, position: int, lengths: tuple[int, ...], has_data: bool) -> None:
+    def _read_streams(self, position: int, lengths: tuple[int, ...], flags: int) -> None:
+        if not lengths:
+            return
         whole = pa.py_buffer(self.message)
         self.address = whole.address
         budget = self.limits.max_buffers
+        has_data = bool(flags & FLAG_DATA_STREAM)
         for index, length in enumerate(lengths):
+            if index == 0 and flags & FLAG_RAW_DATA:
+                self.blocks = read_raw_section(self.message, position, position + length, budget)
+                budget -= len(self.blocks)
+                position += length
+                continue
             schema, batches, messages = read_stream(whole.slice(position, length), budget)
             budget -= messages
             if index == 0 and has_data:

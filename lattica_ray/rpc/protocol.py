@@ -159,7 +159,42 @@ def encode_frame(frame_type: FrameType, body: bytes = b"") -> bytes:
     return frame_prefix(frame_type, len(body)) + body
 
 
+class _Memo:
+    """A bounded memo of pure encode/decode results: a caller repeats the same few calls, and
+    their control frames need not go through protobuf each time. Emptied when full."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self.entries: dict[object, object] = {}
+
+    def get(self, key: object) -> object:
+        return self.entries.get(key)
+
+    def put(self, key: object, value: object) -> None:
+        if len(self.entries) >= self.size:
+            self.entries.clear()
+        self.entries[key] = value
+
+
+_HEADER_FRAMES = _Memo()  # (method, kind, timeout) -> HEADER frame, calls without metadata
+_HEADER_FIELDS = _Memo()  # HEADER body -> (method, kind, timeout), headers without metadata
+_MEMO_BODY_MAX = 512  # bodies longer than this are not memoized
+
+
 def encode_header(header: Header) -> bytes:
+    """The HEADER frame of a call (ValueError for a bad method name or oversized metadata)."""
+    key = None if header.metadata else (header.method, header.kind, header.timeout)
+    if key is not None:
+        frame = _HEADER_FRAMES.get(key)
+        if frame is not None:
+            return frame  # type: ignore[return-value]
+    frame = _encode_header(header)
+    if key is not None:
+        _HEADER_FRAMES.put(key, frame)
+    return frame
+
+
+def _encode_header(header: Header) -> bytes:
     if not header.method or len(header.method.encode()) > MAX_METHOD_NAME_LENGTH:
         raise ValueError(f"method name must be 1..{MAX_METHOD_NAME_LENGTH} bytes")
     message = rpc_pb2.CallHeader(
@@ -174,6 +209,8 @@ def encode_header(header: Header) -> bytes:
 
 
 def encode_status(status: Status) -> bytes:
+    if status == _STATUS_OK:
+        return _STATUS_OK_FRAME
     traceback = status.traceback
     if len(traceback) > MAX_TRACEBACK_LENGTH:
         traceback = "...\n" + traceback[-MAX_TRACEBACK_LENGTH:]
@@ -187,6 +224,18 @@ def encode_status(status: Status) -> bytes:
 
 
 def decode_header(body: Buffer) -> Header:
+    """The call header in a HEADER body, checked; ProtocolError if malformed."""
+    key = bytes(body) if len(body) <= _MEMO_BODY_MAX else None
+    fields = _HEADER_FIELDS.get(key) if key is not None else None
+    if fields is not None:
+        return Header(*fields)  # type: ignore[misc]
+    header = _decode_header(body)
+    if key is not None and not header.metadata:
+        _HEADER_FIELDS.put(key, (header.method, header.kind, header.timeout))
+    return header
+
+
+def _decode_header(body: Buffer) -> Header:
     message = rpc_pb2.CallHeader()
     try:
         message.ParseFromString(bytes(body))
@@ -203,6 +252,8 @@ def decode_header(body: Buffer) -> Header:
 
 
 def decode_status(body: Buffer) -> Status:
+    if not len(body):  # OK, nothing else: protobuf writes no field at its default
+        return _STATUS_OK
     message = rpc_pb2.CallStatus()
     try:
         message.ParseFromString(bytes(body))
@@ -213,6 +264,10 @@ def decode_status(body: Buffer) -> Status:
     except ValueError:
         code = StatusCode.UNKNOWN
     return Status(code, message.message, message.error_type, message.traceback)
+
+
+_STATUS_OK = Status(StatusCode.OK)
+_STATUS_OK_FRAME = encode_frame(FrameType.STATUS, rpc_pb2.CallStatus().SerializeToString())
 
 
 class FrameDecoder:

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 STOP_GRACE = 1.0  # seconds `stop()` lets cancelled handlers take to send their status
+_STATUS_OK = Status(StatusCode.OK)
 
 
 class Codec(Protocol):
@@ -231,36 +232,114 @@ class _InboundCall:
         deadline = None if header.timeout is None else time.monotonic() + header.timeout
         assert self.peer is not None
         self.context = CallContext(self.peer, method.name, dict(header.metadata), deadline)
-        self.handler_task: asyncio.Task[list[Buffer] | None] | None = None
+        # The task running the handler: its own, or (inline) the one serving the stream.
+        self.handler_task: asyncio.Task[Any] | None = None
+        self.handler_done = False
+        self._cancel_requested = False  # we cancelled handler_task and have not seen it land
+        self.reader: asyncio.Task[None] | None = None
         self.cause: Status | None = None  # why the handler was cancelled, as the status to send
         self.reset_by_caller = False
 
     # -- lifecycle ----------------------------------------------------------------------
     async def run(self) -> None:
+        if self._request_complete():
+            await self._run_inline()
+        else:
+            await self._run_beside_reader()
+
+    def _request_complete(self) -> bool:
+        """True when the arguments and END came with the header (a small unary call)."""
+        pending = self.pending
+        return (
+            len(pending) == 2
+            and isinstance(pending[0], Message)
+            and isinstance(pending[1], End)
+            and not self.method.kind.client_streams
+        )
+
+    async def _run_inline(self) -> None:
+        """Run the handler in this task: the whole request is here, so nothing needs reading.
+
+        The reply then leaves in the same loop iteration as the protocol confirmation (one
+        packet, no task switches). Whatever arrives meanwhile (a reset, CANCEL) wakes a reader.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        payload = self.pending.popleft()
+        self.pending.clear()  # END
+        assert isinstance(payload, Message)
+        self.arguments.set_result(payload.payload)
+        self.requests.close()
+        self.handler_task = task
+        timer = None
+        if self.header.timeout is not None:
+            timer = asyncio.get_running_loop().call_later(self.header.timeout, self._on_deadline)
+        self.stream.watch(self._on_arrival)
+        response: list[Buffer] | None = None
+        error: BaseException | None = None
+        cancelled = False
+        try:
+            try:
+                response = await self._invoke()
+            except asyncio.CancelledError:
+                if not self._cancel_requested or task.uncancel():  # not (only) ours: stopping
+                    raise
+                self._cancel_requested = False
+                cancelled = True
+            except Exception as exc:  # the handler failed: the caller is told how
+                error = exc
+            finally:
+                self.handler_done = True
+                if timer is not None:
+                    timer.cancel()
+            if self._cancel_requested:  # the handler swallowed our cancellation
+                task.uncancel()
+            await self._finish(response, error, cancelled)
+        finally:
+            self.stream.watch(None)
+            if self.reader is not None:
+                self.reader.cancel()
+                await asyncio.wait([self.reader])
+
+    def _on_arrival(self) -> None:
+        """Bytes, an end or a reset arrived while the handler runs inline: read them."""
+        self.stream.watch(None)
+        if self.reader is None:
+            self.reader = asyncio.get_running_loop().create_task(
+                self._read_requests(), name=f"rpc {self.method.name} reader"
+            )
+
+    async def _run_beside_reader(self) -> None:
+        """Run the handler as its own task while this one reads the caller's messages."""
         loop = asyncio.get_running_loop()
         if self.pending and isinstance(self.pending[0], Message):  # came with the header
             self.arguments.set_result(self.pending.popleft().payload)
-        self.handler_task = loop.create_task(self._invoke(), name=f"rpc {self.method.name}")
-        reader = loop.create_task(self._read_requests(), name=f"rpc {self.method.name} reader")
+        handler = loop.create_task(self._invoke(), name=f"rpc {self.method.name}")
+        self.handler_task = handler
+        self.reader = loop.create_task(self._read_requests(), name=f"rpc {self.method.name} reader")
         timer = None
         if self.header.timeout is not None:
             timer = loop.call_later(self.header.timeout, self._on_deadline)
         try:
             try:
-                await asyncio.wait([self.handler_task])
+                await asyncio.wait([handler])
             except asyncio.CancelledError:  # the service or the node is stopping
                 self.cancel(Status(StatusCode.UNAVAILABLE, "the server is stopping"))
-                await asyncio.wait([self.handler_task])
+                await asyncio.wait([handler])
                 raise
             finally:
+                self.handler_done = True
                 if timer is not None:
                     timer.cancel()
-            await self._finish()  # the reader still watches for a reset meanwhile
+            cancelled = handler.cancelled()
+            error = None if cancelled else handler.exception()  # always retrieved, never "lost"
+            response = None if cancelled or error is not None else handler.result()
+            await self._finish(response, error, cancelled)  # the reader still watches for resets
         finally:
-            if not self.handler_task.done():  # cancelled twice while stopping
-                self.handler_task.cancel()
-            reader.cancel()
-            await asyncio.wait([reader])
+            if not handler.done():  # cancelled twice while stopping
+                handler.cancel()
+            self.reader.cancel()
+            await asyncio.wait([self.reader])
 
     def cancel(self, status: Status, reset: bool = False) -> None:
         """Stop the handler; `status` is what the caller will be told."""
@@ -269,7 +348,8 @@ class _InboundCall:
             self.reset_by_caller = reset
         self.context.cancelled.set()
         self.requests.close(Cancelled(status.message, method=self.method.name, peer=self.peer))
-        if self.handler_task is not None and not self.handler_task.done():
+        if self.handler_task is not None and not self.handler_done:
+            self._cancel_requested = True
             self.handler_task.cancel()
 
     def _on_deadline(self) -> None:
@@ -281,23 +361,22 @@ class _InboundCall:
             )
         )
 
-    async def _finish(self) -> None:
+    async def _finish(
+        self, response: list[Buffer] | None, error: BaseException | None, cancelled: bool
+    ) -> None:
         """Send the outcome (response and status), then close our side."""
-        task = self.handler_task
-        assert task is not None
-        response: list[Buffer] = []
-        exc = None if task.cancelled() else task.exception()  # always retrieved, never "lost"
         if self.cause is not None:
             status = self.cause
-        elif task.cancelled():
+            response = None
+        elif cancelled:
             status = Status(StatusCode.CANCELLED, "the handler was cancelled")
-        elif exc is not None:
-            status = _error_status(exc)
+        elif error is not None:
+            status = _error_status(error)
             if status.code == StatusCode.UNKNOWN:
-                logger.info("rpc %s from %s raised %r", self.method.name, self.peer, exc)
+                logger.info("rpc %s from %s raised %r", self.method.name, self.peer, error)
         else:
-            response = task.result() or []
-            status = Status(StatusCode.OK)
+            status = _STATUS_OK
+        response = response or []
         self.service._release(self)  # before the status: the caller may call again at once
         if self.reset_by_caller or self.writer.mid_frame:
             self.stream.reset("rpc call aborted")
@@ -305,15 +384,14 @@ class _InboundCall:
         try:
             # The response takes as long as the path needs (bounded by the call's own deadline,
             # if it has one); only the status after it is held to `status_timeout`.
-            remaining = self.context.deadline
-            async with asyncio.timeout(
-                None if remaining is None else max(0.0, remaining - time.monotonic())
-            ):
-                if len(response) and sum(memoryview(b).nbytes for b in response) >= (
-                    self.service.config.coalesce_below
+            size = sum(memoryview(b).nbytes for b in response) if response else 0
+            if size >= self.service.config.coalesce_below:
+                remaining = self.context.deadline
+                async with asyncio.timeout(
+                    None if remaining is None else max(0.0, remaining - time.monotonic())
                 ):
                     await self.writer.write(response)
-                    response = []
+                response = []
             async with asyncio.timeout(self.service.config.status_timeout):
                 await self.writer.write([*response, self.proto.send_status(status)])
                 await self.stream.close()
@@ -923,8 +1001,13 @@ class RpcService:
         proto = ServerCall(self.config.max_message_size)
         pending: collections.deque[Event] = collections.deque()
         try:
-            async with asyncio.timeout(self.config.header_timeout):
-                header = await self._read_event(stream, proto, pending)
+            # The header usually came with the stream's first bytes: no timer needed then.
+            pending.extend(proto.receive_data(stream.read_nowait(self.config.read_size)))
+            if pending:
+                header = pending.popleft()
+            else:
+                async with asyncio.timeout(self.config.header_timeout):
+                    header = await self._read_event(stream, proto, pending)
         except TimeoutError:
             stream.reset("no call header in time")
             return
@@ -935,7 +1018,9 @@ class RpcService:
             logger.debug("rpc stream from %s lost before its header: %r", stream.remote_peer, exc)
             stream.reset("stream lost")
             return
-        assert isinstance(header, Header)
+        if not isinstance(header, Header):  # the caller gave up before sending a header
+            stream.reset("closed before its call header")
+            return
         refusal = self._admission(stream.remote_peer, header)
         if refusal is not None:
             await self._refuse(stream, proto, refusal)

@@ -10,6 +10,7 @@ import math
 import os
 import struct
 import time
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lattica_ray.rpc import codec
 from lattica_ray.rpc.codec import CodecError, CodecLimits, decode, encode
 
 try:
@@ -71,7 +73,17 @@ def seed_values() -> list[object]:
     return seeds
 
 
+def arrow_data_seed(value: object) -> bytes:
+    """`value` encoded with its data blocks as an Arrow IPC stream, as large messages are."""
+    with mock.patch.object(codec, "RAW_DATA_MAX", 0):
+        message = b"".join(encode(value))
+    assert message[5] == codec.FLAG_DATA_STREAM
+    return message
+
+
+# Small data blocks travel in the compact raw section; the Arrow data stream is fuzzed too.
 SEEDS = [b"".join(encode(value)) for value in seed_values()]
+SEEDS.append(arrow_data_seed(seed_values()[0]))
 
 
 def split(message: bytes) -> tuple[int, object, list[bytes]] | None:
@@ -259,7 +271,7 @@ def test_every_truncated_stream_is_refused_or_safe(seed: int) -> None:
             decode_safely(join(flags, tree, patched))  # may end at a message boundary
 
 
-@pytest.mark.parametrize("seed", [0, 1], ids=["numpy", "arrow"])
+@pytest.mark.parametrize("seed", [0, 1, -1], ids=["numpy", "arrow", "numpy-arrow-data"])
 def test_every_single_bit_flip_is_refused_or_safe(seed: int) -> None:
     message = SEEDS[seed]
     slowest = 0.0

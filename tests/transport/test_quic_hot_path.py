@@ -30,6 +30,14 @@ def _connection(stream_window: int = WINDOW, connection_window: int = 8 * WINDOW
     return quic
 
 
+@pytest.fixture
+def quic_config() -> QuicConfig:
+    """The aioquic engine's glue (flushes, pacing, padding) is what these tests measure."""
+    return QuicConfig(
+        engine="aioquic", handshake_timeout=2.0, idle_timeout=5.0, keepalive_interval=1.0
+    )
+
+
 def test_the_aioquic_engine_fills_the_engine_seam() -> None:
     assert isinstance(_connection(), QuicEngine)
 
@@ -117,7 +125,7 @@ def test_a_pacing_burst_carries_2_ms_of_data_at_the_same_rate() -> None:
 
 async def test_a_bulk_sender_sends_many_datagrams_per_flush() -> None:
     """aioquic's pacer alone lets a flush send at most 16 datagrams."""
-    pair = EndpointPair(QuicConfig(pmtu_probing=False))
+    pair = EndpointPair(QuicConfig(engine="aioquic", pmtu_probing=False))
     await pair.start()
     try:
         connection = await pair.dial()

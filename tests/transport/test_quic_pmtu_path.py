@@ -24,7 +24,11 @@ LOOPBACK_CEILING = 65487  # QuicConfig.max_probed_datagram_size
 @pytest.fixture
 def quic_config() -> QuicConfig:
     return QuicConfig(
-        handshake_timeout=2.0, idle_timeout=5.0, keepalive_interval=1.0, max_datagram_size=BASE
+        engine="aioquic",  # our own path MTU search (qh3 probes by itself: test_qh3_endpoint)
+        handshake_timeout=2.0,
+        idle_timeout=5.0,
+        keepalive_interval=1.0,
+        max_datagram_size=BASE,
     )
 
 
@@ -120,7 +124,7 @@ async def test_probing_respects_the_remote_max_udp_payload_size(
 @pytest.mark.parametrize("size", [16500, 32768])
 async def test_fixed_datagrams_above_16_kib_carry_stream_data_intact(size: int) -> None:
     """aioquic alone corrupts STREAM frames above 16,383 bytes (and the connection hangs)."""
-    pair = EndpointPair(QuicConfig(max_datagram_size=size, pmtu_probing=False))
+    pair = EndpointPair(QuicConfig(engine="aioquic", max_datagram_size=size, pmtu_probing=False))
     await pair.start()
     try:
         connection = await pair.dial()
@@ -146,7 +150,9 @@ async def test_probing_off_keeps_the_configured_size(quic_config: QuicConfig) ->
 def test_the_local_route_caps_the_probes(monkeypatch: pytest.MonkeyPatch) -> None:
     """No probe bigger than the interface toward the peer could send (it would only fail)."""
     assert route_mtu(("127.0.0.1", 9)) >= 65535
-    endpoint = QuicEndpoint(KeyPair.generate(), QuicConfig(max_datagram_size=1350))
+    endpoint = QuicEndpoint(
+        KeyPair.generate(), QuicConfig(engine="aioquic", max_datagram_size=1350)
+    )
     endpoint._socket._fragmentation_options = [(0, 0, 0)]  # as if bound: probes can be sent
     assert endpoint._mtu_search(("127.0.0.1", 9)).candidates == [LOOPBACK_CEILING, 8972, 1472]
     monkeypatch.setattr(endpoint_module, "route_mtu", lambda address: 1500)

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+ENGINE_VARIABLE = "LATTICA_RAY_QUIC_ENGINE"
+QH3_INSTALLED = importlib.util.find_spec("qh3") is not None
+# qh3 where it is installed: 5-20x less CPU per byte than aioquic (benchmarks/quic_engines.py);
+# aioquic, the fallback, stays selectable.
+DEFAULT_ENGINE = "qh3" if QH3_INSTALLED else "aioquic"
 
 
 class QuicConfig(BaseModel):
     """One endpoint's QUIC settings. Every limit is explicit."""
 
     model_config = {"frozen": True}
+
+    engine: Literal["aioquic", "qh3"] = Field(
+        default_factory=lambda: os.environ.get(ENGINE_VARIABLE, DEFAULT_ENGINE),
+        validate_default=True,
+        description="the QUIC state machine: aioquic (pure Python) or qh3 (Rust core: 5-20x "
+        "less CPU per byte; see transport.quic.engine_qh3 for how it differs). Unset, "
+        f"${ENGINE_VARIABLE} decides (for processes configured by others)",
+    )
 
     handshake_timeout: float = Field(10.0, gt=0, description="seconds a dial may take")
     idle_timeout: float = Field(
@@ -56,10 +72,17 @@ class QuicConfig(BaseModel):
     congestion_control: Literal["reno", "cubic"] = Field(
         "reno",
         description="aioquic's congestion controller (the same figures on loopback; cubic may "
-        "suit long, lossy paths better)",
+        "suit long, lossy paths better); qh3 uses its own",
     )
     udp_offload: bool = Field(
         True,
         description="batch datagrams through the kernel with Linux UDP GSO/GRO where it offers "
         "them (one system call per run of datagrams); off: one system call per datagram",
     )
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_installed(cls, engine: str) -> str:
+        if engine == "qh3" and not QH3_INSTALLED:
+            raise ValueError("the qh3 QUIC engine needs the qh3 package (pip install qh3)")
+        return engine

@@ -1,17 +1,17 @@
-"""One QUIC connection: drives aioquic's state machine and turns its events into streams.
+"""One QUIC connection: drives the QUIC engine and turns its events into streams.
 
-The endpoint feeds datagrams in; this class feeds aioquic, flushes what aioquic wants to send
-(coalesced: once per loop iteration), keeps aioquic's timer, sends keep-alive PINGs, checks the
-remote's libp2p certificate when the handshake completes, and maps QUIC streams to `QuicStream`s.
+The endpoint feeds datagrams in; this class feeds the engine (`transport.quic.engine`),
+flushes what it wants to send (coalesced: once per loop iteration), keeps its timer, sends
+keep-alive PINGs, checks the remote's libp2p certificate when the handshake completes, and
+maps QUIC streams to `QuicStream`s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
-
-from aioquic.quic import events
 
 from transport.connection import Connection
 from transport.errors import (
@@ -77,6 +77,7 @@ class QuicConnection(Connection):
         self._terminated = False
         self.bytes_received = 0
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._handlers = self._event_handlers()
 
     # -- endpoint side ----------------------------------------------------------------------
     def datagram_received(self, data: bytes, address: Address) -> None:
@@ -141,6 +142,7 @@ class QuicConnection(Connection):
 
     def _scheduled_flush(self) -> None:
         if self._flush_scheduled:  # else a receive batch has flushed since
+            self._process_events()  # what an engine let through as the reader read
             self._flush()
 
     def _on_timer(self) -> None:
@@ -160,29 +162,40 @@ class QuicConnection(Connection):
         self._process_events()
         self._flush()
 
-    # -- aioquic events -----------------------------------------------------------------
+    # -- engine events ------------------------------------------------------------------
+    def _event_handlers(self) -> dict[str, Callable]:
+        """Handlers by event class name: aioquic's and qh3's events share names and fields."""
+        return {
+            "StreamDataReceived": self._on_stream_data,
+            "StreamReset": self._on_stream_reset,
+            "StopSendingReceived": self._on_stop_sending,
+            "HandshakeCompleted": lambda event: self._on_handshake_completed(),
+            "ConnectionIdIssued": lambda event: self.endpoint._register_cid(
+                event.connection_id, self
+            ),
+            "ConnectionIdRetired": lambda event: self.endpoint._unregister_cid(event.connection_id),
+            "ConnectionTerminated": lambda event: self._on_terminated(
+                event.reason_phrase or f"error code {event.error_code:#x}", event.error_code
+            ),
+        }
+
     def _process_events(self) -> None:
+        handlers = self._handlers
         while (event := self.quic.next_event()) is not None:
-            if isinstance(event, events.StreamDataReceived):
-                self._on_stream_data(event)
-            elif isinstance(event, events.StreamReset):
-                stream = self._streams.get(event.stream_id)
-                if stream is not None:
-                    stream._feed_reset("reset by remote peer")
-                    self._forget(event.stream_id)
-            elif isinstance(event, events.StopSendingReceived):
-                stream = self._streams.get(event.stream_id)
-                if stream is not None:
-                    stream._remote_stopped_sending()
-            elif isinstance(event, events.HandshakeCompleted):
-                self._on_handshake_completed()
-            elif isinstance(event, events.ConnectionIdIssued):
-                self.endpoint._register_cid(event.connection_id, self)
-            elif isinstance(event, events.ConnectionIdRetired):
-                self.endpoint._unregister_cid(event.connection_id)
-            elif isinstance(event, events.ConnectionTerminated):
-                reason = event.reason_phrase or f"error code {event.error_code:#x}"
-                self._on_terminated(reason, event.error_code)
+            handler = handlers.get(type(event).__name__)
+            if handler is not None:
+                handler(event)
+
+    def _on_stream_reset(self, event) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._feed_reset("reset by remote peer")
+            self._forget(event.stream_id)
+
+    def _on_stop_sending(self, event) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._remote_stopped_sending()
 
     def _on_handshake_completed(self) -> None:
         certificate, chain_length = self.quic.peer_certificate()
@@ -210,7 +223,7 @@ class QuicConnection(Connection):
         self.quic.close(error_code=ERROR_CODE_AUTH, reason_phrase=str(error)[:200])
         self._flush()
 
-    def _on_stream_data(self, event: events.StreamDataReceived) -> None:
+    def _on_stream_data(self, event) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is None:
             if not self.established.done() or self.established.exception() is not None:

@@ -27,6 +27,7 @@ from transport.identity import KeyPair, PeerId
 from transport.multiaddr import Multiaddr, quic_multiaddr
 from transport.quic.config import QuicConfig
 from transport.quic.connection import Address, QuicConnection
+from transport.quic.engine import QuicEngine
 from transport.quic.glue import Libp2pQuicConnection
 from transport.quic.pmtu import IPV4_HEADER, IPV6_HEADER, UDP_HEADER, PathMtuSearch, ladder
 from transport.quic.udp import UdpSocket, route_mtu
@@ -125,13 +126,7 @@ class QuicEndpoint:
         if not self._socket.is_open:
             raise DialError("endpoint is not listening; call listen() first")
         address = self._normalize_address(address)
-        quic = Libp2pQuicConnection(
-            configuration=self._configuration(is_client=True),
-            stream_window=self.config.stream_window,
-            connection_window=self.config.connection_window,
-            max_streams=self.config.max_streams,
-            mtu_search=self._mtu_search(address),
-        )
+        quic = self._engine(address)
         connection = QuicConnection(self, quic, address, True, expected_peer)
         self._register_cid(quic.host_cid, connection)
         self._connections.add(connection)
@@ -176,14 +171,18 @@ class QuicEndpoint:
         config = self.config
         if not config.pmtu_probing or not self._socket.can_send_unfragmented:
             return None
-        host = address[0]
-        ipv6 = ":" in host and not host.startswith("::ffff:")
-        ceiling = config.max_probed_datagram_size
-        mtu = route_mtu(address)  # no probe bigger than the local interface could leave
-        if mtu is not None:
-            ceiling = min(ceiling, mtu - UDP_HEADER - (IPV6_HEADER if ipv6 else IPV4_HEADER))
-        sizes = ladder(config.max_datagram_size, ceiling, ipv6)
+        sizes = ladder(config.max_datagram_size, self._probe_ceiling(address), _is_ipv6(address))
         return PathMtuSearch(base=config.max_datagram_size, candidates=sizes) if sizes else None
+
+    def _probe_ceiling(self, address: Address) -> int:
+        """The biggest datagram worth probing towards `address`: no bigger than the local
+        interface could send unfragmented, nor than the configured maximum."""
+        ceiling = self.config.max_probed_datagram_size
+        mtu = route_mtu(address)
+        if mtu is not None:
+            header = IPV6_HEADER if _is_ipv6(address) else IPV4_HEADER
+            ceiling = min(ceiling, mtu - UDP_HEADER - header)
+        return ceiling
 
     def _flush_dirty(self) -> None:
         """End of a receive batch: each connection that got datagrams answers once."""
@@ -232,14 +231,7 @@ class QuicEndpoint:
         self._accept(data, address, header.destination_cid)
 
     def _accept(self, data: bytes, address: Address, original_cid: bytes) -> None:
-        quic = Libp2pQuicConnection(
-            configuration=self._configuration(is_client=False),
-            original_destination_connection_id=original_cid,
-            stream_window=self.config.stream_window,
-            connection_window=self.config.connection_window,
-            max_streams=self.config.max_streams,
-            mtu_search=self._mtu_search(address),
-        )
+        quic = self._engine(address, original_cid)
         connection = QuicConnection(self, quic, address, False)
         self._connections.add(connection)
         self._register_cid(original_cid, connection)
@@ -254,6 +246,40 @@ class QuicEndpoint:
         if not connection.established.done():
             log.debug("inbound handshake from %s timed out", connection.remote_address)
             connection.abort("handshake timed out")
+
+    def _engine(self, address: Address, original_cid: bytes | None = None) -> QuicEngine:
+        """A new connection's engine: a client's, or (with `original_cid`) a server's."""
+        config = self.config
+        is_client = original_cid is None
+        if config.engine == "qh3":
+            from transport.quic.engine_qh3 import Qh3Engine, qh3_configuration
+
+            probing = config.pmtu_probing and self._socket.can_send_unfragmented
+            ceiling = self._probe_ceiling(address) if probing else config.max_datagram_size
+            return Qh3Engine(
+                qh3_configuration(
+                    is_client=is_client,
+                    certificate=self._certificate,
+                    private_key=self._certificate_key,
+                    alpn=ALPN,
+                    idle_timeout=config.idle_timeout,
+                    max_datagram_size=max(ceiling, config.max_datagram_size),
+                    probe_datagram_size=probing and ceiling > config.max_datagram_size,
+                    max_data=config.connection_window,
+                    max_stream_data=config.stream_window,
+                    connection_id_length=CONNECTION_ID_LENGTH,
+                    supported_versions=list(SUPPORTED_VERSIONS),
+                ),
+                original_destination_connection_id=original_cid,
+            )
+        return Libp2pQuicConnection(
+            configuration=self._configuration(is_client=is_client),
+            original_destination_connection_id=original_cid,
+            stream_window=config.stream_window,
+            connection_window=config.connection_window,
+            max_streams=config.max_streams,
+            mtu_search=self._mtu_search(address),
+        )
 
     def _configuration(self, is_client: bool) -> QuicConfiguration:
         config = self.config
@@ -302,6 +328,11 @@ class QuicEndpoint:
         self._connections.discard(connection)
         for cid in [cid for cid, owner in self._by_cid.items() if owner is connection]:
             del self._by_cid[cid]
+
+
+def _is_ipv6(address: Address) -> bool:
+    host = address[0]
+    return ":" in host and not host.startswith("::ffff:")
 
 
 __all__ = ["ConnectionCallback", "QuicEndpoint"]

@@ -1,11 +1,15 @@
 """The seam between our QUIC glue and the QUIC engine: what `QuicConnection` asks of it.
 
-Today the engine is aioquic's sans-I/O `QuicConnection`, extended in `transport.quic.glue`.
-aioquic's per-packet Python work bounds what one connection moves at Internet-size datagrams
-(about 85 MB per CPU-second per side on this machine, engine alone); a compiled engine that
-speaks libp2p's mutual TLS would plug in here. It must take datagrams and time in, give
-datagrams and aioquic's event dataclasses (`aioquic.quic.events`) out, never touch a socket or
-a clock, and offer the flow-control and path MTU hooks below.
+Two engines fill it, chosen by `QuicConfig.engine`:
+- aioquic's sans-I/O `QuicConnection`, extended in `transport.quic.glue` (the fallback). Its
+  per-packet Python work bounds one connection at Internet-size datagrams (about 65-90 MB per
+  CPU-second per side here, engine alone: `benchmarks/quic_engines.py`).
+- qh3's Rust connection core (`transport.quic.engine_qh3`, TLS in `transport.quic.glue_qh3`),
+  the default where qh3 is installed: 5-20x less CPU per byte; its flow-control bound is per
+  connection, and it probes the path MTU itself.
+An engine takes datagrams and time in, gives datagrams and events out (classes named as
+aioquic's `aioquic.quic.events`, with the same fields), never touches a socket or a clock, and
+offers the flow-control and path MTU hooks below.
 """
 
 from __future__ import annotations

@@ -1,0 +1,129 @@
+"""The qh3 engine over real UDP on loopback: its path MTU probing and batched datagram I/O.
+
+(Streams, authentication and bad input run on both engines in tests/transport/test_quic.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from tests.transport.conftest import EndpointPair, LossyPath, wait_until
+from transport.quic import QuicConfig, QuicConnection
+
+pytest.importorskip("qh3", reason="qh3 is not installed (the qh3 QUIC engine is optional)")
+
+from transport.quic.engine_qh3 import Qh3Engine
+
+BASE = 1350
+
+
+@pytest.fixture
+def quic_config() -> QuicConfig:
+    return QuicConfig(engine="qh3", handshake_timeout=2.0, idle_timeout=5.0, keepalive_interval=1.0)
+
+
+async def _send(pair: EndpointPair, connection: QuicConnection, size: int) -> None:
+    """A random payload over one new stream arrives intact."""
+    payload = os.urandom(size)
+    stream = await connection.open_stream()
+    sender = asyncio.ensure_future(stream.write(payload))
+    try:
+        inbound = await asyncio.wait_for(pair.server_streams.get(), 10)
+        assert await asyncio.wait_for(inbound.readexactly(size), 30) == payload
+        await asyncio.wait_for(sender, 10)
+    finally:
+        sender.cancel()
+
+
+async def test_the_endpoint_builds_qh3_engines(endpoints: EndpointPair) -> None:
+    connection = await endpoints.dial()
+    assert isinstance(connection.quic, Qh3Engine)
+    assert connection.quic.mtu_search is None  # qh3 probes by itself
+
+
+async def test_qh3_probes_loopback_to_big_datagrams(endpoints: EndpointPair) -> None:
+    connection = await endpoints.dial()
+    await _send(endpoints, connection, 4 * 1024 * 1024)
+    assert connection.quic.max_datagram_size > 8000  # loopback carries far more than 1350
+
+
+async def test_a_path_that_drops_big_datagrams_still_carries_the_data(
+    endpoints: EndpointPair, lossy_path: LossyPath
+) -> None:
+    lossy_path.drop_above = 1400
+    connection = await endpoints.client.dial(lossy_path.address, endpoints.server_key.peer_id)
+    await _send(endpoints, connection, 2 * 1024 * 1024)
+    assert lossy_path.largest_passed <= 1400
+    assert lossy_path.dropped  # bigger sizes were tried, and lost
+    await _send(endpoints, connection, 256 * 1024)  # and the connection still works
+
+
+async def test_probing_off_keeps_the_configured_size(quic_config: QuicConfig) -> None:
+    pair = EndpointPair(quic_config.model_copy(update={"pmtu_probing": False}))
+    await pair.start()
+    try:
+        connection = await pair.dial()
+        await _send(pair, connection, 1024 * 1024)
+        assert connection.quic.max_datagram_size == BASE
+        assert pair.client._socket.gso  # sent in segmented batches
+        assert pair.client._socket.send_calls * 4 < pair.client._socket.datagrams_sent
+    finally:
+        await pair.close()
+
+
+async def test_received_datagrams_reach_qh3_in_batches(quic_config: QuicConfig) -> None:
+    pair = EndpointPair(quic_config.model_copy(update={"pmtu_probing": False}))
+    await pair.start()
+    try:
+        connection = await pair.dial()
+        await wait_until(lambda: bool(pair.server_connections))
+        server_engine = pair.server_connections[0].quic
+        batches: list[int] = []
+        many = server_engine._quic.receive_many_datagrams
+
+        def counted(datagrams, addr, now) -> None:
+            batches.append(len(datagrams))
+            many(datagrams, addr, now)
+
+        server_engine._quic.receive_many_datagrams = counted
+        await _send(pair, connection, 2 * 1024 * 1024)
+        assert batches and max(batches) > 8
+    finally:
+        await pair.close()
+
+
+async def test_a_slow_reader_bounds_receive_memory(quic_config: QuicConfig) -> None:
+    """Credit follows what the application reads: a writer cannot flood a slow reader.
+
+    qh3's bound is per connection (the connection window, plus what qh3 had let in when the
+    engine started holding its events), not per stream as with aioquic.
+    """
+    window = 256 * 1024
+    config = quic_config.model_copy(
+        update={"stream_window": window, "connection_window": 4 * window}
+    )
+    pair = EndpointPair(config)
+    await pair.start()
+    try:
+        connection = await pair.dial()
+        stream = await connection.open_stream()
+        total = 16 * 1024 * 1024
+
+        async def write_all() -> None:
+            await stream.write(bytes(total))
+            await stream.close()
+
+        writer = asyncio.ensure_future(write_all())
+        inbound = await pair.server_streams.get()
+        await wait_until(lambda: len(inbound._buffer) >= 4 * window - 2048)
+        await asyncio.sleep(0.3)  # give the writer every chance to overrun the window
+        assert len(inbound._buffer) <= 2 * 4 * window
+        assert not writer.done()
+        received = len(await inbound.read_to_end(max_size=total))
+        await asyncio.wait_for(writer, 30)
+        assert received == total
+    finally:
+        await pair.close()
