@@ -435,11 +435,14 @@ def test_processes_run_inside_hosts_and_teardown_survives_a_failing_test() -> No
 
 def test_cleanup_removes_labs_whose_owner_was_killed() -> None:
     program = (
-        "import os, signal, subprocess\n"
+        "import os, signal, subprocess, time\n"
         "from tests.netlab import Lab\n"
         "lab = Lab(); lab.add_public_host('p'); lab.start()\n"
         "quiet = {'stdout': subprocess.DEVNULL, 'stderr': subprocess.DEVNULL}\n"
         "sleeper = lab.spawn('p', ['sleep', '600'], **quiet)\n"
+        # `ip netns exec` enters the namespace, then becomes `sleep`: wait for that (a loaded
+        # machine may not have got there yet, and cleanup finds only processes inside).
+        "while not os.readlink(f'/proc/{sleeper.pid}/exe').endswith('sleep'): time.sleep(0.005)\n"
         "print(lab.id, sleeper.pid, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
