@@ -10,6 +10,7 @@ first read, saving a round trip per stream.
 from __future__ import annotations
 
 from collections.abc import Collection
+from functools import lru_cache
 
 from transport.errors import ProtocolNotSupported, ProtocolViolation, StreamReset
 from transport.stream import Stream
@@ -37,12 +38,24 @@ def decode_message(body: bytes) -> str:
         raise ProtocolViolation("multistream message is not UTF-8") from exc
 
 
+@lru_cache(maxsize=256)
+def encode_messages(*texts: str) -> bytes:
+    """Several messages back to back (the header and a proposal, or their echo), memoized:
+    every stream of a protocol sends the same ones."""
+    return b"".join(encode_message(text) for text in texts)
+
+
 async def _read_text(stream: Stream) -> str:
     return decode_message(await stream._read_message_raw(MAX_PROTOCOL_ID_LENGTH + 1))
 
 
 async def read_confirmation(stream: Stream, expected: list[str]) -> None:
     """Check the listener's answers to proposals we sent without waiting (lazy mode)."""
+    echo = encode_messages(*expected)
+    if stream._buffer.startswith(echo):  # the usual answer, whole: no parsing needed
+        del stream._buffer[: len(echo)]
+        stream._on_consumed(len(echo))
+        return
     for want in expected:
         answer = await _read_text(stream)
         if answer == want:
@@ -62,7 +75,7 @@ async def select_outbound(stream: Stream, protocols: list[str], lazy: bool = Tru
     if not protocols:
         raise ValueError("propose at least one protocol")
     if lazy and len(protocols) == 1:
-        await stream.write(encode_message(MULTISTREAM_PROTOCOL) + encode_message(protocols[0]))
+        await stream.write(encode_messages(MULTISTREAM_PROTOCOL, protocols[0]))
         stream._pending_confirmation = [MULTISTREAM_PROTOCOL, protocols[0]]
         stream.protocol = protocols[0]
         return protocols[0]
@@ -104,7 +117,7 @@ async def select_inbound(stream: Stream, supported: Collection[str]) -> str:
                 raise ProtocolNotSupported(refused, stream.remote_peer) from exc
             raise
         if proposal in supported:
-            await stream.write(encode_message(proposal))
+            await stream.write(encode_messages(proposal))
             stream.protocol = proposal
             return proposal
         if proposal == LIST:

@@ -97,3 +97,23 @@ async def test_endless_proposals_are_cut_off() -> None:
     await dialer.write(encode_message("/multistream/1.0.0") + proposals)
     with pytest.raises(ProtocolViolation, match="giving up"):
         await select_inbound(listener, ["/a/1"])
+
+
+async def test_lazy_confirmation_split_across_reads_is_still_checked() -> None:
+    """The dialer's fast path takes the whole echo at once; a partial one is parsed as it
+    comes, and a wrong one is refused either way."""
+    dialer, listener = memory_stream_pair()
+    await select_outbound(dialer, ["/echo/1"])
+    echo = encode_message("/multistream/1.0.0") + encode_message("/echo/1")
+    reading = asyncio.ensure_future(dialer.read())
+    await listener.write(echo[:5])
+    await asyncio.sleep(0)
+    assert not reading.done()
+    await listener.write(echo[5:] + b"reply")
+    assert await reading == b"reply"
+
+    dialer, listener = memory_stream_pair()
+    await select_outbound(dialer, ["/echo/1"])
+    await listener.write(encode_message("/multistream/1.0.0") + encode_message("/other/1"))
+    with pytest.raises(ProtocolViolation, match="/other/1"):
+        await dialer.read()
