@@ -19,6 +19,9 @@ What the seam asks and qh3 does differently:
   small, small round trips wait for the pacer: about 1.2 ms on loopback (64 KiB maximum)
   instead of 60 us, until a transfer has grown the window. Internet paths (maximum 1472)
   do not show it; `pmtu_probing=False` avoids it.
+- Streams: qh3 lets a remote open 100 bidirectional streams at once (fixed in qh3; our
+  `max_streams` is the aioquic engine's). Opening more than the remote allows is a
+  `StreamError`. Congestion control is qh3's own (`congestion_control` is aioquic's).
 """
 
 from __future__ import annotations

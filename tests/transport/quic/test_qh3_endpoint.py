@@ -11,6 +11,7 @@ import os
 import pytest
 
 from tests.transport.conftest import EndpointPair, LossyPath, wait_until
+from transport.errors import StreamError
 from transport.quic import QuicConfig, QuicConnection
 
 pytest.importorskip("qh3", reason="qh3 is not installed (the qh3 QUIC engine is optional)")
@@ -127,3 +128,33 @@ async def test_a_slow_reader_bounds_receive_memory(quic_config: QuicConfig) -> N
         assert received == total
     finally:
         await pair.close()
+
+
+async def test_opening_more_streams_than_the_remote_allows_is_a_clear_error(
+    endpoints: EndpointPair,
+) -> None:
+    connection = await endpoints.dial()
+    streams = []
+    with pytest.raises(StreamError, match="limit"):
+        for _ in range(200):  # qh3 lets a remote open 100 at once
+            stream = await connection.open_stream()
+            await stream.write(b"x")
+            streams.append(stream)
+    assert len(streams) == 100
+    for stream in streams:  # finish every stream both ways: the remote grants new ones
+        await stream.close()
+        inbound = await asyncio.wait_for(endpoints.server_streams.get(), 5)
+        assert await inbound.read_to_end(max_size=10) == b"x"
+        await inbound.close()
+        assert await stream.read_to_end(max_size=10) == b""
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                stream = await connection.open_stream()
+                break
+            except StreamError:
+                await asyncio.sleep(0.01)  # MAX_STREAMS from the remote is on its way
+    await stream.write(b"again")
+    await stream.close()
+    inbound = await asyncio.wait_for(endpoints.server_streams.get(), 5)
+    assert await inbound.read_to_end(max_size=10) == b"again"
