@@ -126,15 +126,20 @@ def datagram_counts(node: Node) -> tuple[int, int]:
     return udp.datagrams_sent, udp.datagrams_received
 
 
-async def test_a_small_unary_call_is_one_datagram_each_way() -> None:
+@pytest.mark.parametrize("handler_sleeps", [0.0, 0.005], ids=["answers-at-once", "suspends"])
+async def test_a_small_unary_call_is_one_datagram_each_way(handler_sleeps: float) -> None:
     """Request (with the protocol proposal) in one datagram; confirmation, response, status
-    and FIN in one back. The only others are ACK-only packets, at most one per datagram
-    received (aioquic delays ACKs by 1 ms), and back-to-back calls carry the previous
-    call's FIN in the next request. Before: the confirmation had a datagram of its own."""
+    and FIN in one back, also when the handler suspends first (the confirmation is held for
+    the reply). The only others are ACK-only packets, at most one per datagram received, and
+    back-to-back calls carry the previous call's FIN in the next request. Before: the
+    confirmation had a datagram of its own (2.4-2.5 per call from the server at once, 3 when
+    the handler suspends)."""
     async with Node(listen=LOOPBACK) as server_node, Node(listen=LOOPBACK) as client_node:
 
         @server_node.rpc.method()
         async def echo(x: bytes) -> bytes:
+            if handler_sleeps:
+                await asyncio.sleep(handler_sleeps)  # a handler that waits on something
             return x
 
         client_node.add_peer_addrs(server_node.peer_id, server_node.addrs)
@@ -147,5 +152,6 @@ async def test_a_small_unary_call_is_one_datagram_each_way() -> None:
         server_sent = datagram_counts(server_node)[0] - server_before[0]
         client_sent = datagram_counts(client_node)[0] - client_before[0]
         print(f"per call: client sent {client_sent / calls:.2f}, server {server_sent / calls:.2f}")
-        assert calls <= client_sent <= 2 * calls + 1  # request, maybe an ACK
-        assert calls <= server_sent <= 2 * calls  # response, maybe an ACK; never a third
+        other = calls // 10  # the node's own traffic meanwhile (liveness pings and their ACKs)
+        assert calls <= client_sent <= 2 * calls + other  # request, maybe an ACK
+        assert calls <= server_sent <= 2 * calls + other  # response, maybe an ACK; never a third
