@@ -4,12 +4,15 @@ Messages are varint-length-prefixed and end in "\\n"; both sides first send the 
 "/multistream/1.0.0". The initiator proposes protocols one by one; the listener echoes the one
 it accepts or answers "na". With one proposal the initiator is *lazy* (as rust-libp2p's
 V1Lazy): it sends header, proposal and its first data at once and checks the answer on its
-first read, saving a round trip per stream.
+first read, saving a round trip per stream. A listener whose dialer was lazy (its data came
+with the proposal) sends its confirmation with its first reply, on transports that can hold
+bytes for the next write (`Stream.holds_unsent`): one packet for both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from functools import lru_cache
 
 from transport.errors import ProtocolNotSupported, ProtocolViolation, StreamReset
 from transport.stream import Stream
@@ -37,12 +40,24 @@ def decode_message(body: bytes) -> str:
         raise ProtocolViolation("multistream message is not UTF-8") from exc
 
 
+@lru_cache(maxsize=256)
+def encode_messages(*texts: str) -> bytes:
+    """Several messages back to back (the header and a proposal, or their echo), memoized:
+    every stream of a protocol sends the same ones."""
+    return b"".join(encode_message(text) for text in texts)
+
+
 async def _read_text(stream: Stream) -> str:
     return decode_message(await stream._read_message_raw(MAX_PROTOCOL_ID_LENGTH + 1))
 
 
 async def read_confirmation(stream: Stream, expected: list[str]) -> None:
     """Check the listener's answers to proposals we sent without waiting (lazy mode)."""
+    echo = encode_messages(*expected)
+    if stream._buffer.startswith(echo):  # the usual answer, whole: no parsing needed
+        del stream._buffer[: len(echo)]
+        stream._on_consumed(len(echo))
+        return
     for want in expected:
         answer = await _read_text(stream)
         if answer == want:
@@ -62,7 +77,7 @@ async def select_outbound(stream: Stream, protocols: list[str], lazy: bool = Tru
     if not protocols:
         raise ValueError("propose at least one protocol")
     if lazy and len(protocols) == 1:
-        await stream.write(encode_message(MULTISTREAM_PROTOCOL) + encode_message(protocols[0]))
+        await stream.write(encode_messages(MULTISTREAM_PROTOCOL, protocols[0]))
         stream._pending_confirmation = [MULTISTREAM_PROTOCOL, protocols[0]]
         stream.protocol = protocols[0]
         return protocols[0]
@@ -92,9 +107,12 @@ async def select_inbound(stream: Stream, supported: Collection[str]) -> str:
     if header != MULTISTREAM_PROTOCOL:
         stream.reset("multistream violation")
         raise ProtocolViolation(f"multistream: expected header, got {header!r}")
-    await stream.write(encode_message(MULTISTREAM_PROTOCOL))
+    unsent = encode_message(MULTISTREAM_PROTOCOL)  # our header goes with our first answer
     refused: list[str] = []
     for _ in range(MAX_PROPOSALS):
+        if unsent and not stream._buffer:  # the dialer may wait for our header to propose
+            await stream.write(unsent)
+            unsent = b""
         try:
             proposal = await _read_text(stream)
         except (EOFError, StreamReset) as exc:  # the remote gave up after our refusals
@@ -104,14 +122,20 @@ async def select_inbound(stream: Stream, supported: Collection[str]) -> str:
                 raise ProtocolNotSupported(refused, stream.remote_peer) from exc
             raise
         if proposal in supported:
-            await stream.write(encode_message(proposal))
+            answer = unsent + encode_messages(proposal)
+            if stream.holds_unsent and stream._buffer:  # a lazy dialer: its data is here
+                stream.hold(answer)  # the confirmation travels with our reply
+            else:
+                await stream.write(answer)
             stream.protocol = proposal
             return proposal
         if proposal == LIST:
             listing = b"".join(encode_message(p) for p in sorted(supported))
-            await stream.write(encode_length_prefixed(listing))
+            await stream.write(unsent + encode_length_prefixed(listing))
+            unsent = b""
             continue
         refused.append(proposal)
-        await stream.write(encode_message(NOT_AVAILABLE))
+        await stream.write(unsent + encode_message(NOT_AVAILABLE))
+        unsent = b""
     stream.reset("too many protocol proposals")
     raise ProtocolViolation(f"multistream: refused {len(refused)} proposals, giving up")

@@ -22,6 +22,9 @@ DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024  # for length-prefixed control messag
 class Stream:
     """One bidirectional byte stream to `remote_peer`, speaking `protocol` once negotiated."""
 
+    # True for transports that send what `hold` kept ahead of their next write or their FIN.
+    holds_unsent = False
+
     def __init__(self, remote_peer: PeerId | None = None) -> None:
         self.remote_peer = remote_peer
         self.protocol: str = ""
@@ -32,6 +35,19 @@ class Stream:
         # Lazy multistream-select: confirmations we still expect before the first data byte.
         self._pending_confirmation: list[str] = []
         self._watcher: Callable[[], None] | None = None
+        self._unsent = b""  # held for the next write (see `hold`)
+
+    def hold(self, data: bytes) -> None:
+        """Send `data` ahead of the next write or the close, not now: a listener's protocol
+        confirmation then shares a packet with its reply. Only where `holds_unsent`."""
+        if not self.holds_unsent:
+            raise RuntimeError(f"{type(self).__name__} cannot hold bytes for its next write")
+        self._unsent += data
+
+    def _take_unsent(self) -> bytes:
+        """What `hold` kept (b"" if nothing), for the transport to send first; now cleared."""
+        unsent, self._unsent = self._unsent, b""
+        return unsent
 
     def watch(self, callback: Callable[[], None] | None) -> None:
         """Call `callback` (synchronously, keep it short) whenever data, the end or a reset

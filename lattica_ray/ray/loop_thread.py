@@ -1,14 +1,10 @@
-"""The event loop the Node inside the LatticaActor runs on, and how other loops reach it.
+"""An asyncio loop on its own thread, for the Node inside the LatticaActor.
 
 Ray runs each concurrency group of an async actor on its own event loop (its own thread), but a
-Node's sockets and tasks belong to one loop. So the Node lives on one loop, and actor methods in
-any group hand it coroutines with `await loop_thread.run(coro)`: the result comes back to the
+Node's sockets and tasks belong to one loop. So the Node lives here, and actor methods in any
+group hand it coroutines with `await loop_thread.run(coro)`: the result comes back to the
 caller's loop, and cancelling the caller cancels the coroutine on the Node's loop. A coroutine
-from the Node's own loop is simply awaited: no thread hand-off.
-
-The loop is either a thread of our own (`LoopThread()`), or one somebody else runs
-(`LoopThread.borrow(loop)`: Ray's loop of the control group, so control calls, the hot path,
-need no hand-off at all); a borrowed loop is never stopped by us.
+already on the Node's loop is simply awaited.
 """
 
 from __future__ import annotations
@@ -25,25 +21,12 @@ _END = object()
 
 
 class LoopThread:
-    """A daemon thread running one event loop until `stop()` (or a borrowed running loop)."""
+    """A daemon thread running one event loop until `stop()`."""
 
     def __init__(self, name: str = "lattica-node") -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self.borrowed = False
         self._thread.start()
-
-    @classmethod
-    def borrow(cls, loop: asyncio.AbstractEventLoop) -> LoopThread:
-        """Hand coroutines to `loop`, which another thread runs (and stops: `stop()` here
-        only forgets it)."""
-        if not loop.is_running():
-            raise ValueError("can only borrow a running event loop")
-        borrowed = cls.__new__(cls)
-        borrowed.loop = loop
-        borrowed.borrowed = True
-        borrowed._thread = None
-        return borrowed
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -55,8 +38,6 @@ class LoopThread:
 
     @property
     def running(self) -> bool:
-        if self._thread is None:
-            return self.borrowed and self.loop.is_running()
         return self._thread.is_alive() and not self.loop.is_closed()
 
     def _here(self) -> bool:
@@ -131,11 +112,7 @@ class LoopThread:
                 self.loop.call_soon_threadsafe(task.cancel)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel what still runs on the loop, stop it and join the thread (a borrowed loop
-        is left to its owner: only forgotten)."""
-        if self._thread is None:
-            self.borrowed = False
-            return
+        """Cancel what still runs on the loop, stop it and join the thread."""
         if not self.running:
             return
 

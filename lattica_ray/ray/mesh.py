@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -310,7 +311,7 @@ def _unary_adapter(handler: UnaryHandler) -> UnaryHandler:
     from lattica_ray.rpc import current_call
 
     async def unary(*args: Any) -> Any:
-        return await handler(str(current_call().peer), *args)
+        return await handler(_peer_text(current_call().peer), *args)
 
     return unary
 
@@ -319,7 +320,7 @@ def _stream_adapter(handler: StreamHandler) -> StreamHandler:
     from lattica_ray.rpc import current_call
 
     async def streaming(*args: Any) -> AsyncIterator[Any]:
-        items = handler(str(current_call().peer), *args)
+        items = handler(_peer_text(current_call().peer), *args)
         try:
             async for item in items:
                 yield item
@@ -329,7 +330,15 @@ def _stream_adapter(handler: StreamHandler) -> StreamHandler:
     return streaming
 
 
+# Peer IDs as text and as PeerId, converted once per peer rather than once per call (base58
+# costs tens of microseconds each way, on the path of every remote actor call).
+@functools.lru_cache(maxsize=4096)
 def _peer(peer: str) -> Any:
     from transport.identity import PeerId
 
     return PeerId.from_string(peer)
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_text(peer: Any) -> str:
+    return str(peer)

@@ -103,6 +103,7 @@ _NDARRAY, _NUMPY_SCALAR, _TORCH, _BYTES, _BYTEARRAY, _STR = "N", "G", "P", "B", 
 STR_INLINE_MAX = 1024  # characters; a longer str travels as a UTF-8 block
 _ARROW_ARRAY, _ARROW_CHUNKED, _ARROW_BATCH, _ARROW_TABLE = "A", "C", "R", "W"
 _KEY_TYPES = (str, int, float, bool, type(None), bytes, tuple)
+_TREE_JSON = json.JSONEncoder(separators=(",", ":"))  # one instance: json.dumps builds one a call
 
 
 class CodecLimits(BaseModel):
@@ -142,6 +143,10 @@ class _Encoder:
         self.limits = limits
         self.blocks: list[pa.Buffer] = []
         self.streams: list[tuple[pa.Schema, list[pa.RecordBatch]]] = []
+
+    @property
+    def data_size(self) -> int:
+        return sum(block.size for block in self.blocks)
 
     def flatten(self, obj: object) -> list[Any]:
         limits = self.limits
@@ -265,18 +270,20 @@ def encode(obj: object, limits: CodecLimits | None = None) -> list[memoryview]:
     if blocks > limits.max_buffers:
         raise LimitExceeded("data block count", blocks, limits.max_buffers, "max_buffers")
     try:
-        tree = json.dumps(nodes, separators=(",", ":")).encode("ascii")
+        tree = _TREE_JSON.encode(nodes).encode("ascii")
     except ValueError as exc:  # an int above the interpreter's digit limit
         raise UnsupportedType(f"cannot encode the value: {exc}") from exc
     if len(tree) > limits.max_tree_bytes:
         raise LimitExceeded("value tree size", len(tree), limits.max_tree_bytes, "max_tree_bytes")
+    if not encoder.streams and (not blocks or encoder.data_size < RAW_DATA_MAX):
+        return [memoryview(_small_message(encoder, tree, limits))]
     streams = len(encoder.streams) + bool(blocks)
     padding = -len(tree) % 8
     header_size = _HEADER.size + _LENGTH.size * streams + len(tree) + padding
     sink = Gather()
     lengths: list[int] = []
     flags = 0
-    if blocks and sum(block.size for block in encoder.blocks) < RAW_DATA_MAX:
+    if blocks and encoder.data_size < RAW_DATA_MAX:
         flags |= FLAG_DATA_STREAM | FLAG_RAW_DATA
         section = raw_section(encoder.blocks, header_size)
         sink.write(section)
@@ -302,6 +309,23 @@ def encode(obj: object, limits: CodecLimits | None = None) -> list[memoryview]:
     if size > limits.max_message_bytes:
         raise LimitExceeded("message size", size, limits.max_message_bytes, "max_message_bytes")
     return sink.buffers(header)
+
+
+def _small_message(encoder: _Encoder, tree: bytes, limits: CodecLimits) -> bytes:
+    """A message of no Arrow value and little data: header, tree, raw section, in one piece."""
+    padding = -len(tree) % 8
+    if encoder.blocks:
+        section_start = _HEADER.size + _LENGTH.size + len(tree) + padding
+        section = raw_section(encoder.blocks, section_start)
+        flags, lengths = FLAG_DATA_STREAM | FLAG_RAW_DATA, _LENGTH.pack(len(section))
+    else:
+        section, flags, lengths = b"", 0, b""
+    head = _HEADER.pack(MAGIC, VERSION, flags, 0, len(tree), len(lengths) // _LENGTH.size)
+    message = b"".join((head, lengths, tree, bytes(padding), section))
+    if len(message) > limits.max_message_bytes:
+        size = len(message)
+        raise LimitExceeded("message size", size, limits.max_message_bytes, "max_message_bytes")
+    return message
 
 
 # --------------------------------------------------------------------------- decoding

@@ -91,37 +91,22 @@ def test_run_sync_timeout(loop_thread):
         loop_thread.run_sync(asyncio.sleep(10), timeout=0.1)
 
 
-async def test_a_borrowed_loop_is_awaited_directly_and_never_stopped():
-    """Ray's control-group loop, borrowed: its own coroutines need no hand-off; others' do."""
-    here = asyncio.get_running_loop()
-    borrowed = LoopThread.borrow(here)
+def test_a_coroutine_already_on_the_loop_is_awaited_there(loop_thread):
+    async def where() -> str:
+        return threading.current_thread().name
 
-    async def where() -> asyncio.AbstractEventLoop:
-        return asyncio.get_running_loop()
+    async def nested() -> tuple[str, list[int]]:
+        async def items():
+            yield 1
+            yield 2
 
-    assert await borrowed.run(where()) is here
+        got = [i async for i in loop_thread.iterate(items())]
+        return await loop_thread.run(where()), got
 
-    async def items():
-        yield 1
-        yield 2
+    assert loop_thread.run_sync(nested(), timeout=5) == ("test-loop", [1, 2])
 
-    assert [i async for i in borrowed.iterate(items())] == [1, 2]
-    other = LoopThread("other-loop")
-    try:
-        # from another loop (Ray's bulk group) it is a hand-off as before
-        assert await other.run(borrowed.run(where())) is here
-    finally:
-        other.stop()
+    async def blocking() -> None:
+        loop_thread.run_sync(where())
+
     with pytest.raises(RuntimeError, match="would block the loop"):
-        borrowed.run_sync(where())
-    borrowed.stop()
-    assert here.is_running() and not borrowed.running
-
-
-def test_only_a_running_loop_can_be_borrowed():
-    loop = asyncio.new_event_loop()
-    try:
-        with pytest.raises(ValueError, match="running event loop"):
-            LoopThread.borrow(loop)
-    finally:
-        loop.close()
+        loop_thread.run_sync(blocking(), timeout=5)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lattica_ray.rpc import protocol as _protocol
 from lattica_ray.rpc.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -150,6 +151,28 @@ def test_header_without_timeout_has_no_deadline_and_tiny_timeouts_round_up() -> 
     assert decode_header(body).timeout is None
     body = encode_header(Header("m", CallKind.UNARY, 1e-9))[2:]
     assert decode_header(body).timeout == 1e-6  # never rounded down to "already expired"
+
+
+def test_memoized_control_frames_equal_the_protobuf_ones() -> None:
+    """Headers without metadata and OK statuses skip protobuf after the first time: what
+    comes out must not change, and metadata (which varies per call) is never memoized."""
+    plain = Header("memo.echo", CallKind.UNARY, 30.0)
+    first, again = encode_header(plain), encode_header(plain)
+    assert first == again == _protocol._encode_header(plain)
+    assert decode_header(first[2:]) == decode_header(again[2:]) == plain
+    traced = [Header("memo.echo", CallKind.UNARY, 30.0, {"trace": str(i)}) for i in range(3)]
+    frames = {encode_header(header) for header in traced}
+    assert len(frames) == 3
+    assert [decode_header(frame[2:]) for frame in sorted(frames)] == sorted(
+        traced, key=lambda h: h.metadata["trace"]
+    )
+    ok = encode_status(Status(StatusCode.OK))
+    assert ok == bytes((FrameType.STATUS, 0))
+    [(_, body)] = FrameDecoder(LIMIT).feed(ok)
+    assert _protocol.decode_status(body) == Status(StatusCode.OK)
+    failed = Status(StatusCode.NOT_FOUND, "no such method", "KeyError", "Traceback...")
+    [(_, body)] = FrameDecoder(LIMIT).feed(encode_status(failed))
+    assert _protocol.decode_status(body) == failed
 
 
 def test_header_rejects_bad_method_names_and_kinds() -> None:

@@ -118,3 +118,40 @@ async def test_peer_stopping_mid_call_over_quic() -> None:
             await client.stop()
             await server.stop()
             await server_node.stop()
+
+
+def datagram_counts(node: Node) -> tuple[int, int]:
+    """(sent, received) by the node's QUIC socket so far (the socket's own counters)."""
+    udp = node.swarm.endpoints[0]._socket
+    return udp.datagrams_sent, udp.datagrams_received
+
+
+@pytest.mark.parametrize("handler_sleeps", [0.0, 0.005], ids=["answers-at-once", "suspends"])
+async def test_a_small_unary_call_is_one_datagram_each_way(handler_sleeps: float) -> None:
+    """Request (with the protocol proposal) in one datagram; confirmation, response, status
+    and FIN in one back, also when the handler suspends first (the confirmation is held for
+    the reply). The only others are ACK-only packets, at most one per datagram received, and
+    back-to-back calls carry the previous call's FIN in the next request. Before: the
+    confirmation had a datagram of its own (2.4-2.5 per call from the server at once, 3 when
+    the handler suspends)."""
+    async with Node(listen=LOOPBACK) as server_node, Node(listen=LOOPBACK) as client_node:
+
+        @server_node.rpc.method()
+        async def echo(x: bytes) -> bytes:
+            if handler_sleeps:
+                await asyncio.sleep(handler_sleeps)  # a handler that waits on something
+            return x
+
+        client_node.add_peer_addrs(server_node.peer_id, server_node.addrs)
+        peer, payload, calls = server_node.peer_id, b"x" * 100, 50
+        for _ in range(5):  # connection up, identify done
+            assert await client_node.rpc.call(peer, "echo", payload, timeout=WAIT) == payload
+        server_before, client_before = datagram_counts(server_node), datagram_counts(client_node)
+        for _ in range(calls):
+            assert await client_node.rpc.call(peer, "echo", payload, timeout=WAIT) == payload
+        server_sent = datagram_counts(server_node)[0] - server_before[0]
+        client_sent = datagram_counts(client_node)[0] - client_before[0]
+        print(f"per call: client sent {client_sent / calls:.2f}, server {server_sent / calls:.2f}")
+        other = calls // 10  # the node's own traffic meanwhile (liveness pings and their ACKs)
+        assert calls <= client_sent <= 2 * calls + other  # request, maybe an ACK
+        assert calls <= server_sent <= 2 * calls + other  # response, maybe an ACK; never a third

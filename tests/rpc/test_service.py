@@ -416,6 +416,35 @@ async def test_deadline_is_enforced_on_the_server(make_pair: PairFactory) -> Non
     await wait_for(cancelled, "the handler sees CancelledError at its deadline")
 
 
+async def test_a_handler_that_swallows_its_cancellation_still_ends_its_call(
+    make_pair: PairFactory,
+) -> None:
+    """Small unary handlers run in the stream's own task: a handler that catches the
+    CancelledError of its deadline must leave that task able to send the status and serve on."""
+    pair = await make_pair(client_config=RpcConfig(deadline_grace=WAIT))
+    swallowed = asyncio.Event()
+
+    @pair.server.method()
+    async def stubborn() -> str:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()
+        await asyncio.sleep(0)  # awaits after it: no cancellation left pending in the task
+        return "ignored"
+
+    @pair.server.method()
+    async def echo(x: object) -> object:
+        return x
+
+    with pytest.raises(DeadlineExceeded, match="exceeded on the server"):
+        await pair.client.call(pair.peer, "stubborn", timeout=0.2)
+    await wait_for(swallowed, "the handler swallowed its cancellation")
+    assert await pair.client.call(pair.peer, "echo", b"still serving", timeout=WAIT) == (
+        b"still serving"
+    )
+
+
 async def test_caller_deadline_when_the_server_does_not_answer(make_pair: PairFactory) -> None:
     pair = await make_pair(client_config=RpcConfig(deadline_grace=0.0))
     release = threading.Event()

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from transport.errors import MessageTooLarge, ProtocolNotSupported, ProtocolViolation
-from transport.memory import memory_stream_pair
+from transport.memory import MemoryStream, memory_stream_pair
 from transport.multistream import (
     MAX_PROPOSALS,
     encode_message,
@@ -97,3 +97,85 @@ async def test_endless_proposals_are_cut_off() -> None:
     await dialer.write(encode_message("/multistream/1.0.0") + proposals)
     with pytest.raises(ProtocolViolation, match="giving up"):
         await select_inbound(listener, ["/a/1"])
+
+
+async def test_lazy_confirmation_split_across_reads_is_still_checked() -> None:
+    """The dialer's fast path takes the whole echo at once; a partial one is parsed as it
+    comes, and a wrong one is refused either way."""
+    dialer, listener = memory_stream_pair()
+    await select_outbound(dialer, ["/echo/1"])
+    echo = encode_message("/multistream/1.0.0") + encode_message("/echo/1")
+    reading = asyncio.ensure_future(dialer.read())
+    await listener.write(echo[:5])
+    await asyncio.sleep(0)
+    assert not reading.done()
+    await listener.write(echo[5:] + b"reply")
+    assert await reading == b"reply"
+
+    dialer, listener = memory_stream_pair()
+    await select_outbound(dialer, ["/echo/1"])
+    await listener.write(encode_message("/multistream/1.0.0") + encode_message("/other/1"))
+    with pytest.raises(ProtocolViolation, match="/other/1"):
+        await dialer.read()
+
+
+class HoldingStream(MemoryStream):
+    """An in-memory stream that, like QUIC's, sends held bytes ahead of its next write or FIN;
+    it counts its writes, as a transport would count packets."""
+
+    holds_unsent = True
+    writes: list[bytes]
+
+    async def write(self, data: bytes) -> None:
+        self.writes = getattr(self, "writes", [])
+        self.writes.append(self._take_unsent() + bytes(data))
+        await super().write(self.writes[-1])
+
+    async def close(self) -> None:
+        if self._unsent:
+            await self.write(b"")
+        await super().close()
+
+
+def holding_pair() -> tuple[MemoryStream, HoldingStream]:
+    dialer, listener = memory_stream_pair()
+    held = HoldingStream(listener.remote_peer, 1 << 20)
+    held.peer, dialer.peer = dialer, held
+    return dialer, held
+
+
+async def test_a_lazy_dialers_confirmation_travels_with_the_reply() -> None:
+    dialer, listener = holding_pair()
+    await select_outbound(dialer, ["/echo/1"])
+    await dialer.write(b"ping")  # the dialer's data came with its proposal: it is lazy
+    assert await select_inbound(listener, ["/echo/1"]) == "/echo/1"
+    assert not getattr(listener, "writes", [])  # nothing sent yet
+    assert await listener.readexactly(4) == b"ping"
+    await listener.write(b"pong")
+    assert listener.writes == [
+        encode_message("/multistream/1.0.0") + encode_message("/echo/1") + b"pong"
+    ]
+    assert await dialer.readexactly(4) == b"pong"
+
+
+async def test_a_held_confirmation_goes_out_with_the_close() -> None:
+    dialer, listener = holding_pair()
+    await select_outbound(dialer, ["/sink/1"])
+    await dialer.write(b"data")
+    await select_inbound(listener, ["/sink/1"])
+    await listener.close()  # a listener that never replies still confirms, then ends
+    assert await dialer.read() == b""  # confirmation checked, then the end
+
+
+async def test_an_eager_dialer_gets_its_confirmation_at_once() -> None:
+    dialer, listener = holding_pair()
+    inbound = asyncio.ensure_future(select_inbound(listener, ["/b/1"]))
+    assert await select_outbound(dialer, ["/a/1", "/b/1"]) == "/b/1"  # waits for each answer
+    assert await inbound == "/b/1"
+    assert listener.writes[0] == encode_message("/multistream/1.0.0") + encode_message("na")
+
+
+def test_only_a_transport_that_holds_bytes_accepts_them() -> None:
+    _, plain = memory_stream_pair()
+    with pytest.raises(RuntimeError, match="cannot hold"):
+        plain.hold(b"x")

@@ -279,7 +279,10 @@ class QuicConnection(Connection):
             raise ConnectionClosed(f"connection to {self.remote_peer} is closed")
         if not self.established.done():
             await self.established
-        stream_id = self.quic.get_next_available_stream_id()
+        try:
+            stream_id = self.quic.get_next_available_stream_id()
+        except ValueError as exc:  # the remote's concurrent stream limit (qh3 raises it)
+            raise StreamError(f"cannot open a stream to {self.remote_peer}: {exc}") from exc
         stream = QuicStream(self, stream_id)
         self._streams[stream_id] = stream
         return stream

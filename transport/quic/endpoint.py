@@ -265,7 +265,8 @@ class QuicEndpoint:
                     idle_timeout=config.idle_timeout,
                     max_datagram_size=max(ceiling, config.max_datagram_size),
                     probe_datagram_size=probing and ceiling > config.max_datagram_size,
-                    max_data=config.connection_window,
+                    # Half for qh3's core, half for what it delivered and was not read yet.
+                    max_data=config.connection_window // 2,
                     max_stream_data=config.stream_window,
                     connection_id_length=CONNECTION_ID_LENGTH,
                     supported_versions=list(SUPPORTED_VERSIONS),

@@ -7,11 +7,13 @@ What the seam asks and qh3 does differently:
 - Datagrams are handed to the core in batches (`receive_many_datagrams`): the endpoint feeds
   one datagram at a time, and this engine passes the run on at the first question asked of it.
 - Flow control: qh3's core grants credit for data when Python takes its event from the core.
-  This engine counts what was delivered and not yet read (`consume`); once that reaches the
-  connection window it leaves further events in the core (no credit for the remote) until the
-  application has read half of it. Memory per connection stays under about two connection
-  windows. Unlike the aioquic engine, the bound is per connection: one unread stream can use
-  the whole window (as QUIC's connection-level credit lets it), not only a stream window.
+  This engine counts what was delivered and not yet read (`consume`); once that reaches qh3's
+  connection window (`max_data`) it leaves further events in the core (no credit for the
+  remote) until the application has read half of it. The endpoint gives qh3 half of our
+  connection window, so the core's buffer and the unread data together stay within about one
+  connection window. Unlike the aioquic engine, the bound is per connection: one unread
+  stream can take all of it (as QUIC's connection-level credit allows), not only a stream
+  window.
 - Path MTU: qh3 probes datagram sizes itself (DPLPMTUD, RFC 8899) up to its maximum datagram
   size. The endpoint caps that maximum at the local route's MTU so no probe is fragmented
   locally; our `PathMtuSearch` is not used (`mtu_search` is None). qh3's pacer spaces every
@@ -19,6 +21,9 @@ What the seam asks and qh3 does differently:
   small, small round trips wait for the pacer: about 1.2 ms on loopback (64 KiB maximum)
   instead of 60 us, until a transfer has grown the window. Internet paths (maximum 1472)
   do not show it; `pmtu_probing=False` avoids it.
+- Streams: qh3 lets a remote open 100 bidirectional streams at once (fixed in qh3; our
+  `max_streams` is the aioquic engine's). Opening more than the remote allows is a
+  `StreamError`. Congestion control is qh3's own (`congestion_control` is aioquic's).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ CertificateVerify. libp2p's tls spec says "servers MUST require client authentic
 - A client that sends no certificate completes the TLS handshake without a peer certificate;
   the connection then refuses it with libp2p's own error (as the aioquic engine does).
 
-`Qh3Connection` also lets the engine leave events in qh3's core (see its docstring).
+`Qh3Connection` also lets the engine leave events in qh3's core (see its docstring), takes
+back a stream its core refused, and skips qh3's per-packet qlog parsing when nothing logs.
 
 Each step is tested in tests/transport/quic/test_qh3_mutual_tls.py against qh3's client, and
 against aioquic and the lattica SDK in the endpoint and interop tests.
@@ -29,7 +30,8 @@ import struct
 from qh3 import tls
 from qh3._hazmat import Buffer, SignatureError, verify_with_public_key
 from qh3._hazmat import Certificate as X509Certificate
-from qh3.quic.connection import QuicConnection
+from qh3.quic.connection import NetworkAddress, QuicConnection, QuicConnectionError
+from qh3.quic.packet import QuicErrorCode
 from qh3.quic.tls_bridge import QuicTlsBridge
 
 # Signature schemes a client may sign its CertificateVerify with (libp2p certificates use
@@ -184,6 +186,33 @@ class Qh3Connection(QuicConnection):
     def _drain_core(self) -> None:
         if not self.holding:
             super()._drain_core()
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        """qh3's, without parsing every packet header for a qlog trace nobody keeps."""
+        core = self._core
+        if core is None or self._quic_logger is not None:
+            return super().datagrams_to_send(now)
+        datagrams = []
+        try:
+            while (transmit := core.poll_transmit(now)) is not None:
+                datagrams.append((transmit[0], transmit[1]))
+        except RuntimeError as exc:  # as qh3's own `_call_core` reports a core failure
+            raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
+        return datagrams
+
+    def _open_stream(self, is_unidirectional: bool = False) -> int:
+        """qh3 counts a new local stream before its core may refuse it (over the remote's
+        stream limit); a refused stream is taken back, or every later open fails too."""
+        stream_id = self.get_next_available_stream_id(is_unidirectional)
+        try:
+            return super()._open_stream(is_unidirectional)
+        except ValueError:
+            self._created_local_stream_ids.discard(stream_id)
+            if is_unidirectional:
+                self._next_stream_id_uni = self._local_next_stream_id_uni = stream_id
+            else:
+                self._next_stream_id_bidi = self._local_next_stream_id_bidi = stream_id
+            raise
 
     def _create_tls(self, remote_source_cid: bytes | None) -> QuicTlsBridge:
         bridge = super()._create_tls(remote_source_cid)

@@ -18,6 +18,8 @@ ERROR_CODE_RESET = 0  # application error code in RESET_STREAM / STOP_SENDING
 class QuicStream(Stream):
     """One stream of a `QuicConnection`."""
 
+    holds_unsent = True  # held bytes join the next write's or the FIN's STREAM frame
+
     def __init__(self, connection: QuicConnection, stream_id: int) -> None:
         super().__init__(connection.remote_peer)
         self.connection = connection
@@ -37,6 +39,9 @@ class QuicStream(Stream):
     # -- writing ------------------------------------------------------------------------
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
+        if self._unsent:
+            self._check_writable()
+            self.connection._send(self.stream_id, self._take_unsent())
         for offset in range(0, len(view), WRITE_CHUNK):
             self._check_writable()
             await self._wait_drained()
@@ -68,7 +73,7 @@ class QuicStream(Stream):
             return
         self._write_closed = True
         if not self.connection.is_closed:
-            self.connection._send(self.stream_id, b"", end_stream=True)
+            self.connection._send(self.stream_id, self._take_unsent(), end_stream=True)
 
     def reset(self, reason: str = "reset by local peer") -> None:
         if self._reset_reason is None:

@@ -11,6 +11,7 @@ import os
 import pytest
 
 from tests.transport.conftest import EndpointPair, LossyPath, wait_until
+from transport.errors import StreamError
 from transport.quic import QuicConfig, QuicConnection
 
 pytest.importorskip("qh3", reason="qh3 is not installed (the qh3 QUIC engine is optional)")
@@ -98,8 +99,8 @@ async def test_received_datagrams_reach_qh3_in_batches(quic_config: QuicConfig) 
 async def test_a_slow_reader_bounds_receive_memory(quic_config: QuicConfig) -> None:
     """Credit follows what the application reads: a writer cannot flood a slow reader.
 
-    qh3's bound is per connection (the connection window, plus what qh3 had let in when the
-    engine started holding its events), not per stream as with aioquic.
+    qh3's bound is per connection (unread data and qh3's own buffer share the connection
+    window), not per stream as with aioquic.
     """
     window = 256 * 1024
     config = quic_config.model_copy(
@@ -118,12 +119,42 @@ async def test_a_slow_reader_bounds_receive_memory(quic_config: QuicConfig) -> N
 
         writer = asyncio.ensure_future(write_all())
         inbound = await pair.server_streams.get()
-        await wait_until(lambda: len(inbound._buffer) >= 4 * window - 2048)
+        await wait_until(lambda: len(inbound._buffer) >= 2 * window - 2048)
         await asyncio.sleep(0.3)  # give the writer every chance to overrun the window
-        assert len(inbound._buffer) <= 2 * 4 * window
+        assert len(inbound._buffer) <= 4 * window  # the connection window
         assert not writer.done()
         received = len(await inbound.read_to_end(max_size=total))
         await asyncio.wait_for(writer, 30)
         assert received == total
     finally:
         await pair.close()
+
+
+async def test_opening_more_streams_than_the_remote_allows_is_a_clear_error(
+    endpoints: EndpointPair,
+) -> None:
+    connection = await endpoints.dial()
+    streams = []
+    with pytest.raises(StreamError, match="limit"):
+        for _ in range(200):  # qh3 lets a remote open 100 at once
+            stream = await connection.open_stream()
+            await stream.write(b"x")
+            streams.append(stream)
+    assert len(streams) == 100
+    for stream in streams:  # finish every stream both ways: the remote grants new ones
+        await stream.close()
+        inbound = await asyncio.wait_for(endpoints.server_streams.get(), 5)
+        assert await inbound.read_to_end(max_size=10) == b"x"
+        await inbound.close()
+        assert await stream.read_to_end(max_size=10) == b""
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                stream = await connection.open_stream()
+                break
+            except StreamError:
+                await asyncio.sleep(0.01)  # MAX_STREAMS from the remote is on its way
+    await stream.write(b"again")
+    await stream.close()
+    inbound = await asyncio.wait_for(endpoints.server_streams.get(), 5)
+    assert await inbound.read_to_end(max_size=10) == b"again"

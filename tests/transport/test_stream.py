@@ -1,0 +1,47 @@
+"""The transport-independent parts of `Stream`: non-blocking reads and watching for arrivals."""
+
+from __future__ import annotations
+
+import pytest
+
+from transport.errors import StreamReset
+from transport.memory import memory_stream_pair
+
+
+async def test_read_nowait_takes_what_is_buffered_without_waiting() -> None:
+    writer, reader = memory_stream_pair()
+    assert reader.read_nowait() == b""  # nothing yet, and not the end
+    await writer.write(b"hello world")
+    assert reader.read_nowait(5) == b"hello"
+    assert reader.read_nowait() == b" world"
+    await writer.close()
+    assert reader.read_nowait() == b"" and reader.at_eof
+
+
+async def test_read_nowait_raises_once_reset_and_drained() -> None:
+    writer, reader = memory_stream_pair()
+    await writer.write(b"last")
+    writer.reset("gone")
+    assert reader.read_nowait() == b"last"  # what arrived before the reset is still there
+    with pytest.raises(StreamReset):
+        reader.read_nowait()
+
+
+async def test_a_watcher_hears_data_end_and_reset_until_unwatched() -> None:
+    writer, reader = memory_stream_pair()
+    heard: list[tuple[bytes, bool]] = []
+    reader.watch(lambda: heard.append((bytes(reader._buffer), reader.at_eof)))
+    await writer.write(b"a")
+    await writer.close()
+    assert heard == [(b"a", False), (b"a", False)]  # data, then the end (unread data first)
+    assert reader.read_nowait() == b"a" and reader.at_eof
+    writer2, reader2 = memory_stream_pair()
+    resets: list[str] = []
+    reader2.watch(lambda: resets.append("arrival"))
+    writer2.reset("abandoned")
+    assert resets == ["arrival"]
+    reader2.watch(None)
+    writer3, reader3 = memory_stream_pair()
+    reader3.watch(lambda: pytest.fail("a watcher was called after being removed"))
+    reader3.watch(None)
+    await writer3.write(b"x")
