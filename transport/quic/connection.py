@@ -87,6 +87,13 @@ class QuicConnection(Connection):
         self.bytes_received += len(data)
         self.quic.receive_datagram(data, address, now)
 
+    def segments_received(self, data: bytes, segment: int, address: Address) -> None:
+        """Feed a receive-offload run of datagrams of `segment` bytes, in one buffer."""
+        now = self._loop.time()
+        self._last_activity = now
+        self.bytes_received += len(data)
+        self.quic.receive_segments(data, segment, address, now)
+
     def _on_receive_batch_end(self) -> None:
         """Handle what the batch of datagrams produced; answer them all at once, soon.
 

@@ -61,6 +61,7 @@ class QuicEndpoint:
             self._flush_dirty,
             use_gso=self.config.udp_offload,
             use_gro=self.config.udp_offload,
+            on_segments=self._segments_received,
         )
         self._dirty: set[QuicConnection] = set()
         self._by_cid: dict[bytes, QuicConnection] = {}
@@ -189,6 +190,27 @@ class QuicEndpoint:
         dirty, self._dirty = self._dirty, set()
         for connection in dirty:
             connection._on_receive_batch_end()
+
+    def _segments_received(self, data: bytes, segment: int, address: Address) -> None:
+        """A receive-offload run: datagrams of `segment` bytes (the last may be shorter).
+
+        When every one is a short-header packet of the same known connection (the usual case:
+        the kernel only coalesces one UDP flow), the run goes to that connection whole;
+        otherwise each datagram takes the ordinary path.
+        """
+        end = 1 + CONNECTION_ID_LENGTH
+        cid = data[1:end]
+        connection = None if data[0] & 0x80 else self._by_cid.get(cid)
+        if connection is not None and all(
+            not data[offset] & 0x80 and data[offset + 1 : offset + end] == cid
+            for offset in range(segment, len(data), segment)
+        ):
+            connection.segments_received(data, segment, address)
+            self._dirty.add(connection)
+            return
+        view = memoryview(data)
+        for offset in range(0, len(data), segment):
+            self._datagram_received(bytes(view[offset : offset + segment]), address)
 
     def _datagram_received(self, data: bytes, address: Address) -> None:
         # Fast path: a short-header (1-RTT) packet carries our fixed-length CID at bytes 1..8.

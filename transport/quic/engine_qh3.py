@@ -124,6 +124,15 @@ class Qh3Engine:
         self._pending_addr = addr
         self._pending_now = now
 
+    def receive_segments(self, data: bytes, segment: int, addr: NetworkAddress, now: float) -> None:
+        """A receive-offload run, handed to qh3's core as one buffer."""
+        if self._pending:
+            self._feed()  # what came before goes in first
+        try:
+            self._quic.receive_gro_buffer(data, segment, addr, now)
+        except QuicConnectionError as exc:
+            log.debug("qh3 refused datagrams from %s: %s", addr, exc)
+
     def _feed(self) -> None:
         datagrams, self._pending = self._pending, []
         try:

@@ -92,6 +92,12 @@ class Libp2pQuicConnection(QuicConnection):
             # libp2p tls spec: "servers MUST require client authentication".
             self.tls._request_client_certificate = True
 
+    def receive_segments(self, data: bytes, segment: int, addr: NetworkAddress, now: float) -> None:
+        """A receive-offload run of datagrams of `segment` bytes: aioquic takes them one by one."""
+        view = memoryview(data)
+        for offset in range(0, len(data), segment):
+            self.receive_datagram(bytes(view[offset : offset + segment]), addr, now)
+
     # -- what the endpoint reads ----------------------------------------------------------
     def peer_certificate(self) -> tuple[x509.Certificate | None, int]:
         """The remote's leaf certificate and the length of the chain it sent."""

@@ -17,7 +17,7 @@ CertificateVerify. libp2p's tls spec says "servers MUST require client authentic
   the connection then refuses it with libp2p's own error (as the aioquic engine does).
 
 `Qh3Connection` also lets the engine leave events in qh3's core (see its docstring), takes
-back a stream its core refused, and skips qh3's per-packet qlog parsing when nothing logs.
+back a stream its core refused, and skips qh3's per-packet qlog work when nothing logs.
 
 Each step is tested in tests/transport/quic/test_qh3_mutual_tls.py against qh3's client, and
 against aioquic and the lattica SDK in the endpoint and interop tests.
@@ -199,6 +199,20 @@ class Qh3Connection(QuicConnection):
         except RuntimeError as exc:  # as qh3's own `_call_core` reports a core failure
             raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
         return datagrams
+
+    def receive_gro_buffer(
+        self, buffer: bytes, segment_size: int, addr: NetworkAddress, now: float
+    ) -> None:
+        """qh3's, without a qlog entry per datagram when nothing logs."""
+        core = self._core
+        if core is None or not self._handshake_complete or self._quic_logger is not None:
+            super().receive_gro_buffer(buffer, segment_size, addr, now)
+            return
+        try:
+            core.receive_gro_buffer(buffer, segment_size, addr, now)
+        except RuntimeError as exc:
+            raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
+        self._drain_core()
 
     def _open_stream(self, is_unidirectional: bool = False) -> int:
         """qh3 counts a new local stream before its core may refuse it (over the remote's

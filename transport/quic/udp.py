@@ -58,9 +58,13 @@ class UdpSocket:
         *,
         use_gso: bool = True,
         use_gro: bool = True,
+        on_segments: Callable[[bytes, int, Address], None] | None = None,
     ) -> None:
         self._on_datagram = on_datagram
         self._on_batch_end = on_batch_end
+        # A receive-offload run (equal-size datagrams, one buffer) handed over whole; without
+        # it the run is cut into datagrams here.
+        self._on_segments = on_segments
         self._socket: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._want_gso = use_gso and sys.platform == "linux"
@@ -231,7 +235,10 @@ class UdpSocket:
                 self.receive_calls += 1
                 source = (address[0], address[1])
                 segment = _gro_segment_size(ancillary) if ancillary else 0
-                if segment and segment < len(data):
+                if segment and segment < len(data) and self._on_segments is not None:
+                    received += -(-len(data) // segment)
+                    self._on_segments(data, segment, source)
+                elif segment and segment < len(data):
                     view = memoryview(data)
                     for offset in range(0, len(data), segment):
                         received += 1
