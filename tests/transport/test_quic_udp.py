@@ -96,6 +96,42 @@ async def test_coalesced_receive_is_cut_at_the_segment_size(receiver: Collector)
     assert receiver.udp.receive_calls < len(payloads)  # the kernel handed them over together
 
 
+@linux_only
+async def test_a_coalesced_run_can_be_handed_over_whole() -> None:
+    """With `on_segments`, a GRO run reaches its reader as one buffer and its segment size."""
+    received: list[tuple[bytes, int | None]] = []  # (data, segment size of a whole run)
+    batch = asyncio.Event()
+    udp = UdpSocket(
+        lambda data, _address: received.append((data, None)),
+        batch.set,
+        on_segments=lambda data, segment, _address: received.append((data, segment)),
+    )
+    address = udp.bind("127.0.0.1", 0)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if not udp.gro:
+            pytest.skip("this kernel refuses UDP_GRO")
+        payloads = _payloads([1000] * 20 + [300])
+        try:
+            raw.sendmsg(
+                [b"".join(payloads)],
+                [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", 1000))],
+                0,
+                address,
+            )
+        except OSError as exc:
+            pytest.skip(f"this kernel refuses UDP_SEGMENT: {exc}")
+        async with asyncio.timeout(5):
+            while udp.datagrams_received < len(payloads):
+                batch.clear()
+                await batch.wait()
+    finally:
+        raw.close()
+        udp.close()
+    assert b"".join(data for data, _ in received) == b"".join(payloads)
+    assert any(segment == 1000 for _, segment in received)  # at least one run came whole
+
+
 class RefusingSocket:
     """A socket whose kernel refuses segmentation offload (as some tunnels and NICs do)."""
 
