@@ -334,3 +334,32 @@ async def test_a_reader_waiting_for_more_than_the_window_gets_it(
             await writer
     finally:
         await pair.close()
+
+
+async def test_unidirectional_data_is_refused_without_using_up_credit(
+    quic_config: QuicConfig,
+) -> None:
+    """libp2p uses bidirectional streams only: what a unidirectional one carries is dropped,
+    and its credit goes back, so it cannot stall the connection's other streams."""
+    window = 256 * 1024
+    config = quic_config.model_copy(
+        update={"stream_window": window, "connection_window": 4 * window}
+    )
+    pair = EndpointPair(config)
+    await pair.start()
+    try:
+        connection = await pair.dial()
+        engine = connection.quic
+        for _ in range(8):  # twice the connection window, on unidirectional streams
+            stream_id = engine.get_next_available_stream_id(is_unidirectional=True)
+            engine.send_stream_data(stream_id, bytes(window), end_stream=True)
+        connection._schedule_flush()
+        stream = await connection.open_stream()
+        payload = os.urandom(2 * 4 * window)
+        writer = asyncio.ensure_future(stream.write(payload))
+        inbound = await asyncio.wait_for(pair.server_streams.get(), 10)
+        assert await asyncio.wait_for(inbound.readexactly(len(payload)), 20) == payload
+        await writer
+        assert pair.server_streams.empty()  # no stream was made of the unidirectional ones
+    finally:
+        await pair.close()

@@ -234,10 +234,12 @@ class QuicConnection(Connection):
         stream = self._streams.get(event.stream_id)
         if stream is None:
             if not self.established.done() or self.established.exception() is not None:
-                return  # data before authentication: ignore
+                self._discard(event)  # data before authentication: ignore
+                return
             if not _is_bidirectional(event.stream_id):
                 # libp2p QUIC uses bidirectional streams only.
                 self.quic.stop_stream(event.stream_id, ERROR_CODE_RESET)
+                self._discard(event)
                 return
             stream = QuicStream(self, event.stream_id)
             self._streams[event.stream_id] = stream
@@ -246,6 +248,12 @@ class QuicConnection(Connection):
             stream._feed_data(event.data)
         if event.end_stream:
             stream._feed_eof()
+
+    def _discard(self, event) -> None:
+        """Data nobody will read counts as read: its flow-control credit goes back."""
+        if event.data and self.quic.consume(event.stream_id, len(event.data)):
+            self._schedule_flush()
+        self.quic.forget_stream(event.stream_id)
 
     def _on_terminated(self, reason: str, error_code: int = 0) -> None:
         if self._terminated:
