@@ -69,12 +69,13 @@ class RayInvoker:
         self._direct: dict[int, DirectTarget] = {}
         self.direct_calls = 0  # calls run in the actor's process, not through Ray
 
-    def allow_direct(self, target: Any) -> None:
-        """Call `target` directly once its server answers (run on the Node's loop)."""
+    def allow_direct(self, target: Any, exported: list[str]) -> None:
+        """Call the `exported` methods of `target` directly once its server answers (run on
+        the Node's loop)."""
         previous = self._direct.pop(id(target), None)
         if previous is not None:
             previous.close()
-        self._direct[id(target)] = DirectTarget(target, self.node_id)
+        self._direct[id(target)] = DirectTarget(target, self.node_id, exported)
 
     def direct_exports(self, exports: dict[str, Any]) -> list[str]:
         """Names of the exports (`LatticaService.exports`) whose calls may run directly."""
@@ -146,9 +147,10 @@ class DirectTarget:
     """An exported actor's direct call connection, made in the background: until it is up (or
     if the actor lives on another node, or cannot serve direct calls) calls go through Ray."""
 
-    def __init__(self, handle: Any, node_id: str) -> None:
+    def __init__(self, handle: Any, node_id: str, exported: list[str]) -> None:
         self.handle = handle
         self.node_id = node_id
+        self.exported = list(exported)
         self._client: DirectCallClient | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._retry_at = 0.0
@@ -166,7 +168,7 @@ class DirectTarget:
 
     async def _connect(self) -> None:
         try:
-            endpoint = await getattr(self.handle, ENDPOINT_METHOD).remote()
+            endpoint = await getattr(self.handle, ENDPOINT_METHOD).remote(self.exported)
             if endpoint["node_id"] != self.node_id:
                 self._retry_at = float("inf")  # another machine: its socket is not ours to reach
                 return
@@ -310,7 +312,7 @@ class LatticaActor:
         if replaced is not None and replaced.target is not handle:
             await self.loop.run(_call(self.invoker.forget, replaced.target))
         record = await self.loop.run(self.service.export(name, handle, methods, restore))
-        await self.loop.run(_call(self._direct_calls, handle, restore))
+        await self.loop.run(_call(self._direct_calls, handle, restore, methods))
         self._save_exports()
         return record.to_wire()
 
@@ -327,11 +329,13 @@ class LatticaActor:
         record = await self.loop.run(_call(self.service.find_actor, name, cluster))
         return record.to_wire()
 
-    def _direct_calls(self, handle: Any, restore: dict[str, Any] | None) -> None:
+    def _direct_calls(
+        self, handle: Any, restore: dict[str, Any] | None, methods: dict[str, MethodKind]
+    ) -> None:
         """Let the invoker call `handle` directly if `@lattica_ray.remote` made it able to
         (runs on the Node's loop)."""
         if self.config.direct_calls and (restore or {}).get("direct"):
-            self.invoker.allow_direct(handle)
+            self.invoker.allow_direct(handle, sorted(methods))
 
     def _save_exports(self) -> None:
         """Remember the named actors we export, so a restarted LatticaActor serves them again."""
@@ -367,7 +371,7 @@ class LatticaActor:
                 self.service.export(entry["name"], handle, entry["methods"], restore),
                 self.config.start_timeout,
             )
-            self.loop.run_sync(_call(self._direct_calls, handle, restore), 10)
+            self.loop.run_sync(_call(self._direct_calls, handle, restore, entry["methods"]), 10)
         self._save_exports()
 
     # -- calls to other clusters' actors ------------------------------------------------------

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 import secrets
 import socket
 import struct
@@ -161,37 +162,45 @@ def serving_class(cls: type) -> type:
     methods = direct_methods(cls)
     if _is_async_class(cls):
 
-        async def endpoint(self: Any) -> dict[str, Any]:
-            return _serve(self, methods, asyncio.get_running_loop())
+        async def endpoint(self: Any, exported: list[str]) -> dict[str, Any]:
+            return _serve(self, methods, exported, asyncio.get_running_loop())
 
     else:
         for name, fn in _plain_methods(cls):
             if not (name.startswith("__") and name.endswith("__")):
                 namespace[name] = _locked(fn)
 
-        def endpoint(self: Any) -> dict[str, Any]:  # type: ignore[misc]
+        def endpoint(self: Any, exported: list[str]) -> dict[str, Any]:  # type: ignore[misc]
             # A Ray task: with one task at a time, nothing runs while the lock appears.
             self.__dict__.setdefault(_LOCK_ATTR, threading.RLock())
-            return _serve(self, methods, None)
+            return _serve(self, methods, exported, None)
 
     endpoint.__name__ = endpoint.__qualname__ = ENDPOINT_METHOD
     namespace[ENDPOINT_METHOD] = endpoint
     return type(cls.__name__, (cls,), namespace)
 
 
-def _serve(instance: Any, methods: list[str], loop: asyncio.AbstractEventLoop | None) -> dict:
-    """Start (once) this instance's direct call server; its address and what it serves."""
+def _serve(
+    instance: Any,
+    methods: list[str],
+    exported: list[str],
+    loop: asyncio.AbstractEventLoop | None,
+) -> dict:
+    """Start (once) this instance's direct call server for the `exported` ones of `methods`;
+    its address and what it serves."""
     import ray
 
+    served = [m for m in methods if m in set(exported)]
     server = instance.__dict__.get(_SERVER_ATTR)
     if server is None:
-        server = DirectCallServer(instance, methods, loop, instance.__dict__.get(_LOCK_ATTR))
+        server = DirectCallServer(instance, served, loop, instance.__dict__.get(_LOCK_ATTR))
         server.start()
         instance.__dict__[_SERVER_ATTR] = server
+    server.methods |= frozenset(served)  # also exported under another name
     return {
         "address": server.address,
         "node_id": ray.get_runtime_context().get_node_id(),
-        "methods": list(methods),
+        "methods": served,
     }
 
 
@@ -199,7 +208,8 @@ class DirectCallServer:
     """Serves direct calls on an abstract Unix socket, from threads of the actor's process.
 
     An async actor's calls run as tasks on `loop` (the actor's event loop); a sync actor's run
-    one at a time on a worker thread holding `lock`.
+    one at a time holding `lock`. Only processes of our own user may connect (the socket has no
+    file permissions; SO_PEERCRED tells who connected), and only `methods` can be called.
     """
 
     def __init__(
@@ -241,6 +251,9 @@ class DirectCallServer:
                 conn, _ = self._listener.accept()
             except OSError:
                 return
+            if not _same_user(conn):
+                conn.close()
+                continue
             self._connections.add(conn)
             threading.Thread(
                 target=self._serve_connection, args=(conn,), name="lattica-direct", daemon=True
@@ -351,6 +364,22 @@ class DirectCallServer:
             return
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         send({"reply": call_id, "error": [type(exc).__name__, str(exc), text]})
+
+
+_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _same_user(conn: socket.socket) -> bool:
+    """Whether the process at the other end of `conn` runs as our user."""
+    try:
+        credentials = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
+    except OSError:
+        return False
+    _, uid, _ = _PEER_CREDENTIALS.unpack(credentials)
+    if uid != os.getuid():
+        logger.warning("refused a direct call connection from uid %d", uid)
+        return False
+    return True
 
 
 def _more_to_read(conn: socket.socket) -> bool:

@@ -4,6 +4,9 @@ the LatticaActor uses, over a real Unix socket; and the class `@lattica_ray.remo
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+import socket
 import threading
 
 import numpy as np
@@ -11,12 +14,14 @@ import pytest
 
 from lattica_ray.ray.direct_call import (
     ENDPOINT_METHOD,
+    FRAME_LENGTH,
     DirectCallClient,
     DirectCallFailed,
     DirectCallLost,
     DirectCallNotSent,
     DirectCallServer,
     direct_methods,
+    encode_frame,
     serving_class,
 )
 from lattica_ray.ray.protocol import GlobalRef
@@ -227,3 +232,35 @@ async def test_async_calls_run_on_the_actors_loop_and_cancel_there(async_server)
         assert await client.call("slow", [0.0], {}) == "done"
     finally:
         client.close()
+
+
+def _call_as_nobody(address: str, answer: multiprocessing.Queue) -> None:
+    """In a forked child: become user nobody, try a call, say what came back."""
+    os.setuid(65534)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(10)
+    try:
+        conn.connect(address)
+        conn.sendall(
+            b"".join(encode_frame({"call": 1, "method": "add", "args": [1], "kwargs": {}}))
+        )
+        reply = conn.recv(FRAME_LENGTH.size)
+        answer.put("refused" if reply == b"" else reply)
+    except (BrokenPipeError, ConnectionResetError):
+        answer.put("refused")
+    except OSError as exc:
+        answer.put(repr(exc))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_other_users_cannot_connect(sync_server):
+    target, server = sync_server
+    fork = multiprocessing.get_context("fork")
+    answer = fork.Queue()
+    child = fork.Process(target=_call_as_nobody, args=(server.address, answer))
+    child.start()
+    try:
+        assert answer.get(timeout=20) == "refused"
+    finally:
+        child.join(10)
+    assert target.calls == 0
