@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from qh3._hazmat import Certificate as X509Certificate
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnectionError
-from qh3.quic.events import StreamDataReceived
+from qh3.quic.events import ConnectionTerminated, StreamDataReceived
 from qh3.tls import load_pem_private_key
 
 from transport.quic.glue_qh3 import Qh3Connection
@@ -112,6 +112,8 @@ class Qh3Engine:
         self._limit = self._window  # raised while a reader waits for more than the window
         self._unread: dict[int, int] = {}  # stream ID -> delivered, not yet read
         self._unread_total = 0
+        self._failed = False  # qh3's core failed: the connection is over
+        self._failure: ConnectionTerminated | None = None  # ...and says so once, as an event
 
     # -- datagrams, time and events ---------------------------------------------------------
     def connect(self, addr: NetworkAddress, now: float) -> None:
@@ -143,10 +145,27 @@ class Qh3Engine:
         except QuicConnectionError as exc:
             log.debug("qh3 refused datagrams from %s: %s", self._pending_addr, exc)
 
+    def _core_failed(self, exc: QuicConnectionError) -> None:
+        """qh3's core refused an operation of its own making: end the connection, clearly."""
+        log.warning("qh3 failed on a connection: %s", exc.reason_phrase)
+        if not self._failed:
+            self._failed = True
+            self._failure = ConnectionTerminated(
+                error_code=exc.error_code,
+                frame_type=exc.frame_type,
+                reason_phrase=f"qh3 failed: {exc.reason_phrase}",
+            )
+
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         if self._pending:
             self._feed()
-        datagrams = self._quic.datagrams_to_send(now)
+        if self._failed:
+            return []
+        try:
+            datagrams = self._quic.datagrams_to_send(now)
+        except QuicConnectionError as exc:
+            self._core_failed(exc)
+            return []
         if self._probing and datagrams:
             self._largest_sent = max(self._largest_sent, max(len(d) for d, _ in datagrams))
         return datagrams
@@ -154,16 +173,22 @@ class Qh3Engine:
     def get_timer(self) -> float | None:
         if self._pending:
             self._feed()
-        return self._quic.get_timer()
+        return None if self._failed else self._quic.get_timer()
 
     def handle_timer(self, now: float) -> None:
         if self._pending:
             self._feed()
-        self._quic.handle_timer(now)
+        try:
+            self._quic.handle_timer(now)
+        except QuicConnectionError as exc:
+            self._core_failed(exc)
 
     def next_event(self):
         if self._pending:
             self._feed()
+        if self._failed:
+            failure, self._failure = self._failure, None
+            return failure
         event = self._quic.next_event()
         if type(event) is StreamDataReceived and event.data:
             size = len(event.data)
@@ -176,7 +201,10 @@ class Qh3Engine:
     # -- streams and the connection ---------------------------------------------------------
     def get_next_available_stream_id(self, is_unidirectional: bool = False) -> int:
         """The ID of a new local stream, reserved at once (two opens never share one)."""
-        return self._quic._open_stream(is_unidirectional)
+        try:
+            return self._quic._open_stream(is_unidirectional)
+        except QuicConnectionError as exc:
+            raise ValueError(exc.reason_phrase) from exc
 
     def send_stream_data(
         self, stream_id: int, data: bytes | memoryview, end_stream: bool = False
@@ -199,7 +227,10 @@ class Qh3Engine:
             raise ValueError(exc.reason_phrase) from exc
 
     def send_ping(self, uid: int) -> None:
-        self._quic.send_ping(uid)
+        try:
+            self._quic.send_ping(uid)
+        except QuicConnectionError as exc:
+            self._core_failed(exc)
 
     def close(
         self, error_code: int = 0, frame_type: int | None = None, reason_phrase: str = ""

@@ -164,3 +164,23 @@ async def test_opening_more_streams_than_the_remote_allows_is_a_clear_error(
     await stream.close()
     inbound = await asyncio.wait_for(endpoints.server_streams.get(), 5)
     assert await inbound.read_to_end(max_size=10) == b"again"
+
+
+async def test_a_failing_qh3_core_ends_the_connection_clearly(endpoints: EndpointPair) -> None:
+    """An error inside qh3's core closes the connection with its reason; nothing hangs."""
+    connection = await endpoints.dial()
+    stream = await connection.open_stream()
+    core = connection.quic._quic
+
+    class BrokenCore:
+        def __getattr__(self, name: str):
+            def fail(*args, **kwargs):
+                raise RuntimeError(f"{name} broke")
+
+            return fail
+
+    core._core = BrokenCore()
+    with pytest.raises(StreamError):
+        await stream.write(b"x" * 10_000)
+        await stream.readexactly(1)
+    await wait_until(lambda: connection.is_closed)
