@@ -12,7 +12,7 @@ import ray
 
 from lattica_ray.ray.actor import ACTOR_NAME_PREFIX, start_actor
 from lattica_ray.ray.config import LatticaConfig
-from lattica_ray.ray.direct_call import CONCURRENCY_OPTIONS, serving_class
+from lattica_ray.ray.direct_call import RAY_ONLY_OPTIONS, serving_class
 from lattica_ray.ray.errors import ActorNotFound, ConfigMismatch
 from lattica_ray.ray.protocol import ActorRecord, GlobalRef, MethodKind, method_table
 from lattica_ray.ray.proxy import RemoteActorHandle, forget_local_actors, local_lattica_actor
@@ -207,9 +207,9 @@ class ExportedActorClass:
 
     def _direct(self, options: dict[str, Any]) -> bool:
         """Whether the LatticaActor may run calls in the actor's process (`direct_call`): not
-        when Ray is told how to run its tasks concurrently, which a direct call cannot copy."""
+        when Ray is told how to run or retry its tasks, which a direct call cannot copy."""
         chosen = {**self._decorator_options, **options}
-        return self._serves_direct and not any(o in chosen for o in CONCURRENCY_OPTIONS)
+        return self._serves_direct and not any(o in chosen for o in RAY_ONLY_OPTIONS)
 
     def __getattr__(self, item: str) -> Any:
         return getattr(self._ray_class, item)

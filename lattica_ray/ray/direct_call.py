@@ -45,8 +45,9 @@ DEFAULT_MAX_FRAME_BYTES = 1 << 30  # the RPC codec's own message limit
 ENDPOINT_METHOD = "_lattica_direct_endpoint"
 _LOCK_ATTR = "_lattica_direct_lock"
 _SERVER_ATTR = "_lattica_direct_server"
-# Options under which Ray runs an actor's tasks in a way a direct call could not copy.
-CONCURRENCY_OPTIONS = ("max_concurrency", "concurrency_groups")
+# Actor options under which Ray runs its tasks in a way a direct call could not copy
+# (concurrency limits and groups; retrying tasks when the actor dies).
+RAY_ONLY_OPTIONS = ("max_concurrency", "concurrency_groups", "max_task_retries")
 
 
 class DirectCallError(ConnectionError):

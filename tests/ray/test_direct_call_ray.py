@@ -64,6 +64,7 @@ def _setup():
     tally = lr.remote(Tally)
     tally.options(name="tally", lifetime="detached", max_restarts=1).remote()
     tally.options(name="threaded", max_concurrency=4).remote()
+    tally.options(name="retried", max_restarts=1, max_task_retries=1).remote()
     plain = ray.remote(Tally).options(name="plain").remote()
     lr.export(plain, "plain")
     return True
@@ -96,6 +97,7 @@ def test_only_actors_made_by_lattica_ray_remote_without_concurrency_options_go_d
     assert direct_exports == ["tally"]
     assert direct == 5
     assert setup.call(_counted, "threaded")[1] == 0  # max_concurrency: Ray runs those
+    assert setup.call(_counted, "retried")[1] == 0  # max_task_retries: Ray retries those
     assert setup.call(_counted, "plain")[1] == 0  # lattica_ray.export of a Ray actor
 
 
