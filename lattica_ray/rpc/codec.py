@@ -285,7 +285,7 @@ def encode(obj: object, limits: CodecLimits | None = None) -> list[memoryview]:
     flags = 0
     if blocks and encoder.data_size < RAW_DATA_MAX:
         flags |= FLAG_DATA_STREAM | FLAG_RAW_DATA
-        section = raw_section(encoder.blocks, header_size)
+        section = raw_section(encoder.blocks, header_size, streams_follow=bool(encoder.streams))
         sink.write(section)
         lengths.append(len(section))
     elif blocks:
@@ -373,6 +373,8 @@ class _Decoder:
             raise MalformedMessage("unknown flags or non-zero reserved header bits")
         if flags & FLAG_RAW_DATA and not flags & FLAG_DATA_STREAM:
             raise MalformedMessage("the raw data flag is set without the data stream flag")
+        if flags & FLAG_DATA_STREAM and not count:
+            raise MalformedMessage("the data stream flag is set but the message has no stream")
         if count > limits.max_buffers:
             raise LimitExceeded("Arrow stream count", count, limits.max_buffers, "max_buffers")
         if tree_length > limits.max_tree_bytes:
@@ -416,7 +418,9 @@ class _Decoder:
         has_data = bool(flags & FLAG_DATA_STREAM)
         for index, length in enumerate(lengths):
             if index == 0 and flags & FLAG_RAW_DATA:
-                self.blocks = read_raw_section(self.message, position, position + length, budget)
+                end = position + length
+                more = len(lengths) > 1  # Arrow streams follow: the section's end is aligned
+                self.blocks = read_raw_section(self.message, position, end, budget, more)
                 budget -= len(self.blocks)
                 position += length
                 continue

@@ -7,7 +7,10 @@ stream 0 would otherwise be::
 
     block count u32 | reserved u32 (0) | block length u64 x count
     block 0 | zero pad | block 1 | ...  (each block starts at a multiple of RAW_ALIGNMENT
-                                         from the message start; the section ends with the
+                                         from the message start)
+    [zero pad]                          (only if Arrow streams follow: the section then ends
+                                         at a multiple of STREAM_ALIGNMENT, so their buffers,
+                                         read zero-copy, stay aligned; else it ends with the
                                          last block)
 
 Everything is little-endian. The reader derives every block's place from the lengths alone,
@@ -24,14 +27,18 @@ from lattica_ray.rpc.codec_errors import LimitExceeded, MalformedMessage
 
 RAW_DATA_MAX = 64 * 1024  # blocks totalling less than this travel raw; larger ones as Arrow IPC
 RAW_ALIGNMENT = 64  # as the blocks of the Arrow data stream (codec_ipc.BLOCK_ALIGNMENT)
+STREAM_ALIGNMENT = 8  # where an Arrow IPC stream after the section starts (Arrow's alignment)
 _COUNT = struct.Struct("<II")
 _ZEROS = bytes(RAW_ALIGNMENT)
 
 Buffer = bytes | bytearray | memoryview
 
 
-def raw_section(blocks: Sequence[Buffer], section_start: int) -> bytes:
-    """The section for `blocks`, to be written at offset `section_start` of the message."""
+def raw_section(
+    blocks: Sequence[Buffer], section_start: int, streams_follow: bool = False
+) -> bytes:
+    """The section for `blocks`, to be written at offset `section_start` of the message
+    (`streams_follow`: Arrow streams come after it, so its end is padded to align them)."""
     count = len(blocks)
     table = _COUNT.pack(count, 0) + struct.pack(f"<{count}Q", *(len(b) for b in blocks))
     parts: list[Buffer] = [table]
@@ -42,11 +49,13 @@ def raw_section(blocks: Sequence[Buffer], section_start: int) -> bytes:
             parts.append(_ZEROS[:pad])
         parts.append(block)
         position += pad + len(block)
+    if streams_follow:
+        parts.append(_ZEROS[: -position % STREAM_ALIGNMENT])
     return b"".join(parts)
 
 
 def read_raw_section(
-    message: memoryview, start: int, end: int, max_blocks: int
+    message: memoryview, start: int, end: int, max_blocks: int, streams_follow: bool = False
 ) -> list[tuple[int, int]]:
     """(start, end) in `message` of each block of the section at `message[start:end]`,
     after checking the whole section; MalformedMessage or LimitExceeded otherwise."""
@@ -72,6 +81,13 @@ def read_raw_section(
         if position > end:
             raise MalformedMessage("a raw data block runs past the end of the message")
         blocks.append((block_start, position))
+    if streams_follow:
+        pad = -position % STREAM_ALIGNMENT
+        if any(message[position : min(position + pad, end)]):
+            raise MalformedMessage("the pad after the raw data blocks is not zero")
+        position += pad
+    if position > end:
+        raise MalformedMessage("the raw data section ends inside the pad after its blocks")
     if position != end:
         raise MalformedMessage(f"the raw data section has {end - position} bytes after its blocks")
     return blocks

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -95,3 +96,46 @@ def test_the_block_count_limit_applies_to_raw_sections() -> None:
     message = b"".join(encode([b"a", b"b", b"c"]))
     with pytest.raises(LimitExceeded, match="max_buffers"):
         decode(message, codec.CodecLimits(max_buffers=2))
+
+
+@pytest.mark.parametrize("data_length", range(1, 9))
+def test_arrow_values_after_a_raw_section_stay_8_byte_aligned(data_length: int) -> None:
+    """Arrow's buffers are read zero-copy: a raw section ending at an odd offset would leave
+    every Arrow value behind it misaligned (a float64 buffer at an odd address)."""
+    value = {"b": b"x" * data_length, "f": pa.array(np.arange(5, dtype=np.float64))}
+    message = bytearray(b"".join(encode(value)))  # a bytearray starts 16-byte aligned
+    assert flags_of(message) == FLAG_DATA_STREAM | FLAG_RAW_DATA
+    out = decode(message)
+    assert out["f"].buffers()[1].address % 8 == 0
+    assert out["f"].to_pylist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    ("tail", "match"),
+    [
+        (bytes(5), None),  # 64 + 3 bytes of block, then 5 of pad: the section ends at 72
+        (bytes(4), "ends inside the pad"),
+        (bytes(4) + b"\x01", "pad after the raw data blocks is not zero"),
+        (bytes(13), "8 bytes after its blocks"),
+    ],
+)
+def test_a_section_before_arrow_streams_ends_in_an_exact_zero_pad(
+    tail: bytes, match: str | None
+) -> None:
+    section = table(3) + bytes(48) + b"abc" + tail
+    assert raw_section([b"abc"], 0, streams_follow=True) == table(3) + bytes(48) + b"abc" + bytes(5)
+    message = memoryview(section)
+    if match is None:
+        assert read_raw_section(message, 0, len(section), 10, streams_follow=True) == [(64, 67)]
+    else:
+        with pytest.raises(MalformedMessage, match=match):
+            read_raw_section(message, 0, len(section), 10, streams_follow=True)
+
+
+def test_the_data_flag_without_any_stream_is_refused() -> None:
+    message = bytearray(b"".join(encode([1, "two"])))
+    assert flags_of(message) == 0
+    for flags in (FLAG_DATA_STREAM, FLAG_DATA_STREAM | FLAG_RAW_DATA):
+        message[5] = flags
+        with pytest.raises(MalformedMessage, match="no stream"):
+            decode(message)
