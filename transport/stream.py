@@ -52,8 +52,12 @@ class Stream:
     def watch(self, callback: Callable[[], None] | None) -> None:
         """Call `callback` (synchronously, keep it short) whenever data, the end or a reset
         arrives; None stops. For a protocol that must notice a reset while nobody reads (an
-        RPC server whose handler runs after the whole request came)."""
+        RPC server whose handler runs after the whole request came). If unread data, the end
+        or a reset is already here, `callback` is called at once: it came before the watch
+        and would otherwise go unheard."""
         self._watcher = callback
+        if callback is not None and (self._buffer or self._eof or self._reset_reason is not None):
+            callback()
 
     # -- fed by the transport -------------------------------------------------------------
     def _feed_data(self, data: bytes) -> None:

@@ -155,3 +155,41 @@ async def test_a_small_unary_call_is_one_datagram_each_way(handler_sleeps: float
         other = calls // 10  # the node's own traffic meanwhile (liveness pings and their ACKs)
         assert calls <= client_sent <= 2 * calls + other  # request, maybe an ACK
         assert calls <= server_sent <= 2 * calls + other  # response, maybe an ACK; never a third
+
+
+async def test_a_call_reset_with_its_request_cancels_the_handler_over_quic() -> None:
+    """Header, arguments, END and the caller's reset leave together, so the server's stream
+    holds the whole request and the reset before its task first runs. The handler runs (its
+    request is whole) and the reset that came with it must cancel it; it must not run on for
+    a caller that is gone."""
+    from lattica_ray.rpc import PROTOCOL_ID, CallKind, codec
+    from lattica_ray.rpc.protocol import ClientCall, Header
+
+    async with Node(listen=LOOPBACK) as server_node, Node(listen=LOOPBACK) as client_node:
+        started, cancelled = asyncio.Event(), asyncio.Event()
+
+        @server_node.rpc.method()
+        async def work() -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        @server_node.rpc.method()
+        async def echo(x: bytes) -> bytes:
+            return x
+
+        client_node.add_peer_addrs(server_node.peer_id, server_node.addrs)
+        peer = server_node.peer_id
+        assert await client_node.rpc.call(peer, "echo", b"up", timeout=WAIT) == b"up"
+        call = ClientCall(Header("work", CallKind.UNARY), 1 << 20)
+        arguments = b"".join(bytes(b) for b in call.send_message(codec.encode(((), {}))))
+        stream = await client_node.open_stream(peer, [PROTOCOL_ID])
+        await stream.write(call.start() + arguments + call.send_end())
+        stream.connection._flush()  # the request leaves now ...
+        stream.reset("the caller gave up at once")
+        stream.connection._flush()  # ... and the reset right behind it, before we yield
+        await asyncio.wait_for(started.wait(), WAIT)
+        await asyncio.wait_for(cancelled.wait(), WAIT)

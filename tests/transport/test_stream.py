@@ -45,3 +45,26 @@ async def test_a_watcher_hears_data_end_and_reset_until_unwatched() -> None:
     reader3.watch(lambda: pytest.fail("a watcher was called after being removed"))
     reader3.watch(None)
     await writer3.write(b"x")
+
+
+async def test_a_watcher_hears_at_once_what_arrived_before_it_watched() -> None:
+    """Whatever came before `watch` (and is unread) would otherwise never be heard: a reset
+    that arrived with a request whose handler is about to run must still cancel it."""
+    writer, reader = memory_stream_pair()
+    writer.reset("gone before anyone watched")
+    heard: list[str] = []
+    reader.watch(lambda: heard.append("reset"))
+    assert heard == ["reset"]
+    writer2, reader2 = memory_stream_pair()
+    await writer2.write(b"unread")
+    reader2.watch(lambda: heard.append("data"))
+    assert heard == ["reset", "data"]
+    writer3, reader3 = memory_stream_pair()
+    await writer3.close()
+    reader3.watch(lambda: heard.append("end"))
+    assert heard == ["reset", "data", "end"]
+    writer4, reader4 = memory_stream_pair()
+    await writer4.write(b"read")
+    assert reader4.read_nowait() == b"read"
+    reader4.watch(lambda: pytest.fail("nothing unread arrived: no call"))
+    reader4.watch(None)
