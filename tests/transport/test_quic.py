@@ -137,20 +137,32 @@ async def test_truncated_handshake_is_expired_without_leaks(quic_config: QuicCon
         await server.close()
 
 
-async def test_client_without_certificate_is_refused(endpoints: EndpointPair) -> None:
+async def test_client_without_certificate_is_refused(
+    endpoints: EndpointPair, quic_config: QuicConfig
+) -> None:
     """libp2p needs mutual TLS: a client that does not authenticate gets no connection."""
     configuration = QuicConfiguration(
         is_client=True, alpn_protocols=[ALPN], verify_mode=ssl.CERT_NONE
     )
     host, port = endpoints.server_address
-    async with asyncio.timeout(5):
-        async with aioquic_connect(
-            host, port, configuration=configuration, wait_connected=True
-        ) as client:
-            await client.wait_closed()
-            assert client._quic._close_event is not None
-            assert client._quic._close_event.error_code == 0x1  # our authentication failure
-    assert all(c.is_closed for c in endpoints.server_connections)
+    try:
+        async with asyncio.timeout(5):
+            async with aioquic_connect(
+                host, port, configuration=configuration, wait_connected=True
+            ) as client:
+                await client.wait_closed()
+                # Refused by our connection (aioquic engine: libp2p's error code 1) or by TLS
+                # itself (qh3 engine: the certificate_required alert, 0x100 + 116).
+                assert client._quic._close_event is not None
+                assert client._quic._close_event.error_code in (0x1, 0x100 + 116)
+    except TimeoutError:
+        # Now and then qh3 cannot build the CONNECTION_CLOSE for this client ("packet builder
+        # capacity exhausted", in its Rust core): the client then waits in vain, refused all
+        # the same. The aioquic engine always tells it.
+        if quic_config.engine != "qh3":
+            raise
+    assert endpoints.server_connections == []  # never authenticated, never handed over
+    await wait_until(lambda: not endpoints.server.connections)
 
 
 async def test_unanswered_server_certificate_is_refused(endpoints: EndpointPair) -> None:

@@ -44,6 +44,7 @@ from transport.quic.pmtu import PathMtuSearch
 
 log = logging.getLogger(__name__)
 NetworkAddress = tuple[str, int]
+MAX_SEND_FAILURES = 8  # qh3 packet-building failures in a row that end a connection
 
 
 def qh3_configuration(
@@ -113,6 +114,7 @@ class Qh3Engine:
         self._unread: dict[int, int] = {}  # stream ID -> delivered, not yet read
         self._unread_total = 0
         self._failed = False  # qh3's core failed: the connection is over
+        self._send_failures = 0
         self._failure: ConnectionTerminated | None = None  # ...and says so once, as an event
 
     # -- datagrams, time and events ---------------------------------------------------------
@@ -164,8 +166,14 @@ class Qh3Engine:
         try:
             datagrams = self._quic.datagrams_to_send(now)
         except QuicConnectionError as exc:
-            self._core_failed(exc)
+            # qh3 may fail to build one packet (seen: a CONNECTION_CLOSE as the handshake
+            # ends) and build it on the next try: give it a few before ending the connection.
+            self._send_failures += 1
+            log.debug("qh3 could not build a packet (%d): %s", self._send_failures, exc)
+            if self._send_failures >= MAX_SEND_FAILURES:
+                self._core_failed(exc)
             return []
+        self._send_failures = 0
         if self._probing and datagrams:
             self._largest_sent = max(self._largest_sent, max(len(d) for d, _ in datagrams))
         return datagrams

@@ -13,8 +13,9 @@ CertificateVerify. libp2p's tls spec says "servers MUST require client authentic
 - qh3 adds the client's Finished to the transcript in advance ("we don't use client auth"):
   the transcript is taken back to the server's Finished, the client's Certificate and
   CertificateVerify are read and checked, and only then is the client's Finished expected.
-- A client that sends no certificate completes the TLS handshake without a peer certificate;
-  the connection then refuses it with libp2p's own error (as the aioquic engine does).
+- A client that sends no certificate is refused by TLS itself, with the certificate_required
+  alert (RFC 8446 4.4.2.4); a certificate without a valid libp2p extension is refused by the
+  connection after the handshake (`transport.tls.verify_certificate`), as with aioquic.
 
 `Qh3Connection` also lets the engine leave events in qh3's core (see its docstring), takes
 back a stream its core refused, and skips qh3's per-packet qlog work when nothing logs.
@@ -58,6 +59,10 @@ def certificate_request() -> bytes:
     )
     body = b"\x00" + struct.pack("!H", len(extension)) + extension
     return bytes([tls.HandshakeType.CERTIFICATE_REQUEST]) + len(body).to_bytes(3, "big") + body
+
+
+class AlertCertificateRequired(tls.Alert):
+    description = tls.AlertDescription.certificate_required  # RFC 8446 6.2
 
 
 class MutualTlsContext(tls.Context):
@@ -140,9 +145,7 @@ class MutualTlsContext(tls.Context):
         certificate = tls.pull_certificate(buf)
         self.key_schedule.update_hash(buf.data)
         if not certificate.certificates:
-            self._awaiting = None  # the connection refuses an unauthenticated client
-            self._expect_client_finished()
-            return
+            raise AlertCertificateRequired("libp2p needs mutual TLS: the client sent none")
         try:
             self._peer_certificate = X509Certificate(certificate.certificates[0][0])
             self._peer_certificate_chain = [
@@ -197,6 +200,8 @@ class Qh3Connection(QuicConnection):
             while (transmit := core.poll_transmit(now)) is not None:
                 datagrams.append((transmit[0], transmit[1]))
         except RuntimeError as exc:  # as qh3's own `_call_core` reports a core failure
+            if datagrams:  # qh3 counts these as sent: they must leave, or wait for a PTO
+                return datagrams
             raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
         return datagrams
 

@@ -106,13 +106,16 @@ def test_data_flows_after_client_authentication() -> None:
     assert received == b"over mutual TLS"
 
 
-def test_a_client_without_a_certificate_is_not_authenticated() -> None:
-    """The TLS handshake may end, but with no peer certificate: the connection refuses it."""
+def test_a_client_without_a_certificate_is_refused_by_tls() -> None:
+    """The server answers an empty Certificate with the certificate_required alert."""
     client, server = _pair(KeyPair.generate(), KeyPair.generate())
     client._quic.configuration.certificate = None
     client._quic.configuration.private_key = None
-    _handshake(client, server)
+    _, server_events = _handshake(client, server)
+    assert "HandshakeCompleted" not in server_events
     assert server.peer_certificate() == (None, 0)
+    refusal = server._quic._close_event
+    assert refusal is not None and refusal.error_code == 0x100 + 116  # certificate_required
 
 
 def test_a_forged_client_certificate_verify_fails_the_handshake() -> None:
