@@ -13,8 +13,12 @@ proposals travel with its first handshake bytes), so a connection costs the TCP 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import socket
+import struct
+import time
 import weakref
 from collections.abc import Callable
 
@@ -51,6 +55,10 @@ log = logging.getLogger(__name__)
 
 ConnectionHandler = Callable[["TcpConnection"], None]
 REUSE_PORT = hasattr(socket, "SO_REUSEPORT")  # listener and dials share a port (Linux, BSDs)
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_LINGER_OFF = struct.pack("ii", 0, 0)
+RELEASE_WAIT = 1.0  # seconds a dial from our listen port waits for a given-up one to close
+HALF_OPEN_MEMORY = 180.0  # seconds a NAT may track an unanswered SYN (Linux conntrack: 120 s)
 
 
 class TcpConfig(BaseModel):
@@ -230,6 +238,20 @@ class TcpChannel(asyncio.BufferedProtocol, BufferedChannel):
         elif not self._done.done():
             self._done.set_result(None)
 
+    def reset_on_close(self, enabled: bool) -> None:
+        """Whether closing sends a RST (the socket is gone at once, with no TIME_WAIT).
+
+        A plain close or abort ends gracefully (FIN), and the side that closes first holds the
+        port pair in TIME_WAIT for a minute: a dial from our listen port to the same peer (the
+        bootstrap's TCP dial after its QUIC dial won the race, a hole punch) could not use it."""
+        if self._transport is None:
+            return
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                linger = _LINGER_RESET if enabled else _LINGER_OFF
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+
     async def wait_closed(self) -> None:
         await asyncio.shield(self._done)
 
@@ -359,6 +381,12 @@ class TcpTransport:
         # hole-punch with as DCUtR's client, whose SYN reached our listener (no simultaneous
         # open) while it takes the server role as DCUtR says. Set by the hole puncher.
         self.client_role_for: set[tuple[str, int]] = set()
+        # Remote (host, port) -> when a dial from one of our listen ports to it ended with its
+        # SYN unanswered (timed out or given up): NATs on the way may still track that port
+        # pair, half-open, with that SYN's sequence number (Linux conntrack: 120 s). Read by
+        # the hole puncher, which must then send its SYN on the pair before the peer's arrives.
+        self.unanswered_syns: dict[tuple[str, int], float] = {}
+        self._closing_dials: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._servers: list[tuple[asyncio.Server, Multiaddr]] = []
         self._handshakes: set[asyncio.Task[None]] = set()
         self._connections: set[TcpConnection] = set()
@@ -477,6 +505,12 @@ class TcpTransport:
             raise ValueError(f"{address} names peer {in_address}, not the expected {expected_peer}")
         expected_peer = expected_peer or in_address
         loop = asyncio.get_running_loop()
+        closing = self._closing_dials.get((host, port))
+        if local_address is not None and closing is not None:
+            # Our previous dial there, given up an instant ago, still holds the port pair
+            # until its socket closes (asyncio closes it on a later turn of the loop).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(closing), RELEASE_WAIT)
         try:
             connect = (
                 loop.create_connection(lambda: TcpChannel(self.config), host, port, family=family)
@@ -491,6 +525,7 @@ class TcpTransport:
         except OSError as exc:
             raise PeerUnreachable(f"cannot reach {address}: {exc.strerror or exc}") from exc
         local, remote = channel.socket_names
+        channel.reset_on_close(True)  # a dial given up (another won, timed out) leaves no trace
         try:
             connection = await asyncio.wait_for(
                 upgrade(
@@ -506,10 +541,15 @@ class TcpTransport:
                 self.config.handshake_timeout,
             )
         except TimeoutError as exc:
+            self._releasing(remote, channel)
             raise DialTimeout(
                 f"the libp2p handshake with {address} did not finish within "
                 f"{self.config.handshake_timeout} s"
             ) from exc
+        except BaseException:
+            self._releasing(remote, channel)
+            raise
+        channel.reset_on_close(False)
         assert isinstance(connection, TcpConnection)
         self._track(connection)
         return connection
@@ -527,13 +567,44 @@ class TcpTransport:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setblocking(False)
             sock.bind(local_address)
-            await asyncio.get_running_loop().sock_connect(sock, (host, port))
         except BaseException:
             sock.close()
+            raise
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except BaseException as exc:
+            sock.close()
+            if _syn_unanswered(exc):
+                self._remember_unanswered((host, port))
             raise
         return await asyncio.get_running_loop().create_connection(
             lambda: TcpChannel(self.config), sock=sock
         )
+
+    def _releasing(self, remote: tuple[str, int], channel: TcpChannel) -> None:
+        """A failed dial's socket closes soon: a new dial to `remote` waits for that."""
+        remote = (remote[0], remote[1])
+        closed = asyncio.ensure_future(channel.wait_closed())
+        self._closing_dials[remote] = closed
+        closed.add_done_callback(
+            lambda done: (
+                self._closing_dials.pop(remote, None)
+                if self._closing_dials.get(remote) is done
+                else None
+            )
+        )
+
+    def _remember_unanswered(self, remote: tuple[str, int]) -> None:
+        now = time.monotonic()
+        for old in [r for r, t in self.unanswered_syns.items() if now - t > HALF_OPEN_MEMORY]:
+            del self.unanswered_syns[old]
+        self.unanswered_syns[remote] = now
+
+    def syn_unanswered_lately(self, remote: tuple[str, int]) -> bool:
+        """Whether a SYN from our listen port to `remote` went unanswered lately (see
+        `unanswered_syns`)."""
+        sent = self.unanswered_syns.get(remote)
+        return sent is not None and time.monotonic() - sent <= HALF_OPEN_MEMORY
 
     async def close(self) -> None:
         """Stop listening, abandon pending handshakes, close every connection."""
@@ -550,6 +621,14 @@ class TcpTransport:
         for server, _ in self._servers:
             await server.wait_closed()
         self._servers.clear()
+
+
+def _syn_unanswered(exc: BaseException) -> bool:
+    """Whether a failed connect left its SYN unanswered (a refusal is an answer; a port pair
+    already taken sends nothing)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return False
+    return not (isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL))
 
 
 def is_tcp_address(address: Multiaddr) -> bool:

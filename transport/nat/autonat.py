@@ -113,8 +113,12 @@ class AutoNAT:
                 continue
             if _ip_of(addr) == observed_ip:  # the spec's anti-amplification rule
                 candidates.append(addr)
-        if connection.remote_addr is not None:
-            candidates.append(connection.remote_addr.without_peer_id())
+        observed = connection.remote_addr
+        if observed is not None and (
+            not candidates or any(is_tcp_address(a) == is_tcp_address(observed) for a in candidates)
+        ):  # where we see it, on a transport it asked about (a client that asks about TCP
+            # only must not hear that its QUIC address works)
+            candidates.append(observed.without_peer_id())
         self._busy_peers.add(peer)
         try:
             reached = await self._dial_back(peer, list(dict.fromkeys(candidates)))

@@ -231,6 +231,7 @@ class HolePuncher:
                 log.info("both %s and we are behind symmetric NATs: staying relayed", peer)
                 raise PunchImpossible("both peers are behind symmetric NATs")
             prepared = await self._prepare(we_dial, their_addrs, protocol)
+            self._dial_first_if_stale(peer, their_addrs, client=we_dial)
             await stream.write_message(HolePunch(type=HolePunch.SYNC).SerializeToString())
             await asyncio.sleep(rtt / 2)
             spray = protocol == EXTENDED_PROTOCOL and reply.mapping == Mapping.ENDPOINT_DEPENDENT
@@ -267,12 +268,14 @@ class HolePuncher:
         request = self._parse(await stream.read_message(MAX_MESSAGE_SIZE), HolePunch.CONNECT)
         ours = self._our_addrs()
         their_addrs = _on_shared_transports(_punch_addrs(list(request.ObsAddrs)), ours)
+        we_dial = choose_dialer(str(self._mapping()), request.mapping if extended else "", True)
+        if we_dial is not None:
+            self._dial_first_if_stale(peer, their_addrs, client=we_dial)
         reply = HolePunch(type=HolePunch.CONNECT)
         reply.ObsAddrs.extend(a.without_peer_id().to_bytes() for a in ours)
         if extended:
             reply.mapping = str(self._mapping())
         await stream.write_message(reply.SerializeToString())
-        we_dial = choose_dialer(str(self._mapping()), request.mapping if extended else "", True)
         if we_dial is None:
             self.results[peer] = "failed: both peers are behind symmetric NATs"
             await stream.close()
@@ -437,6 +440,33 @@ class HolePuncher:
                 transport.client_role_for -= targets  # type: ignore[arg-type]
             for waiter in waiters:
                 waiter.cancel()  # (the shields: the dials themselves go on)
+
+    def _dial_first_if_stale(
+        self, peer: PeerId, their_addrs: list[Multiaddr], client: bool
+    ) -> None:
+        """Start our TCP punch dials now, ahead of DCUtR's moment, if a SYN of ours to one of
+        their addresses went unanswered lately.
+
+        Our NAT may then still track that port pair half-open with the old SYN's sequence
+        number. If the peer's punch SYN reaches it before our new one has gone out, the NAT
+        lets it in (a simultaneous open, SYN_SENT2), our listener answers with a fresh
+        sequence number, and the NAT drops that SYN-ACK as out of window: the punch is dead
+        for minutes. Our own SYN going out first re-arms the entry (a new SYN from the same
+        side replaces the old one), and then the peer's SYN meets our connecting socket. So
+        the side that knows its NAT is stale dials first: B before SYNC, A before its reply;
+        the other side keeps DCUtR's timing, after it."""
+        tcp = self.swarm.tcp
+        if tcp is None or not tcp.listen_addrs:
+            return
+        stale = [
+            addr
+            for addr in _tcp(their_addrs)
+            if tcp.syn_unanswered_lately(tuple(tcp_socket_address(addr)[:2]))  # type: ignore[arg-type]
+        ]
+        if stale:
+            log.info("TCP punch to %s: our NAT may hold a stale entry; dialing first", peer)
+            for addr in _tcp(their_addrs):
+                self._tcp_dial(peer, addr, client)
 
     def _tcp_dial(self, peer: PeerId, addr: Multiaddr, client: bool) -> asyncio.Task[Connection]:
         """The punch dial to `addr`: the one still under way, or a new one."""

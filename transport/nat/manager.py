@@ -39,7 +39,7 @@ from transport.tcp import is_tcp_address, secure_and_mux
 
 log = logging.getLogger(__name__)
 
-AUTONAT_SERVERS = 3  # peers asked per check
+AUTONAT_SERVERS = 3  # peers asked per check, all at once
 OBSERVE_TIMEOUT = 10.0  # seconds for the identify that learns our address on one connection
 
 
@@ -240,23 +240,42 @@ class NatManager:
         return self.addresses.reachability()
 
     async def check_reachability(self, servers: list[PeerId]) -> Reachability:
-        """Ask AutoNAT servers among `servers` to dial us back; returns the new verdict."""
+        """Ask AutoNAT servers among `servers` to dial us back; returns the new verdict.
+
+        Up to `AUTONAT_SERVERS` servers are asked at once (a server that fails makes room for
+        the next one): an unreachable node waits out each dial-back's timeout, so asking one
+        server after another took a UDP-blocked node ~16 s to learn it is private."""
         candidates = self.observed_addrs() + self._listen_addrs()
-        asked = 0
-        for server in servers:
-            info = self._identify_info(server)
-            if info is None or autonat.PROTOCOL not in info.protocols:
-                continue
-            try:
-                reached = await self._dial_backs(server, candidates)
-            except (TransportError, TimeoutError, EOFError) as exc:
-                log.info("autonat via %s: %s", server, exc)
-                continue
-            for addr in reached or [None]:
-                self.addresses.record_dial_back(server, addr, bool(reached))
-            asked += 1
-            if asked >= AUTONAT_SERVERS:
-                break
+        eligible = [
+            server
+            for server in dict.fromkeys(servers)
+            if (info := self._identify_info(server)) is not None
+            and autonat.PROTOCOL in info.protocols
+        ]
+        asking: dict[asyncio.Task[list[Multiaddr | None]], PeerId] = {}
+        answered = 0
+        try:
+            while eligible or asking:
+                while eligible and answered + len(asking) < AUTONAT_SERVERS:
+                    server = eligible.pop(0)
+                    task = asyncio.ensure_future(self._dial_backs(server, candidates))
+                    asking[task] = server
+                if not asking:
+                    break
+                done, _ = await asyncio.wait(asking, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    server = asking.pop(task)
+                    try:
+                        reached = task.result()
+                    except (TransportError, TimeoutError, EOFError) as exc:
+                        log.info("autonat via %s: %s", server, exc)
+                        continue
+                    for addr in reached or [None]:
+                        self.addresses.record_dial_back(server, addr, bool(reached))
+                    answered += 1
+        finally:
+            for task in asking:
+                task.cancel()
         log.info("reachability %s, NAT mapping %s", self.addresses.reachability(), self.mapping)
         self.refresh()
         return self.addresses.reachability()
@@ -274,9 +293,15 @@ class NatManager:
         if addr is not None:
             other = [a for a in candidates if is_tcp_address(a) != is_tcp_address(addr)]
             if other:
-                with contextlib.suppress(TransportError, TimeoutError, EOFError):
+                try:
                     again, other_addr = await self.autonat.check(server, other)
-                    if again and other_addr is not None:
+                except (TransportError, TimeoutError, EOFError) as exc:
+                    log.debug("autonat via %s, second transport: %r", server, exc)
+                else:
+                    other_transport = other_addr is not None and is_tcp_address(
+                        other_addr
+                    ) != is_tcp_address(addr)
+                    if again and other_transport:
                         reached.append(other_addr)
         return reached
 
