@@ -397,17 +397,7 @@ async def test_a_dialer_refuses_the_wrong_peer_id(qh3_pair) -> None:
         await qh3_pair.client.dial(qh3_pair.server_address, KeyPair.generate().peer_id)
 
 
-NO_ALPN_FINDING = pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW FINDING: a qh3 dialer accepts a server that negotiated no ALPN: qh3's "
-    "client takes EncryptedExtensions without ALPN (qh3 tls.py _client_handle_encrypted_"
-    "extensions) and transport/quic/connection.py _on_handshake_completed never looks at the "
-    "negotiated protocol; RFC 9001 8.1 requires closing with no_application_protocol, and "
-    "libp2p requires 'libp2p' (the aioquic engine refuses)",
-)
-
-
-@pytest.mark.parametrize("dialer_engine", [pytest.param("qh3", marks=NO_ALPN_FINDING), "aioquic"])
+@pytest.mark.parametrize("dialer_engine", ["qh3", "aioquic"])
 async def test_a_dialer_refuses_a_server_that_negotiates_no_alpn(dialer_engine: str) -> None:
     config = QuicConfig(engine="qh3", handshake_timeout=2.0, idle_timeout=5.0)
     server_key = KeyPair.generate()
@@ -495,13 +485,6 @@ def test_an_rsa_client_certificate_signing_with_pss_is_accepted() -> None:
     assert verify_certificate(*server.peer_certificate()) == client_key.peer_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW FINDING (low): transport/quic/glue_qh3.py CLIENT_SIGNATURE_ALGORITHMS "
-    "(line ~47) includes RSA_PKCS1_SHA256 and _receive_client_certificate_verify accepts it "
-    "for the client's CertificateVerify; RFC 8446 4.4.3 forbids RSASSA-PKCS1-v1_5 there "
-    "(only for certificates); it should offer and accept RSA-PSS only",
-)
 def test_a_client_certificate_verify_with_pkcs1_is_refused() -> None:
     client, server = _pair(client_certificate=rsa_certificate(KeyPair.generate()))
 

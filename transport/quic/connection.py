@@ -24,7 +24,7 @@ from transport.identity import PeerId
 from transport.multiaddr import Multiaddr, quic_multiaddr
 from transport.quic.engine import QuicEngine
 from transport.quic.stream import ERROR_CODE_RESET, QuicStream
-from transport.tls import InvalidCertificate, verify_certificate
+from transport.tls import ALPN, InvalidCertificate, verify_certificate
 
 if TYPE_CHECKING:
     from transport.quic.endpoint import QuicEndpoint
@@ -176,7 +176,7 @@ class QuicConnection(Connection):
             "StreamDataReceived": self._on_stream_data,
             "StreamReset": self._on_stream_reset,
             "StopSendingReceived": self._on_stop_sending,
-            "HandshakeCompleted": lambda event: self._on_handshake_completed(),
+            "HandshakeCompleted": self._on_handshake_completed,
             "ConnectionIdIssued": lambda event: self.endpoint._register_cid(
                 event.connection_id, self
             ),
@@ -204,7 +204,13 @@ class QuicConnection(Connection):
         if stream is not None:
             stream._remote_stopped_sending()
 
-    def _on_handshake_completed(self) -> None:
+    def _on_handshake_completed(self, event) -> None:
+        if event.alpn_protocol != ALPN:
+            # RFC 9001 8.1; qh3's client accepts a server that chose no ALPN at all.
+            self._fail_handshake(
+                HandshakeFailed(f"the remote negotiated ALPN {event.alpn_protocol!r}, not {ALPN!r}")
+            )
+            return
         certificate, chain_length = self.quic.peer_certificate()
         try:
             if certificate is None:

@@ -43,8 +43,7 @@ CLIENT_SIGNATURE_ALGORITHMS = (
     tls.SignatureAlgorithm.ED25519,
     tls.SignatureAlgorithm.RSA_PSS_RSAE_SHA256,
     tls.SignatureAlgorithm.RSA_PSS_RSAE_SHA384,
-    tls.SignatureAlgorithm.RSA_PKCS1_SHA256,
-)
+)  # no RSA_PKCS1_*: RFC 8446 4.4.3 forbids PKCS#1 v1.5 in CertificateVerify
 CLIENT_CERTIFICATE_VERIFY_CONTEXT = b"TLS 1.3, client CertificateVerify"  # RFC 8446 4.4.3
 
 
