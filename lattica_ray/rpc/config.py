@@ -46,6 +46,13 @@ class RpcConfig(BaseModel):
     header_timeout: float = Field(
         10.0, gt=0, description="Seconds an inbound stream may take to send its call header."
     )
+    request_idle_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a caller may send nothing while the server still waits for its "
+        "call's arguments; then the call ends (DEADLINE_EXCEEDED) and frees its slot. Without "
+        "it, a peer could hold calls open forever by sending headers alone.",
+    )
     status_timeout: float = Field(
         10.0,
         gt=0,

@@ -1088,11 +1088,28 @@ class RpcService:
             stream.reset("refused")
 
     async def _read_event(
-        self, stream: Stream, proto: ServerCall, pending: collections.deque[Event]
+        self,
+        stream: Stream,
+        proto: ServerCall,
+        pending: collections.deque[Event],
+        idle: float | None = None,
     ) -> Event | None:
-        """The next event from the caller; None once it closed its side after END."""
+        """The next event from the caller; None once it closed its side after END.
+
+        With `idle`, a caller that sends nothing for that long is a DeadlineExceeded.
+        """
         while not pending:
-            data = await stream.read(self.config.read_size)
+            if idle is None:
+                data = await stream.read(self.config.read_size)
+            else:
+                try:
+                    async with asyncio.timeout(idle):
+                        data = await stream.read(self.config.read_size)
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"the caller sent nothing for {idle:g} s before its arguments were "
+                        "complete (RpcConfig.request_idle_timeout)"
+                    ) from None
             if not data:
                 events = proto.receive_eof()
                 if not events:
@@ -1103,7 +1120,8 @@ class RpcService:
         return pending.popleft()
 
     async def _next_server_event(self, call: _InboundCall) -> Event | None:
-        return await self._read_event(call.stream, call.proto, call.pending)
+        idle = None if call.arguments.done() else self.config.request_idle_timeout
+        return await self._read_event(call.stream, call.proto, call.pending, idle)
 
     # -- the thread pool ----------------------------------------------------------------
     def _submit(self, function: Callable[[], None]) -> asyncio.Future[None]:

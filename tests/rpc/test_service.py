@@ -591,6 +591,29 @@ async def test_malformed_frames_get_a_protocol_error_status(pair: Pair) -> None:
     await stream.close()
 
 
+async def test_a_caller_that_sends_a_header_and_nothing_more_loses_its_slot(
+    make_pair: PairFactory,
+) -> None:
+    """Calls without a deadline cannot be held open forever by withholding their arguments."""
+    pair = await make_pair(
+        server_config=RpcConfig(request_idle_timeout=0.3, max_concurrent_calls_per_peer=1)
+    )
+
+    @pair.server.method()
+    async def echo(x: bytes) -> bytes:
+        return x
+
+    call = ClientCall(Header("echo", CallKind.UNARY), 1 << 20)
+    stream = await pair.client_host.open_stream(pair.peer, [PROTOCOL_ID])
+    await stream.write(call.start())  # the header, then silence
+    [status] = call.receive_data(await asyncio.wait_for(stream.read_to_end(), WAIT))
+    assert status.code == StatusCode.DEADLINE_EXCEEDED
+    assert "request_idle_timeout" in status.message
+    # the only slot this peer had is free again
+    assert await pair.client.call(pair.peer, "echo", b"next", timeout=WAIT) == b"next"
+    await stream.close()
+
+
 # -- limits -----------------------------------------------------------------------------------
 async def test_message_size_limits(make_pair: PairFactory) -> None:
     small_server = await make_pair(
