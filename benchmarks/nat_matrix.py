@@ -92,9 +92,13 @@ def main() -> None:
         f"{len(matrix)}; hole punching upgraded {upgraded}/{len(punched)} relayed connections "
         "(libp2p DCUtR in the wild: ~70%)"
     )
+    cones = {"full_cone", "restricted_cone", "port_restricted"}
+    tcp_punchable = [r for r in blocked if {r["dialer"], r["target"]} - {"udp_blocked"} <= cones]
+    tcp_punched = sum(1 for row in tcp_punchable if row["path"] in ("direct", "holepunched"))
     print(
         f"UDP-blocked site: connected {len(blocked)}/{len(blocked)} pairs over TCP; direct or "
-        f"hole-punched {blocked_direct}/{len(blocked)} (symmetric NAT pairs stay relayed)"
+        f"hole-punched {blocked_direct}/{len(blocked)} (symmetric NAT pairs stay relayed); "
+        f"TCP-punched through cone/port-restricted NATs {tcp_punched}/{len(tcp_punchable)}"
     )
     print(f"\n{'fault':32} {'path before':12} {'path after':12} {'lost':>5} {'recovery':>9}")
     for row in recovery:

@@ -7,7 +7,8 @@ After bootstrap (reachability checked, relay slots reserved when NAT'd) it print
 {"event": "ready", "peer_id", "addrs", "reachability", "mapping", "relay_transports"}. Commands:
 {"cmd": "connect", "peer", "addrs", "direct_timeout"}  -> path, transport, paths (every
     connection as transport/path), connect_ms, first_ping_ms, rtt_ms
-{"cmd": "ping", "peer"}, {"cmd": "disconnect", "peer"}, {"cmd": "info"}, {"cmd": "stop"}
+{"cmd": "ping", "peer"}, {"cmd": "disconnect", "peer"}, {"cmd": "info"}, {"cmd": "stop"},
+{"cmd": "dial_from_listen_port", "addr"} -> connected (one TCP dial, from the listen port)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lattica_ray import Node
 from transport.errors import ConnectionClosed, StreamReset, TransportError
 from transport.identity import PeerId
 from transport.multiaddr import Multiaddr
+from transport.tcp import tcp_socket_address
 
 READY_TIMEOUT = 60.0  # a UDP-blocked node waits out QUIC dials and AutoNAT dial-backs first
 
@@ -126,6 +128,20 @@ def _via(node: Node, peer: PeerId) -> str:
     return str(connection.remote_addr) if connection and connection.remote_addr else ""
 
 
+async def _dial_from_listen_port(node: Node, command: dict) -> dict:
+    """One TCP dial from our listen port to `addr` (as an ordinary dial to a peer not yet
+    known to be NAT'd makes); whether it connected."""
+    addr = Multiaddr.parse(command["addr"])
+    assert node.swarm.tcp is not None
+    source = node.swarm.tcp_dial_source(tcp_socket_address(addr)[0])
+    try:
+        connection = await node.swarm.tcp.dial(addr, local_address=source)
+    except TransportError as exc:
+        return {"connected": False, "reason": f"{type(exc).__name__}: {exc}"}
+    await connection.close("test dial")
+    return {"connected": True}
+
+
 async def _disconnect(node: Node, command: dict) -> dict:
     peer = PeerId.from_string(command["peer"])
     for connection in node.swarm.connections_to(peer):
@@ -164,6 +180,8 @@ async def serve(args: argparse.Namespace) -> None:
                     peer = PeerId.from_string(command["peer"])
                     rtt = await node.ping(peer)
                     _emit({"rtt_ms": rtt * 1000, "path": node.connection_to(peer).path})
+                elif kind == "dial_from_listen_port":
+                    _emit(await _dial_from_listen_port(node, command))
                 elif kind == "disconnect":
                     _emit(await _disconnect(node, command))
                 elif kind == "info":

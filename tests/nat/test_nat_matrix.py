@@ -4,11 +4,12 @@ Connected always (a relay is allowed); direct (public or hole-punched) in every 
 least one side maps endpoint-independently and neither side is the firewall. The UDP-blocked
 site speaks TCP only: it holds its relay slots over TCP and is reached through them; it dials
 public sites directly and is hole-punched over TCP (simultaneous open) with another UDP-blocked
-site always, and with the cone and port-restricted NATs (asserted: at least 5 of the 6 pairs;
-measured 6 of 6 in every run since the two causes of failed TCP punches were fixed: a listen-port
-TCP connection to the relays lost to TIME_WAIT, so no usable TCP address was observed; a stale
-half-open conntrack entry from an earlier unanswered SYN, see HolePuncher._dial_first_if_stale),
-and never with the symmetric NAT (our birthday search for symmetric NATs is UDP-only).
+site always, and with the cone and port-restricted NATs: 6 of the 6 pairs in each of 5 lab
+runs (2-5 before the two causes of failed TCP punches were fixed: the listen-port TCP connection
+to the relays was lost to TIME_WAIT, so no TCP address was observed to punch to; an unanswered
+SYN from the listen port left a stale half-open conntrack entry, see
+HolePuncher._dial_first_if_stale); asserted: at least 5, one pair of margin for a loaded
+machine. Never with the symmetric NAT (our birthday search for symmetric NATs is UDP-only).
 """
 
 from __future__ import annotations
