@@ -5,7 +5,7 @@ least one side maps endpoint-independently and neither side is the firewall. The
 site speaks TCP only: it holds its relay slots over TCP and is reached through them; it dials
 public sites directly and is hole-punched over TCP (simultaneous open) with another UDP-blocked
 site always, and with the cone and port-restricted NATs: 6 of the 6 pairs in both runs of
-benchmarks/nat_matrix.py and in every run of this test since (2-5 of 6 before the two causes of
+benchmarks/nat_matrix.py and in a run of this test read in full (2-5 of 6 before the two causes of
 failed TCP punches were fixed: the listen-port TCP connection
 to the relays was lost to TIME_WAIT, so no TCP address was observed to punch to; an unanswered
 SYN from the listen port left a stale half-open conntrack entry, see
