@@ -46,6 +46,12 @@ class RpcConfig(BaseModel):
     header_timeout: float = Field(
         10.0, gt=0, description="Seconds an inbound stream may take to send its call header."
     )
+    idempotent_retries: int = Field(
+        2,
+        ge=0,
+        description="How often `call(..., idempotent=True)` is sent again when the path under "
+        "it dies mid-call (the host's next path takes it).",
+    )
     request_idle_timeout: float = Field(
         30.0,
         gt=0,

@@ -134,6 +134,7 @@ class PeerUnavailable(RpcError, ConnectionError):
     """The peer could not be reached, vanished mid-call, or does not serve the RPC protocol."""
 
     code = StatusCode.UNAVAILABLE
+    path_lost = False  # True: a stream broke after the call was sent (it may have run)
 
 
 ERROR_BY_CODE: dict[StatusCode, type[RpcError]] = {

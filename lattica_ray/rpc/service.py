@@ -604,7 +604,9 @@ class _OutboundCall:
             try:
                 await self.writer.write(first)
             except (TransportError, ConnectionError) as exc:
-                raise self._error(PeerUnavailable(f"stream lost while sending: {exc}")) from exc
+                error = PeerUnavailable(f"stream lost while sending: {exc}")
+                error.path_lost = True
+                raise self._error(error) from exc
         else:  # the server may answer (or refuse) while we send: read meanwhile
             self.writer_task = asyncio.get_running_loop().create_task(
                 self._send(first), name=f"rpc {self.method} requests"
@@ -659,12 +661,12 @@ class _OutboundCall:
             return self._error(Cancelled("the local RPC service stopped"))
         if self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline:
             return self.deadline_error()  # the server reset a stream it was writing to
-        return self._error(
-            PeerUnavailable(
-                f"the stream broke mid-call ({exc}): the peer stopped, crashed or lost the "
-                "connection; the call may or may not have run"
-            )
+        error = PeerUnavailable(
+            f"the stream broke mid-call ({exc}): the peer stopped, crashed or lost the "
+            "connection; the call may or may not have run"
         )
+        error.path_lost = True
+        return self._error(error)
 
     def decode(self, payload: ReceiveBuffer) -> object:
         try:
@@ -939,11 +941,42 @@ class RpcService:
         timeout: float | None = None,
         requests: AsyncIterable[object] | None = None,
         metadata: Mapping[str, str] | None = None,
+        idempotent: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Call `method` on `peer` and return its result (unary, or client-streaming when
-        `requests` is given). The keywords `timeout`, `requests` and `metadata` are ours; all
-        other arguments go to the handler."""
+        `requests` is given). The keywords `timeout`, `requests`, `metadata` and `idempotent`
+        are ours; all other arguments go to the handler.
+
+        A path that dies mid-call fails the call (`PeerUnavailable`): the method may already
+        have run. With `idempotent=True` (the caller's promise that running it twice is
+        harmless) a unary call is sent again over the peer's next path instead, up to
+        `RpcConfig.idempotent_retries` times within its timeout.
+        """
+        if not idempotent or requests is not None:
+            return await self._call_once(peer, method, args, kwargs, requests, timeout, metadata)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        for attempt in range(self.config.idempotent_retries + 1):
+            remaining = None if deadline is None else max(deadline - loop.time(), 1e-3)
+            try:
+                return await self._call_once(peer, method, args, kwargs, None, remaining, metadata)
+            except PeerUnavailable as exc:
+                if attempt == self.config.idempotent_retries or not exc.path_lost:
+                    raise
+                logger.info("rpc %s to %s: path lost (%s); sending it again", method, peer, exc)
+        raise AssertionError("unreachable")
+
+    async def _call_once(
+        self,
+        peer: PeerId,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        requests: AsyncIterable[object] | None,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> Any:
         kind = CallKind.UNARY if requests is None else CallKind.CLIENT_STREAM
         call = self._new_call(peer, method, kind, args, kwargs, requests, timeout, metadata)
         try:

@@ -93,3 +93,46 @@ async def test_a_call_in_flight_on_a_path_that_dies_fails_clearly_and_the_next_t
         assert np.array_equal(await client.rpc.call(server.peer_id, "echo", big), big)
         left = client.swarm.connections_to(server.peer_id)
         assert bulk_path not in left and left, left
+
+
+async def test_an_idempotent_call_in_flight_on_a_path_that_dies_is_sent_again_on_another() -> None:
+    """`idempotent=True` is the caller's promise that running the method twice is harmless: the
+    call survives the death of its path, answered over the path that is left."""
+    async with Node(listen=BOTH) as server, Node(listen=BOTH) as client:
+        first_started, release = asyncio.Event(), asyncio.Event()
+        runs = 0
+
+        @server.rpc.method()
+        async def lookup(x: object) -> object:
+            nonlocal runs
+            runs += 1
+            if runs == 1:  # the first run hangs on the path that is about to die
+                first_started.set()
+                await release.wait()
+            return x
+
+        @server.rpc.method()
+        async def echo(x: object) -> object:
+            return x
+
+        client.add_peer_addrs(server.peer_id, server.addrs)
+        await client.connect(server.peer_id)
+        big = np.arange(4 << 20, dtype=np.uint8)
+        assert np.array_equal(await client.rpc.call(server.peer_id, "echo", big), big)
+        bulk_path = client.swarm.connection_to(server.peer_id, bulk=True)
+        assert bulk_path is not None and len(client.swarm.connections_to(server.peer_id)) == 2
+
+        call = asyncio.ensure_future(
+            client.rpc.call(server.peer_id, "lookup", big, idempotent=True, timeout=20)
+        )
+        try:
+            async with asyncio.timeout(10):
+                await first_started.wait()
+            bulk_path.abort("test: the path died")  # type: ignore[attr-defined]
+            async with asyncio.timeout(10):
+                assert np.array_equal(await call, big)
+        finally:
+            release.set()
+            call.cancel()
+        assert runs == 2
+        assert bulk_path not in client.swarm.connections_to(server.peer_id)
