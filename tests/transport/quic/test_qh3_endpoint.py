@@ -51,6 +51,25 @@ async def test_qh3_probes_loopback_to_big_datagrams(endpoints: EndpointPair) -> 
     assert connection.quic.max_datagram_size > 8000  # loopback carries far more than 1350
 
 
+async def test_the_listener_probes_big_datagrams_towards_the_dialer_too(
+    endpoints: EndpointPair,
+) -> None:
+    """qh3's dialer announced max_udp_payload_size 1472 whatever it could receive: the
+    listener's data then went in ~1450 B datagrams, ~3-4x slower on loopback."""
+    await endpoints.dial()
+    [server_side] = endpoints.server_connections
+    payload = os.urandom(4 * 1024 * 1024)
+    stream = await server_side.open_stream()
+    sender = asyncio.ensure_future(stream.write(payload))
+    try:
+        inbound = await asyncio.wait_for(endpoints.client_streams.get(), 10)
+        assert await asyncio.wait_for(inbound.readexactly(len(payload)), 30) == payload
+        await asyncio.wait_for(sender, 10)
+    finally:
+        sender.cancel()
+    assert server_side.quic.max_datagram_size > 8000
+
+
 async def test_a_path_that_drops_big_datagrams_still_carries_the_data(
     endpoints: EndpointPair, lossy_path: LossyPath
 ) -> None:
