@@ -45,7 +45,10 @@ def test_memory_of_both_processes_is_reported(quick_report: dict[str, Any]) -> N
         for run in figures["runs"].values():
             assert set(run["processes"]) == {"mem-server", "mem-client"}
             for process in run["processes"].values():
-                assert process["peak_rss"] >= process["rss_before"] > 10 * 1024 * 1024
+                # the kernel's RSS counters are cached per thread (up to 64 pages each): a peak
+                # read later may sit a little under the RSS read at the reset
+                assert process["rss_before"] > 10 * 1024 * 1024
+                assert process["peak_rss"] >= process["rss_before"] - 2 * 1024 * 1024
                 assert process["growth_x_window"] == process["growth"] / figures["window_bytes"]
 
 
