@@ -26,7 +26,6 @@ from tests.transport.conftest import EndpointPair, wait_until
 from transport.errors import DialTimeout, HandshakeFailed, PeerIdMismatch
 from transport.identity import KeyPair
 from transport.quic import QuicConfig, QuicEndpoint
-from transport.quic.endpoint import CONNECTION_ID_LENGTH, SUPPORTED_VERSIONS
 from transport.tls import (
     ALPN,
     EXTENSION_OID,
@@ -42,10 +41,10 @@ pytest.importorskip("qh3", reason="qh3 is not installed (the qh3 QUIC engine is 
 from qh3 import tls
 from qh3._hazmat import Buffer
 
-from transport.quic.engine_qh3 import Qh3Engine, qh3_configuration
+from tests.transport.quic.in_memory_qh3 import handshake as _run
+from tests.transport.quic.in_memory_qh3 import qh3_engine as _engine
+from transport.quic.engine_qh3 import Qh3Engine
 
-SERVER = ("127.0.0.1", 4001)
-CLIENT = ("127.0.0.1", 4002)
 CERTIFICATE, CERTIFICATE_VERIFY, FINISHED = 11, 15, 20  # RFC 8446 HandshakeType
 CERTIFICATE_REQUEST = 13
 UNEXPECTED_MESSAGE, HANDSHAKE_FAILURE, DECRYPT_ERROR = 10, 40, 51  # RFC 8446 AlertDescription
@@ -88,24 +87,6 @@ def not_yet_valid_certificate(
 
 
 # -- sans-I/O: two qh3 engines -----------------------------------------------------------
-def _engine(key: KeyPair, original_cid: bytes | None = None, certificate=None) -> Qh3Engine:
-    certificate, private_key = certificate or make_certificate(key)
-    configuration = qh3_configuration(
-        is_client=original_cid is None,
-        certificate=certificate,
-        private_key=private_key,
-        alpn=ALPN,
-        idle_timeout=5.0,
-        max_datagram_size=1350,
-        probe_datagram_size=False,
-        max_data=1 << 20,
-        max_stream_data=1 << 20,
-        connection_id_length=CONNECTION_ID_LENGTH,
-        supported_versions=list(SUPPORTED_VERSIONS),
-    )
-    return Qh3Engine(configuration, original_destination_connection_id=original_cid)
-
-
 def _pair(client_certificate=None, server_certificate=None) -> tuple[Qh3Engine, Qh3Engine]:
     client = _engine(KeyPair.generate(), certificate=client_certificate)
     server = _engine(
@@ -114,24 +95,6 @@ def _pair(client_certificate=None, server_certificate=None) -> tuple[Qh3Engine, 
         certificate=server_certificate,
     )
     return client, server
-
-
-def _run(client: Qh3Engine, server: Qh3Engine, after_connect: Callable[[], None] | None = None):
-    """The handshake in memory; the event names each side saw."""
-    now = 0.0
-    client.connect(SERVER, now)
-    if after_connect is not None:
-        after_connect()
-    seen: tuple[list[str], list[str]] = ([], [])
-    for _ in range(12):
-        for sender, receiver, source in ((client, server, CLIENT), (server, client, SERVER)):
-            for data, _ in sender.datagrams_to_send(now):
-                receiver.receive_datagram(data, source, now)
-        for engine, names in ((client, seen[0]), (server, seen[1])):
-            while (event := engine.next_event()) is not None:
-                names.append(type(event).__name__)
-        now += 0.001
-    return seen
 
 
 def _messages(data: bytes) -> list[bytes]:

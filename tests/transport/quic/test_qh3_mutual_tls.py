@@ -11,56 +11,18 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from transport.identity import KeyPair
-from transport.quic.endpoint import CONNECTION_ID_LENGTH, SUPPORTED_VERSIONS
 from transport.quic.engine import QuicEngine
-from transport.tls import ALPN, make_certificate, verify_certificate
+from transport.tls import make_certificate, verify_certificate
 
 pytest.importorskip("qh3", reason="qh3 is not installed (the qh3 QUIC engine is optional)")
 
 from qh3 import tls
 from qh3._hazmat import Buffer
 
-from transport.quic.engine_qh3 import Qh3Engine, qh3_configuration
+from tests.transport.quic.in_memory_qh3 import CLIENT, SERVER
+from tests.transport.quic.in_memory_qh3 import handshake as _handshake
+from tests.transport.quic.in_memory_qh3 import qh3_engine as _engine
 from transport.quic.glue_qh3 import CLIENT_SIGNATURE_ALGORITHMS, certificate_request
-
-SERVER = ("127.0.0.1", 4001)
-CLIENT = ("127.0.0.1", 4002)
-
-
-def _engine(key: KeyPair, original_cid: bytes | None = None, **overrides) -> Qh3Engine:
-    certificate, private_key = make_certificate(key)
-    configuration = qh3_configuration(
-        is_client=original_cid is None,
-        certificate=certificate,
-        private_key=private_key,
-        alpn=ALPN,
-        idle_timeout=5.0,
-        max_datagram_size=1350,
-        probe_datagram_size=False,
-        max_data=1 << 20,
-        max_stream_data=1 << 20,
-        connection_id_length=CONNECTION_ID_LENGTH,
-        supported_versions=list(SUPPORTED_VERSIONS),
-    )
-    for name, value in overrides.items():
-        setattr(configuration, name, value)
-    return Qh3Engine(configuration, original_destination_connection_id=original_cid)
-
-
-def _handshake(client: Qh3Engine, server: Qh3Engine) -> tuple[list, list]:
-    """Run the handshake in memory; the event class names each side saw."""
-    now = 0.0
-    client.connect(SERVER, now)
-    seen: tuple[list, list] = ([], [])
-    for _ in range(10):
-        for sender, receiver, source in ((client, server, CLIENT), (server, client, SERVER)):
-            for data, _ in sender.datagrams_to_send(now):
-                receiver.receive_datagram(data, source, now)
-        for engine, names in ((client, seen[0]), (server, seen[1])):
-            while (event := engine.next_event()) is not None:
-                names.append(type(event).__name__)
-        now += 0.001
-    return seen
 
 
 def _pair(client_key: KeyPair, server_key: KeyPair, **client_overrides):
