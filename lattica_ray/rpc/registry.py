@@ -13,30 +13,70 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, get_type_hints
 
 from lattica_ray.rpc.protocol import CallKind
 from transport.identity import PeerId
 
-
 # -- handler context --------------------------------------------------------------------------
-@dataclass
+_CANCEL_LOCK = threading.Lock()  # orders a cancel against the first look at `cancelled`
+
+
 class CallContext:
     """What a handler may want to know about the call it serves (see `current_call()`)."""
 
-    peer: PeerId
-    method: str
-    metadata: dict[str, str]
-    deadline: float | None  # in `time.monotonic()` seconds; None = no deadline
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    """Set when the call is cancelled or its deadline passes: plain `def` handlers, which
-    cannot be interrupted, should poll or wait on it."""
+    __slots__ = ("_cancelled", "_is_cancelled", "deadline", "metadata", "method", "peer")
+
+    def __init__(
+        self,
+        peer: PeerId,
+        method: str,
+        metadata: dict[str, str],
+        deadline: float | None,  # in `time.monotonic()` seconds; None = no deadline
+    ) -> None:
+        self.peer = peer
+        self.method = method
+        self.metadata = metadata
+        self.deadline = deadline
+        # Made on first use: most handlers never look, and a threading.Event (a lock and a
+        # condition) per call costs a small call several microseconds.
+        self._cancelled: threading.Event | None = None
+        self._is_cancelled = False
+
+    @property
+    def cancelled(self) -> threading.Event:
+        """Set when the call is cancelled or its deadline passes: plain `def` handlers, which
+        cannot be interrupted, should poll or wait on it."""
+        event = self._cancelled
+        if event is None:
+            with _CANCEL_LOCK:
+                if self._cancelled is None:
+                    self._cancelled = threading.Event()
+                    if self._is_cancelled:
+                        self._cancelled.set()
+                event = self._cancelled
+        return event
+
+    def cancel(self) -> None:
+        """Mark the call cancelled (the service does, on a cancel, a reset or the deadline)."""
+        with _CANCEL_LOCK:
+            self._is_cancelled = True
+            event = self._cancelled
+        if event is not None:
+            event.set()
 
     def time_remaining(self) -> float | None:
         if self.deadline is None:
             return None
         return max(0.0, self.deadline - time.monotonic())
+
+    def __repr__(self) -> str:
+        return (
+            f"CallContext(peer={self.peer!r}, method={self.method!r}, "
+            f"metadata={self.metadata!r}, deadline={self.deadline!r}, "
+            f"cancelled={self._is_cancelled})"
+        )
 
 
 _current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("rpc_current_call")

@@ -15,7 +15,17 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
+import types
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
@@ -53,6 +63,7 @@ from transport.stream import Stream
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 STOP_GRACE = 1.0  # seconds `stop()` lets cancelled handlers take to send their status
 _STATUS_OK = Status(StatusCode.OK)
 
@@ -155,6 +166,36 @@ class _FrameWriter:
         if small:
             await self.stream.write(b"".join(small) if len(small) > 1 else _byte_view(small[0]))
         self.mid_frame = False
+
+
+def run_eagerly(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
+    """Run `coro` in the calling task until it first suspends: (True, its result) if it never
+    did, else (False, an awaitable that goes on from there). For steps that rarely wait (a
+    small write), so the timer or task they would need when waiting is only made then."""
+    try:
+        suspended_on = coro.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+    return False, _resume(coro, suspended_on)
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, T], suspended_on: Any) -> Generator[Any, Any, T]:
+    """Drive `coro` on from a suspension it yielded outside a task (`run_eagerly`): what the
+    task sends or throws (a cancellation) goes to `coro`, what `coro` yields to the task."""
+    while True:
+        try:
+            sent = yield suspended_on
+        except BaseException as exc:
+            try:
+                suspended_on = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                suspended_on = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -346,7 +387,7 @@ class _InboundCall:
         if self.cause is None:
             self.cause = status
             self.reset_by_caller = reset
-        self.context.cancelled.set()
+        self.context.cancel()
         self.requests.close(Cancelled(status.message, method=self.method.name, peer=self.peer))
         if self.handler_task is not None and not self.handler_done:
             self._cancel_requested = True
@@ -392,12 +433,18 @@ class _InboundCall:
                 ):
                     await self.writer.write(response)
                 response = []
-            async with asyncio.timeout(self.service.config.status_timeout):
-                await self.writer.write([*response, self.proto.send_status(status)])
-                await self.stream.close()
+            # Usually the transport takes the status at once: no timer is armed for it then.
+            done, rest = run_eagerly(self._send_status(response, status))
+            if not done:
+                async with asyncio.timeout(self.service.config.status_timeout):
+                    await rest
         except (TimeoutError, TransportError, ConnectionError) as exc:
             logger.debug("rpc %s: status to %s not delivered: %r", self.method.name, self.peer, exc)
             self.stream.reset("status not delivered")
+
+    async def _send_status(self, response: list[Buffer], status: Status) -> None:
+        await self.writer.write([*response, self.proto.send_status(status)])
+        await self.stream.close()
 
     # -- reading ------------------------------------------------------------------------
     async def _read_requests(self) -> None:

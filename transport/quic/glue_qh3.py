@@ -208,6 +208,39 @@ class Qh3Connection(QuicConnection):
             raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
         return datagrams
 
+    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
+        """qh3's, minus what only the handshake needs once it is over: per-packet header
+        parsing (retry, version negotiation, the remote's source CID), address checks (our
+        socket gives valid ones) and qlog work when nothing logs. A small call's round trip
+        crosses this twice on each side."""
+        core = self._core
+        if core is None or not self._handshake_complete or self._quic_logger is not None:
+            super().receive_datagram(data, addr, now)
+            return
+        try:
+            core.receive_many_datagrams([data], addr, now)
+        except RuntimeError as exc:
+            raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
+        self._drain_core()
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        """qh3's, without its pre-handshake staging checks once the handshake is over."""
+        core = self._core
+        if core is None or not self._handshake_complete:
+            super().send_stream_data(stream_id, data, end_stream)
+            return
+        if stream_id not in self._created_local_stream_ids:
+            self._record_local_stream(stream_id)
+        if type(data) is not bytes:
+            view = memoryview(data)
+            if not view.c_contiguous:
+                raise BufferError("send data must be a C-contiguous buffer")
+            data = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        try:
+            core.send_stream(stream_id, data, end_stream)
+        except RuntimeError as exc:
+            raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
+
     def receive_gro_buffer(
         self, buffer: bytes, segment_size: int, addr: NetworkAddress, now: float
     ) -> None:
