@@ -410,6 +410,25 @@ def _recv_exactly(conn: socket.socket, size: int) -> bytearray | None:
 # -- the LatticaActor's side ------------------------------------------------------------------
 
 
+async def open_abstract_connection(
+    address: str,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """`asyncio.open_unix_connection` to an abstract address ("\\0name"), on any event loop.
+
+    Ray workers run asyncio on uvloop when it is installed, and uvloop takes the path's length
+    up to its first NUL byte: an abstract address comes out empty and connect fails (EINVAL).
+    A socket connected by us is handed over instead.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+        return await asyncio.open_unix_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
 class DirectCallClient:
     """One connection to an exported actor's direct call server, on the Node's event loop."""
 
@@ -427,7 +446,7 @@ class DirectCallClient:
 
     async def connect(self) -> None:
         try:
-            reader, self._writer = await asyncio.open_unix_connection(self.address)
+            reader, self._writer = await open_abstract_connection(self.address)
         except OSError as exc:
             self.closed = True
             raise DirectCallNotSent(f"cannot reach the actor's direct call server: {exc}") from exc

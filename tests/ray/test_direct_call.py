@@ -164,6 +164,23 @@ async def test_sync_calls_run_in_the_servers_threads_with_values_and_errors(sync
         client.close()
 
 
+def test_the_client_reaches_an_abstract_address_on_uvloop(sync_server):
+    """Ray workers run asyncio on uvloop when it is installed; uvloop's own unix connect cuts an
+    abstract address at its leading NUL (EINVAL), so no direct call could ever be made there."""
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+    _, server = sync_server
+
+    async def call() -> object:
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+        client = await _client(server)
+        try:
+            return await client.call("add", [1], {})
+        finally:
+            client.close()
+
+    assert uvloop.run(call())["calls"] == 1
+
+
 async def test_sync_calls_wait_for_each_other(sync_server):
     target, server = sync_server
     client = await _client(server)
