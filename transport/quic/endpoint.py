@@ -289,7 +289,7 @@ class QuicEndpoint:
                     probe_datagram_size=probing and ceiling > config.max_datagram_size,
                     # Half for qh3's core, half for what it delivered and was not read yet.
                     max_data=config.connection_window // 2,
-                    max_stream_data=config.stream_window,
+                    max_stream_data=config.stream_window // 2,
                     connection_id_length=CONNECTION_ID_LENGTH,
                     supported_versions=list(SUPPORTED_VERSIONS),
                 ),

@@ -8,12 +8,12 @@ What the seam asks and qh3 does differently:
   one datagram at a time, and this engine passes the run on at the first question asked of it.
 - Flow control: qh3's core grants credit for data when Python takes its event from the core.
   This engine counts what was delivered and not yet read (`consume`); once that reaches qh3's
-  connection window (`max_data`) it leaves further events in the core (no credit for the
-  remote) until the application has read half of it. The endpoint gives qh3 half of our
-  connection window, so the core's buffer and the unread data together stay within about one
-  connection window. Unlike the aioquic engine, the bound is per connection: one unread
-  stream can take all of it (as QUIC's connection-level credit allows), not only a stream
-  window.
+  stream window it leaves further events in the core (no credit for the remote) until the
+  application has read half of it. The endpoint gives qh3 half of our stream and connection
+  windows, so a stream nobody reads holds at most one stream window (core + unread), as on
+  the aioquic engine. Events wait for all streams alike (one queue), so a reader that waits
+  lets them in (`reader_needs`): it never waits on a stream nobody reads, and while it reads,
+  such a stream can grow past its window (qh3 has no per-stream credit we could withhold).
 - Path MTU: qh3 probes datagram sizes itself (DPLPMTUD, RFC 8899) up to its maximum datagram
   size. The endpoint caps that maximum at the local route's MTU so no probe is fragmented
   locally; our `PathMtuSearch` is not used (`mtu_search` is None). qh3's pacer spaces every
@@ -109,7 +109,9 @@ class Qh3Engine:
         self._probing = configuration.probe_datagram_size
         self._base_size = min(configuration.max_datagram_size, 1200 if self._probing else 65527)
         self._largest_sent = 0
-        self._window = configuration.max_data  # unread bytes allowed before events wait
+        # Unread bytes allowed before events wait: as much as the core's stream credit, so a
+        # stream nobody reads holds at most one stream window (core + unread), as on aioquic.
+        self._window = min(configuration.max_data, configuration.max_stream_data)
         self._limit = self._window  # raised while a reader waits for more than the window
         self._unread: dict[int, int] = {}  # stream ID -> delivered, not yet read
         self._unread_total = 0

@@ -105,6 +105,15 @@ class Libp2pQuicConnection(QuicConnection):
         chain = getattr(self.tls, "_peer_certificate_chain", [])
         return certificate, (1 + len(chain)) if certificate is not None else 0
 
+    def get_next_available_stream_id(self, is_unidirectional: bool = False) -> int:
+        """The ID of a new local stream, reserved at once.
+
+        aioquic only moves to the next ID once data is sent on a stream, so two streams opened
+        before either sends would share one ID (and one stream on the wire)."""
+        stream_id = super().get_next_available_stream_id(is_unidirectional)
+        self._get_or_create_stream_for_send(stream_id)
+        return stream_id
+
     def send_buffer_size(self, stream_id: int) -> int:
         """Bytes written to the stream but not yet acknowledged by the remote."""
         stream = self._streams.get(stream_id)

@@ -36,6 +36,13 @@ class QuicStream(Stream):
     def _on_waiting(self, needed: int) -> None:
         self.connection._reader_needs(self.stream_id, needed)
 
+    async def _wait_readable(self) -> None:
+        if not self._buffer and not self._eof and self._reset_reason is None:
+            # A reader waits: data held back for other streams' unread bytes must come in
+            # (qh3 gives credit for all streams from one queue), or it waits on them.
+            self.connection._reader_needs(self.stream_id, 1)
+        await super()._wait_readable()
+
     # -- writing ------------------------------------------------------------------------
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")

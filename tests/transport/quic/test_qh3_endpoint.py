@@ -121,40 +121,6 @@ async def test_received_datagrams_reach_qh3_in_batches(quic_config: QuicConfig) 
         await pair.close()
 
 
-async def test_a_slow_reader_bounds_receive_memory(quic_config: QuicConfig) -> None:
-    """Credit follows what the application reads: a writer cannot flood a slow reader.
-
-    qh3's bound is per connection (unread data and qh3's own buffer share the connection
-    window), not per stream as with aioquic.
-    """
-    window = 256 * 1024
-    config = quic_config.model_copy(
-        update={"stream_window": window, "connection_window": 4 * window}
-    )
-    pair = EndpointPair(config)
-    await pair.start()
-    try:
-        connection = await pair.dial()
-        stream = await connection.open_stream()
-        total = 16 * 1024 * 1024
-
-        async def write_all() -> None:
-            await stream.write(bytes(total))
-            await stream.close()
-
-        writer = asyncio.ensure_future(write_all())
-        inbound = await pair.server_streams.get()
-        await wait_until(lambda: len(inbound._buffer) >= 2 * window - 2048)
-        await asyncio.sleep(0.3)  # give the writer every chance to overrun the window
-        assert len(inbound._buffer) <= 4 * window  # the connection window
-        assert not writer.done()
-        received = len(await inbound.read_to_end(max_size=total))
-        await asyncio.wait_for(writer, 30)
-        assert received == total
-    finally:
-        await pair.close()
-
-
 async def test_opening_more_streams_than_the_remote_allows_is_a_clear_error(
     endpoints: EndpointPair,
 ) -> None:
