@@ -101,6 +101,9 @@ class Stream:
             return
         from transport.multistream import read_confirmation  # local: multistream imports us
 
+        # Wait for the answer first: it usually comes whole, with the reply, and is then
+        # checked in one step instead of message by message.
+        await self._wait_readable()
         expected, self._pending_confirmation = self._pending_confirmation, []
         await read_confirmation(self, expected)
 

@@ -141,12 +141,14 @@ class _Encoder:
 
     def __init__(self, limits: CodecLimits) -> None:
         self.limits = limits
-        self.blocks: list[pa.Buffer] = []
+        # pa.Buffer for array data; bytes for bytes, bytearray and long str values, which the
+        # raw section writes as they are (a pyarrow call per small value costs a small call).
+        self.blocks: list[pa.Buffer | bytes | bytearray] = []
         self.streams: list[tuple[pa.Schema, list[pa.RecordBatch]]] = []
 
     @property
     def data_size(self) -> int:
-        return sum(block.size for block in self.blocks)
+        return sum(len(block) for block in self.blocks)
 
     def flatten(self, obj: object) -> list[Any]:
         limits = self.limits
@@ -164,7 +166,7 @@ class _Encoder:
                         "string length", len(item), limits.max_string_length, "max_string_length"
                     )
                 if len(item) > STR_INLINE_MAX:  # long text skips JSON escaping, as a block
-                    self.blocks.append(pa.py_buffer(item.encode("utf-8", "surrogatepass")))
+                    self.blocks.append(item.encode("utf-8", "surrogatepass"))
                     append([_STR, len(self.blocks) - 1])
                 else:
                     append(item)
@@ -172,6 +174,9 @@ class _Encoder:
                 append([_NAN, _FLOAT_BITS.unpack(_FLOAT.pack(item))[0]])
             elif item is None or kind is int or kind is float or kind is bool:
                 append(item)
+            elif kind is bytes:
+                self.blocks.append(item)
+                append([_BYTES, len(self.blocks) - 1])
             elif kind is list or kind is tuple or kind is dict:
                 if depth >= limits.max_depth:
                     raise LimitExceeded(
@@ -215,7 +220,7 @@ class _Encoder:
             name, array = torch_to_numpy(item)
             return self._array(_TORCH, name, array)
         if isinstance(item, bytes | bytearray):
-            self.blocks.append(pa.py_buffer(item))
+            self.blocks.append(item)
             return [_BYTES if isinstance(item, bytes) else _BYTEARRAY, len(self.blocks) - 1]
         if isinstance(item, pa.Array | pa.ChunkedArray | pa.RecordBatch | pa.Table):
             return self._arrow(item)
@@ -290,9 +295,10 @@ def encode(obj: object, limits: CodecLimits | None = None) -> list[memoryview]:
         lengths.append(len(section))
     elif blocks:
         flags |= FLAG_DATA_STREAM
-        schema, batch = data_batch(encoder.blocks, header_size)
+        buffers = [b if isinstance(b, pa.Buffer) else pa.py_buffer(b) for b in encoder.blocks]
+        schema, batch = data_batch(buffers, header_size)
         # Blocks that would all be copied into header segments anyway: one copy, in C++.
-        small = max(block.size for block in encoder.blocks) < INLINE_MAX
+        small = max(block.size for block in buffers) < INLINE_MAX
         lengths.append(write_stream(sink, schema, [batch], small=small))
     for schema, batches in encoder.streams:
         small = sum(batch.nbytes for batch in batches) < INLINE_MAX
@@ -349,12 +355,13 @@ class _Decoder:
 
     def __init__(self, message: memoryview, limits: CodecLimits) -> None:
         self.message = message
-        self.address = 0  # of message[0] in memory
+        self._address: int | None = None  # of message[0] in memory, once asked
         self.limits = limits
         self.blocks: list[tuple[int, int]] = []  # (start, end) in message
         self.streams: list[tuple[pa.Schema, list[pa.RecordBatch]]] = []
         self.used_blocks: set[int] = set()
         self.used_streams: set[int] = set()
+        self.tree: list[Any] | None = None  # the parsed tree, once `run` checked everything
 
     def run(self) -> object:
         limits = self.limits
@@ -397,6 +404,7 @@ class _Decoder:
         value = self._build(nodes)
         if len(self.used_blocks) != len(self.blocks) or len(self.used_streams) != len(self.streams):
             raise MalformedMessage("message carries data that its tree does not use")
+        self.tree = nodes
         return value
 
     def _parse_tree(self, text: memoryview) -> list[Any]:
@@ -412,8 +420,7 @@ class _Decoder:
     def _read_streams(self, position: int, lengths: tuple[int, ...], flags: int) -> None:
         if not lengths:
             return
-        whole = pa.py_buffer(self.message)
-        self.address = whole.address
+        whole: pa.Buffer | None = None  # only Arrow streams need it
         budget = self.limits.max_buffers
         has_data = bool(flags & FLAG_DATA_STREAM)
         for index, length in enumerate(lengths):
@@ -424,6 +431,9 @@ class _Decoder:
                 budget -= len(self.blocks)
                 position += length
                 continue
+            if whole is None:
+                whole = pa.py_buffer(self.message)
+                self._address = whole.address
             schema, batches, messages = read_stream(whole.slice(position, length), budget)
             budget -= messages
             if index == 0 and has_data:
@@ -456,6 +466,13 @@ class _Decoder:
             if not start <= block_start <= block_end <= end:
                 raise MalformedMessage("a data block does not lie inside its stream")
             self.blocks.append((block_start, block_end))
+
+    @property
+    def address(self) -> int:
+        """Where the message starts in memory (array views check their alignment with it)."""
+        if self._address is None:
+            self._address = pa.py_buffer(self.message).address
+        return self._address
 
     def _take(self, index: object, pool: list[Any], used: set[int], what: str) -> Any:
         if type(index) is not int or not 0 <= index < len(pool):
@@ -635,6 +652,67 @@ def _arrow_value(tag: str, schema: pa.Schema, batches: list[pa.RecordBatch]) -> 
     return pa.chunked_array([batch.column(0) for batch in batches], type=schema.field(0).type)
 
 
+# -- remembered skeletons: a caller sends the same few shapes over and over --------------------
+_SKELETON_MAX = 512  # bytes of header, tree and block table a remembered skeleton may have
+_SKELETONS_PER_LIMITS = 256  # remembered skeletons (emptied when full)
+
+
+class _Skeleton:
+    """What a fully checked message without Arrow streams told about every message that
+    starts with the same bytes (header, tree, block table): its size, where its blocks lie
+    (only the zero pads between them are still to check) and its parsed tree. Such a message
+    is then decoded without parsing and checking all of that again."""
+
+    __slots__ = ("blocks", "nodes", "pads", "size")
+
+    def __init__(self, decoder: _Decoder, nodes: list[Any], table_end: int) -> None:
+        self.size = len(decoder.message)
+        self.blocks = decoder.blocks
+        self.nodes = nodes
+        pads, position = [], table_end
+        for start, end in decoder.blocks:
+            if start > position:
+                pads.append((position, start))
+            position = end
+        self.pads = pads
+
+
+_skeletons: dict[int, tuple[CodecLimits, dict[bytes, _Skeleton]]] = {}
+
+
+def _skeleton_key(view: memoryview) -> bytes | None:
+    """The bytes that decide a small message's skeleton (None: not a message to remember)."""
+    if len(view) < _HEADER.size:
+        return None
+    _, _, flags, _, tree_length, count = _HEADER.unpack_from(view)
+    body = _HEADER.size + _LENGTH.size * count + tree_length + (-tree_length % 8)
+    if flags == 0 and count == 0:
+        end = body
+    elif flags == FLAG_DATA_STREAM | FLAG_RAW_DATA and count == 1 and body + 8 <= len(view):
+        end = body + 8 + 8 * int.from_bytes(view[body : body + 4], "little")
+    else:
+        return None
+    return bytes(view[:end]) if end <= _SKELETON_MAX and end <= len(view) else None
+
+
+def _skeletons_for(limits: CodecLimits) -> dict[bytes, _Skeleton]:
+    entry = _skeletons.get(id(limits))
+    if entry is None or entry[0] is not limits:  # (the entry keeps its limits alive)
+        if len(_skeletons) >= 16:
+            _skeletons.clear()
+        entry = _skeletons[id(limits)] = (limits, {})
+    return entry[1]
+
+
+def _decode_known(view: memoryview, skeleton: _Skeleton, limits: CodecLimits) -> object:
+    decoder = _Decoder(view, limits)
+    decoder.blocks = skeleton.blocks
+    value = decoder._build(skeleton.nodes)
+    if len(decoder.used_blocks) != len(decoder.blocks):  # cannot differ: checked when learnt
+        raise MalformedMessage("message carries data that its tree does not use")
+    return value
+
+
 def decode(message: bytes | bytearray | memoryview, limits: CodecLimits | None = None) -> object:
     """The value in `message`, validated in full before anything of it is returned.
 
@@ -647,8 +725,25 @@ def decode(message: bytes | bytearray | memoryview, limits: CodecLimits | None =
     view = memoryview(message)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
+    limits = limits or DEFAULT_LIMITS
     try:
-        return _Decoder(view, limits or DEFAULT_LIMITS).run()
+        key = _skeleton_key(view)
+        if key is not None:
+            known = _skeletons_for(limits)
+            skeleton = known.get(key)
+            if (
+                skeleton is not None
+                and len(view) == skeleton.size
+                and not any(any(view[start:end]) for start, end in skeleton.pads)
+            ):
+                return _decode_known(view, skeleton, limits)
+        decoder = _Decoder(view, limits)
+        value = decoder.run()
+        if key is not None and decoder.tree is not None and not decoder.streams:
+            if len(known) >= _SKELETONS_PER_LIMITS:
+                known.clear()
+            known[key] = _Skeleton(decoder, decoder.tree, len(key))
+        return value
     except CodecError:
         raise
     except _PARSE_ERRORS as exc:

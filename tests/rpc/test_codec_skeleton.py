@@ -1,0 +1,89 @@
+"""Remembered skeletons: a message shaped like one already checked in full (same header, tree
+and block table) skips re-parsing them, and must still be refused wherever it differs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lattica_ray.rpc import codec
+from lattica_ray.rpc.codec import CodecLimits, decode, encode
+from lattica_ray.rpc.codec_errors import LimitExceeded, MalformedMessage
+
+
+def message(value: object) -> bytearray:
+    return bytearray(b"".join(bytes(part) for part in encode(value)))
+
+
+def skeleton_of(data: bytearray, limits: CodecLimits = codec.DEFAULT_LIMITS) -> object:
+    key = codec._skeleton_key(memoryview(data))
+    assert key is not None
+    return codec._skeletons_for(limits).get(key)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (((b"a" * 100,), {}), ((b"b" * 100,), {})),
+        (b"x" * 100, b"y" * 100),
+        ("text", "text"),
+        ([1, None, True, 2.5, b"ab", "s" * 2000], [1, None, True, 2.5, b"cd", "t" * 2000]),
+        (np.arange(6, dtype=np.int16).reshape(2, 3), np.ones((2, 3), dtype=np.int16)),
+        ({"k": b"12345"}, {"k": b"67890"}),
+    ],
+)
+def test_a_known_skeleton_decodes_the_next_message_of_its_shape(
+    first: object, second: object
+) -> None:
+    assert _equal(decode(message(first)), first)
+    assert skeleton_of(message(first)) is not None  # learnt from the full check
+    assert _equal(decode(message(second)), second)  # decoded from the skeleton
+    assert _equal(decode(message(second)), second)
+
+
+def test_a_non_zero_pad_between_blocks_is_refused_also_when_the_skeleton_is_known() -> None:
+    value = [b"a" * 3, b"b" * 3]
+    good = message(value)
+    decode(good)
+    assert skeleton_of(good) is not None
+    first_block_end = good.index(b"aaa") + 3
+    bad = bytearray(good)
+    bad[first_block_end] = 1  # the pad that aligns the second block
+    with pytest.raises(MalformedMessage, match="pad"):
+        decode(bad)
+
+
+def test_a_message_longer_or_shorter_than_its_skeleton_is_refused() -> None:
+    good = message(b"z" * 40)
+    decode(good)
+    with pytest.raises(MalformedMessage):
+        decode(good + b"\0" * 8)
+    with pytest.raises(MalformedMessage):
+        decode(good[:-1])
+
+
+def test_skeletons_are_learnt_per_limits() -> None:
+    strict = CodecLimits(max_message_bytes=64)
+    data = message(b"q" * 100)
+    decode(data)  # learnt under the default limits
+    assert skeleton_of(data, strict) is None
+    with pytest.raises(LimitExceeded, match="max_message_bytes"):
+        decode(data, strict)
+
+
+def test_a_malformed_message_teaches_nothing() -> None:
+    data = message([b"m" * 5, b"n" * 5])
+    data[-1:] = b""  # truncated: refused by the full check
+    with pytest.raises(MalformedMessage):
+        decode(data)
+    assert codec._skeleton_key(memoryview(data)) not in codec._skeletons_for(codec.DEFAULT_LIMITS)
+
+
+def _equal(a: object, b: object) -> bool:
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return a == b
