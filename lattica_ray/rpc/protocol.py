@@ -152,6 +152,8 @@ Event = Header | Message | End | Cancel | Status
 
 # -- frames -----------------------------------------------------------------------------------
 def frame_prefix(frame_type: FrameType, length: int) -> bytes:
+    if length < 0x80:
+        return bytes((frame_type, length))
     return bytes((frame_type,)) + encode_varint(length)
 
 
@@ -266,6 +268,8 @@ def decode_status(body: Buffer) -> Status:
     return Status(code, message.message, message.error_type, message.traceback)
 
 
+_END_FRAME = encode_frame(FrameType.END)
+_CANCEL_FRAME = encode_frame(FrameType.CANCEL)
 _STATUS_OK = Status(StatusCode.OK)
 _STATUS_OK_FRAME = encode_frame(FrameType.STATUS, rpc_pb2.CallStatus().SerializeToString())
 
@@ -337,13 +341,16 @@ class FrameDecoder:
         frame_type = _FRAME_TYPES.get(data[pos])
         if frame_type is None:
             raise ProtocolError(f"unknown frame type 0x{data[pos]:02x}")
-        try:
-            decoded = try_decode_varint(data, pos + 1)
-        except VarintError as exc:
-            raise ProtocolError(f"bad frame length: {exc}") from exc
-        if decoded is None:
-            return None
-        length, start = decoded
+        if pos + 1 < len(data) and data[pos + 1] < 0x80:  # a one-byte length (always minimal)
+            length, start = data[pos + 1], pos + 2
+        else:
+            try:
+                decoded = try_decode_varint(data, pos + 1)
+            except VarintError as exc:
+                raise ProtocolError(f"bad frame length: {exc}") from exc
+            if decoded is None:
+                return None
+            length, start = decoded
         if frame_type == FrameType.MESSAGE:
             if length > self.max_message_size:
                 raise MessageTooLarge(length, self.max_message_size, "received message")
@@ -378,7 +385,10 @@ def allocate(length: int) -> ReceiveBuffer:
 
 def message_frame(buffers: Sequence[Buffer], max_message_size: int) -> list[Buffer]:
     """A MESSAGE frame as a list of buffers to write in order (the payload is not copied)."""
-    size = sum(memoryview(b).nbytes for b in buffers)
+    if len(buffers) == 1:
+        size = memoryview(buffers[0]).nbytes
+    else:
+        size = sum(memoryview(b).nbytes for b in buffers)
     if size > max_message_size:
         raise MessageTooLarge(size, max_message_size, "message to send")
     return [frame_prefix(FrameType.MESSAGE, size), *buffers]
@@ -493,10 +503,10 @@ class ClientCall:
         if self.ended or not self._messages_sent:
             raise RuntimeError("END needs the arguments message first, and only once")
         self.ended = True
-        return encode_frame(FrameType.END)
+        return _END_FRAME
 
     def send_cancel(self) -> bytes:
-        return encode_frame(FrameType.CANCEL)
+        return _CANCEL_FRAME
 
     def receive_data(self, data: Buffer) -> list[Event]:
         return [self._on_frame(t, body) for t, body in self._decoder.feed(data)]

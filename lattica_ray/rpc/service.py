@@ -618,6 +618,7 @@ class _OutboundCall:
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(f"cannot send this call: {exc}") from exc
         self._first += self.proto.send_message(arguments)
+        self._first_size = sum(memoryview(chunk).nbytes for chunk in self._first)
         self._requests = requests
         loop = asyncio.get_running_loop()
         self.deadline = None if timeout is None else loop.time() + timeout
@@ -635,21 +636,22 @@ class _OutboundCall:
 
     async def start(self) -> None:
         service = self.service
-        bulk = self._requests is not None or (
-            sum(memoryview(chunk).nbytes for chunk in self._first) >= service.config.bulk_from
-        )
+        config = service.config
+        bulk = self._requests is not None or self._first_size >= config.bulk_from
         try:
             self.stream = await service.host.open_stream(self.peer, [PROTOCOL_ID], bulk=bulk)
         except (TransportError, ConnectionError, OSError) as exc:
             raise self._error(PeerUnavailable(f"cannot reach the peer: {exc}")) from exc
-        self.writer = _FrameWriter(self.stream, service.config.coalesce_below)
+        self.writer = writer = _FrameWriter(self.stream, config.coalesce_below)
         first = self._first
         if self._requests is None:
-            first.append(self.proto.send_end())
-        size = sum(memoryview(chunk).nbytes for chunk in first)
-        if self._requests is None and size < service.config.coalesce_below:
-            try:
-                await self.writer.write(first)
+            end = self.proto.send_end()
+            first.append(end)
+        if self._requests is None and self._first_size + len(end) < config.coalesce_below:
+            try:  # a small unary call: one write (what `_FrameWriter` would join)
+                writer.mid_frame = True
+                await self.stream.write(b"".join(first))
+                writer.mid_frame = False
             except (TransportError, ConnectionError) as exc:
                 error = PeerUnavailable(f"stream lost while sending: {exc}")
                 error.path_lost = True
