@@ -63,6 +63,12 @@ class QuicConfig(BaseModel):
         16 * 1024 * 1024, ge=65536, description="receive window per connection"
     )
     max_streams: int = Field(256, ge=1, description="concurrent streams the remote may open")
+    stream_slot_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="how long opening a stream waits for the remote to allow another one "
+        "(its concurrent stream limit: qh3's is 100) before failing with StreamError",
+    )
     send_buffer_high_water: int = Field(
         2 * 1024 * 1024,
         ge=65536,

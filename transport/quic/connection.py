@@ -68,6 +68,7 @@ class QuicConnection(Connection):
         self._loop = asyncio.get_running_loop()
         self._streams: dict[int, QuicStream] = {}
         self._drain_waiters: set[QuicStream] = set()
+        self._stream_slot: asyncio.Future[None] | None = None  # openers wait for MAX_STREAMS
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -129,6 +130,8 @@ class QuicConnection(Connection):
             self._timer_at = timer_at
         if self._drain_waiters:
             self._wake_drained()
+        if self._stream_slot is not None:
+            self._wake_stream_openers()
 
     def _send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
         """Hand datagrams to the socket in runs per address (the socket batches each run)."""
@@ -276,6 +279,7 @@ class QuicConnection(Connection):
             stream._connection_lost(reason)
         self._streams.clear()
         self._wake_drained()
+        self._wake_stream_openers()
         self.endpoint._connection_terminated(self)
         self._mark_closed(reason)
 
@@ -300,13 +304,38 @@ class QuicConnection(Connection):
             raise ConnectionClosed(f"connection to {self.remote_peer} is closed")
         if not self.established.done():
             await self.established
-        try:
-            stream_id = self.quic.get_next_available_stream_id()
-        except ValueError as exc:  # the remote's concurrent stream limit (qh3 raises it)
-            raise StreamError(f"cannot open a stream to {self.remote_peer}: {exc}") from exc
+        deadline = self._loop.time() + self.endpoint.config.stream_slot_timeout
+        while True:
+            try:
+                stream_id = self.quic.get_next_available_stream_id()
+                break
+            except ValueError as exc:  # the remote's concurrent stream limit (qh3 raises it)
+                if self.is_closed or not await self._wait_stream_slot(deadline):
+                    raise StreamError(
+                        f"cannot open a stream to {self.remote_peer}: {exc} (no stream closed "
+                        f"within {self.endpoint.config.stream_slot_timeout:g} s; "
+                        "QuicConfig.stream_slot_timeout)"
+                    ) from exc
         stream = QuicStream(self, stream_id)
         self._streams[stream_id] = stream
         return stream
+
+    async def _wait_stream_slot(self, deadline: float) -> bool:
+        """Wait for what the remote sends next (it may allow more streams); False at the
+        deadline. As QUIC intends: an opener over the limit waits, it is not refused."""
+        if self._stream_slot is None:
+            self._stream_slot = self._loop.create_future()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(self._stream_slot)
+        except TimeoutError:
+            return False
+        return not self.is_closed
+
+    def _wake_stream_openers(self) -> None:
+        slot, self._stream_slot = self._stream_slot, None
+        if slot is not None and not slot.done():
+            slot.set_result(None)
 
     def _send(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> None:
         try:

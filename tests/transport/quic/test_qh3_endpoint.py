@@ -121,34 +121,73 @@ async def test_received_datagrams_reach_qh3_in_batches(quic_config: QuicConfig) 
         await pair.close()
 
 
-async def test_opening_more_streams_than_the_remote_allows_is_a_clear_error(
-    endpoints: EndpointPair,
+async def test_an_opener_over_the_remotes_stream_limit_waits_for_a_slot(
+    quic_config: QuicConfig,
 ) -> None:
-    connection = await endpoints.dial()
-    streams = []
-    with pytest.raises(StreamError, match="limit"):
-        for _ in range(200):  # qh3 lets a remote open 100 at once
+    """qh3 lets a remote open 100 streams at once; the 101st opener waits until one closes
+    (as QUIC intends), and fails clearly only after `stream_slot_timeout`."""
+    pair = EndpointPair(quic_config.model_copy(update={"stream_slot_timeout": 0.5}))
+    await pair.start()
+    try:
+        connection = await pair.dial()
+        streams = []
+        for _ in range(100):
             stream = await connection.open_stream()
             await stream.write(b"x")
             streams.append(stream)
-    assert len(streams) == 100
-    for stream in streams:  # finish every stream both ways: the remote grants new ones
-        await stream.close()
-        inbound = await asyncio.wait_for(endpoints.server_streams.get(), 5)
+        with pytest.raises(StreamError, match="stream_slot_timeout"):
+            await connection.open_stream()
+        waiting = asyncio.ensure_future(connection.open_stream())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        first = streams[0]  # finish one stream both ways: the remote grants a new one
+        await first.close()
+        inbound = await asyncio.wait_for(pair.server_streams.get(), 5)
         assert await inbound.read_to_end(max_size=10) == b"x"
         await inbound.close()
-        assert await stream.read_to_end(max_size=10) == b""
-    async with asyncio.timeout(5):
+        assert await first.read_to_end(max_size=10) == b""
+        stream = await asyncio.wait_for(waiting, 5)
+        await stream.write(b"again")
+        await stream.close()
+        inbound_streams = [await pair.server_streams.get() for _ in range(100)]
+        assert await inbound_streams[-1].read_to_end(max_size=10) == b"again"
+    finally:
+        await pair.close()
+
+
+async def test_many_concurrent_streams_beyond_the_limit_all_complete(
+    endpoints: EndpointPair,
+) -> None:
+    """250 request/reply exchanges at once on one connection: the openers beyond the
+    remote's 100 wait for slots instead of failing."""
+    connection = await endpoints.dial()
+
+    echoes: set[asyncio.Future] = set()
+
+    async def serve() -> None:
         while True:
-            try:
-                stream = await connection.open_stream()
-                break
-            except StreamError:
-                await asyncio.sleep(0.01)  # MAX_STREAMS from the remote is on its way
-    await stream.write(b"again")
-    await stream.close()
-    inbound = await asyncio.wait_for(endpoints.server_streams.get(), 5)
-    assert await inbound.read_to_end(max_size=10) == b"again"
+            inbound = await endpoints.server_streams.get()
+            echoes.add(asyncio.ensure_future(echo(inbound)))
+
+    async def echo(inbound) -> None:
+        await inbound.write(await inbound.read_to_end(max_size=100))
+        await inbound.close()
+
+    async def exchange(i: int) -> bytes:
+        stream = await connection.open_stream()
+        await stream.write(b"%d" % i)
+        await stream.close()
+        return await stream.read_to_end(max_size=100)
+
+    server = asyncio.ensure_future(serve())
+    try:
+        async with asyncio.timeout(20):
+            replies = await asyncio.gather(*(exchange(i) for i in range(250)))
+        assert replies == [b"%d" % i for i in range(250)]
+    finally:
+        server.cancel()
+        for task in echoes:
+            task.cancel()
 
 
 async def test_a_failing_qh3_core_ends_the_connection_clearly(endpoints: EndpointPair) -> None:
