@@ -22,8 +22,8 @@ What the seam asks and qh3 does differently:
   instead of 60 us, until a transfer has grown the window. Internet paths (maximum 1472)
   do not show it; `pmtu_probing=False` avoids it.
 - Streams: qh3 lets a remote open 100 bidirectional streams at once (fixed in qh3; our
-  `max_streams` is the aioquic engine's). Opening more than the remote allows is a
-  `StreamError`. Congestion control is qh3's own (`congestion_control` is aioquic's).
+  `max_streams` is the aioquic engine's). An opener over the remote's limit waits for a
+  slot (`QuicConfig.stream_slot_timeout`). Congestion control is qh3's own (`congestion_control` is aioquic's).
 """
 
 from __future__ import annotations
