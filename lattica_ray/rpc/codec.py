@@ -43,6 +43,7 @@ import logging
 import struct
 import sys
 import warnings
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -660,21 +661,95 @@ _SKELETONS_PER_LIMITS = 256  # remembered skeletons (emptied when full)
 class _Skeleton:
     """What a fully checked message without Arrow streams told about every message that
     starts with the same bytes (header, tree, block table): its size, where its blocks lie
-    (only the zero pads between them are still to check) and its parsed tree. Such a message
-    is then decoded without parsing and checking all of that again."""
+    (only the zero pads between them are still to check), and how to build its value (the
+    tree compiled into small functions, see `_compile`). Such a message is then decoded
+    without parsing and checking all of that again."""
 
-    __slots__ = ("blocks", "nodes", "pads", "size")
+    __slots__ = ("blocks", "build", "pads", "size")
 
     def __init__(self, decoder: _Decoder, nodes: list[Any], table_end: int) -> None:
         self.size = len(decoder.message)
         self.blocks = decoder.blocks
-        self.nodes = nodes
+        self.build = _compile(nodes, decoder.blocks)
         pads, position = [], table_end
         for start, end in decoder.blocks:
             if start > position:
-                pads.append((position, start))
+                pads.append((position, start, bytes(start - position)))
             position = end
-        self.pads = pads
+        self.pads = pads  # (start, end, the zeros that must be there)
+
+
+Builder = Callable[["_Decoder"], object]
+
+
+def _compile(nodes: list[Any], blocks: list[tuple[int, int]]) -> Builder:
+    """A function that builds the value of `nodes` (a tree `_Decoder._build` accepted) from a
+    message with the same skeleton. What the tree alone decides was checked then (node shapes,
+    depth, inline strings and ints, each block used once); what the blocks hold (text, array
+    layout, dict keys made of bytes) is checked again on every message. No code is generated:
+    only closures over the checked nodes."""
+    stack: list[tuple[str, int, list[Builder]]] = []
+    for node in nodes:
+        if type(node) is list and node[0] in (_LIST, _TUPLE, _DICT):
+            tag, count = node[0], node[1] * 2 if node[0] == _DICT else node[1]
+            if count:
+                stack.append((tag, count, []))
+                continue
+            build = _container_builder(tag, [])
+        elif type(node) is list:
+            build = _leaf_builder(node, blocks)
+        else:
+            build = _constant(node)
+        while stack:
+            tag, count, items = stack[-1]
+            items.append(build)
+            if len(items) < count:
+                break
+            stack.pop()
+            build = _container_builder(tag, items)
+        else:
+            return build
+    raise MalformedMessage("the value tree is incomplete")  # `_build` accepted it: never
+
+
+def _constant(value: object) -> Builder:
+    return lambda decoder: value  # None, bool, int, float, str: immutable
+
+
+def _leaf_builder(node: list[Any], blocks: list[tuple[int, int]]) -> Builder:
+    tag = node[0]
+    if tag == _NAN:
+        return _constant(_FLOAT.unpack(_FLOAT_BITS.pack(node[1]))[0])
+    if tag == _BYTES:
+        start, end = blocks[node[1]]
+        return lambda decoder: bytes(decoder.message[start:end])
+    if tag == _BYTEARRAY:
+        start, end = blocks[node[1]]
+        return lambda decoder: bytearray(decoder.message[start:end])
+    if tag == _STR:
+        start, end = blocks[node[1]]
+        return lambda decoder: decoder._text(decoder.message[start:end])
+    return lambda decoder: decoder._leaf(node)  # arrays, tensors: their checks every time
+
+
+def _container_builder(tag: str, items: list[Builder]) -> Builder:
+    if tag == _DICT:
+        if not items:
+            return lambda decoder: {}
+        return lambda decoder: _container(_DICT, [item(decoder) for item in items])
+    if len(items) == 1:  # the arguments of a one-argument call, a one-item list
+        (only,) = items
+        if tag == _TUPLE:
+            return lambda decoder: (only(decoder),)
+        return lambda decoder: [only(decoder)]
+    if len(items) == 2:  # (args, kwargs) of every call
+        first, second = items
+        if tag == _TUPLE:
+            return lambda decoder: (first(decoder), second(decoder))
+        return lambda decoder: [first(decoder), second(decoder)]
+    if tag == _TUPLE:
+        return lambda decoder: tuple([item(decoder) for item in items])
+    return lambda decoder: [item(decoder) for item in items]
 
 
 _skeletons: dict[int, tuple[CodecLimits, dict[bytes, _Skeleton]]] = {}
@@ -707,10 +782,7 @@ def _skeletons_for(limits: CodecLimits) -> dict[bytes, _Skeleton]:
 def _decode_known(view: memoryview, skeleton: _Skeleton, limits: CodecLimits) -> object:
     decoder = _Decoder(view, limits)
     decoder.blocks = skeleton.blocks
-    value = decoder._build(skeleton.nodes)
-    if len(decoder.used_blocks) != len(decoder.blocks):  # cannot differ: checked when learnt
-        raise MalformedMessage("message carries data that its tree does not use")
-    return value
+    return skeleton.build(decoder)
 
 
 def decode(message: bytes | bytearray | memoryview, limits: CodecLimits | None = None) -> object:
@@ -734,7 +806,7 @@ def decode(message: bytes | bytearray | memoryview, limits: CodecLimits | None =
             if (
                 skeleton is not None
                 and len(view) == skeleton.size
-                and not any(any(view[start:end]) for start, end in skeleton.pads)
+                and all(view[start:end].tobytes() == zeros for start, end, zeros in skeleton.pads)
             ):
                 return _decode_known(view, skeleton, limits)
         decoder = _Decoder(view, limits)

@@ -74,7 +74,7 @@ def read_raw_section(
     blocks = []
     for length in struct.unpack_from(f"<{count}Q", message, start + _COUNT.size):
         pad = -position % RAW_ALIGNMENT
-        if pad and any(message[position : position + pad]):
+        if pad and message[position : position + pad].tobytes() != _ZEROS[:pad]:
             raise MalformedMessage("a pad between raw data blocks is not zero")
         block_start = position + pad
         position = block_start + length

@@ -87,3 +87,23 @@ def _equal(a: object, b: object) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     return a == b
+
+
+def test_what_the_blocks_hold_is_checked_on_every_message() -> None:
+    """Dict keys made of bytes, text and array layout live in the blocks, not the skeleton."""
+    good = message({b"a": 1, b"b": 2})
+    decode(good)
+    skeleton = skeleton_of(good)
+    assert skeleton is not None
+    (_, _), (second, _) = skeleton.blocks
+    forged = bytearray(good)
+    forged[second] = ord("a")  # the same skeleton, two equal keys
+    with pytest.raises(MalformedMessage, match="duplicate"):
+        decode(forged)
+
+    text = message("é" * 1500)  # a long str travels as a UTF-8 block
+    decode(text)
+    broken = bytearray(text)
+    broken[-1] = 0xFF  # not UTF-8 any more
+    with pytest.raises(MalformedMessage):
+        decode(broken)
