@@ -313,15 +313,22 @@ class _InboundCall:
         self.requests.close()
         self.handler_task = task
         timer = None
-        if self.header.timeout is not None:
-            timer = asyncio.get_running_loop().call_later(self.header.timeout, self._on_deadline)
-        self.stream.watch(self._on_arrival)
         response: list[Buffer] | None = None
         error: BaseException | None = None
         cancelled = False
         try:
             try:
-                response = await self._invoke()
+                # A handler that answers without waiting needs no deadline timer and no watch
+                # on the stream: nothing can interrupt it. Both are set up if it waits.
+                done, rest = run_eagerly(self._invoke())
+                if done:
+                    response = rest
+                else:
+                    if self.context.deadline is not None:
+                        remaining = max(0.0, self.context.deadline - time.monotonic())
+                        timer = asyncio.get_running_loop().call_later(remaining, self._on_deadline)
+                    self.stream.watch(self._on_arrival)
+                    response = await rest
             except asyncio.CancelledError:
                 if not self._cancel_requested or task.uncancel():  # not (only) ours: stopping
                     raise
