@@ -74,7 +74,7 @@ from lattica_ray.rpc.codec_layout import (
     torch_to_numpy,
     view_block,
 )
-from lattica_ray.rpc.codec_raw import RAW_DATA_MAX, raw_section, read_raw_section
+from lattica_ray.rpc.codec_raw import RAW_DATA_MAX, raw_layout, raw_section, read_raw_section
 
 __all__ = [
     "CodecError",
@@ -320,19 +320,54 @@ def encode(obj: object, limits: CodecLimits | None = None) -> list[memoryview]:
 
 def _small_message(encoder: _Encoder, tree: bytes, limits: CodecLimits) -> bytes:
     """A message of no Arrow value and little data: header, tree, raw section, in one piece."""
-    padding = -len(tree) % 8
-    if encoder.blocks:
-        section_start = _HEADER.size + _LENGTH.size + len(tree) + padding
-        section = raw_section(encoder.blocks, section_start)
-        flags, lengths = FLAG_DATA_STREAM | FLAG_RAW_DATA, _LENGTH.pack(len(section))
-    else:
-        section, flags, lengths = b"", 0, b""
-    head = _HEADER.pack(MAGIC, VERSION, flags, 0, len(tree), len(lengths) // _LENGTH.size)
-    message = b"".join((head, lengths, tree, bytes(padding), section))
-    if len(message) > limits.max_message_bytes:
-        size = len(message)
+    blocks = encoder.blocks
+    key = (tree, *[len(block) for block in blocks])
+    layout = _small_layouts.get(key)
+    if layout is None:
+        layout = _small_layout(tree, key[1:])
+        if len(_small_layouts) >= _SMALL_LAYOUTS:
+            _small_layouts.clear()
+        _small_layouts[key] = layout
+    head, gaps, size = layout
+    if size > limits.max_message_bytes:
         raise LimitExceeded("message size", size, limits.max_message_bytes, "max_message_bytes")
-    return message
+    if not blocks:
+        return head
+    if len(blocks) == 1:
+        return head + blocks[0]
+    parts = [head]
+    for block, gap in zip(blocks, gaps, strict=True):
+        parts.append(block)
+        parts.append(gap)
+    return b"".join(parts)
+
+
+_SMALL_LAYOUTS = 256  # remembered layouts (emptied when full): callers repeat a few shapes
+_small_layouts: dict[tuple[Any, ...], tuple[bytes, list[bytes], int]] = {}
+
+
+def _small_layout(tree: bytes, sizes: tuple[int, ...]) -> tuple[bytes, list[bytes], int]:
+    """A small message of `tree` and blocks of `sizes`, as (everything before the first block,
+    the zero pad after each block, the message size): the blocks go in between."""
+    padding = -len(tree) % 8
+    if not sizes:
+        head = _HEADER.pack(MAGIC, VERSION, 0, 0, len(tree), 0) + tree + bytes(padding)
+        return head, [], len(head)
+    section_start = _HEADER.size + _LENGTH.size + len(tree) + padding
+    table, pads, _ = raw_layout(sizes, section_start)
+    section_size = len(table) + sum(pads) + sum(sizes)
+    head = b"".join(
+        (
+            _HEADER.pack(MAGIC, VERSION, FLAG_DATA_STREAM | FLAG_RAW_DATA, 0, len(tree), 1),
+            _LENGTH.pack(section_size),
+            tree,
+            bytes(padding),
+            table,
+            bytes(pads[0]),
+        )
+    )
+    gaps = [bytes(pad) for pad in pads[1:]] + [b""]
+    return head, gaps, section_start + section_size
 
 
 # --------------------------------------------------------------------------- decoding

@@ -34,23 +34,34 @@ _ZEROS = bytes(RAW_ALIGNMENT)
 Buffer = bytes | bytearray | memoryview
 
 
+def raw_layout(
+    sizes: Sequence[int], section_start: int, streams_follow: bool = False
+) -> tuple[bytes, list[int], int]:
+    """Where blocks of `sizes` go in a section written at `section_start`: the block table,
+    the zero pad before each block, and the pad after the last one."""
+    table = _COUNT.pack(len(sizes), 0) + struct.pack(f"<{len(sizes)}Q", *sizes)
+    pads = []
+    position = section_start + len(table)
+    for size in sizes:
+        pad = -position % RAW_ALIGNMENT
+        pads.append(pad)
+        position += pad + size
+    return table, pads, -position % STREAM_ALIGNMENT if streams_follow else 0
+
+
 def raw_section(
     blocks: Sequence[Buffer], section_start: int, streams_follow: bool = False
 ) -> bytes:
     """The section for `blocks`, to be written at offset `section_start` of the message
     (`streams_follow`: Arrow streams come after it, so its end is padded to align them)."""
-    count = len(blocks)
-    table = _COUNT.pack(count, 0) + struct.pack(f"<{count}Q", *(len(b) for b in blocks))
+    table, pads, tail = raw_layout([len(b) for b in blocks], section_start, streams_follow)
     parts: list[Buffer] = [table]
-    position = section_start + len(table)
-    for block in blocks:
-        pad = -position % RAW_ALIGNMENT
+    for block, pad in zip(blocks, pads, strict=True):
         if pad:
             parts.append(_ZEROS[:pad])
         parts.append(block)
-        position += pad + len(block)
-    if streams_follow:
-        parts.append(_ZEROS[: -position % STREAM_ALIGNMENT])
+    if tail:
+        parts.append(_ZEROS[:tail])
     return b"".join(parts)
 
 
