@@ -107,3 +107,18 @@ def test_what_the_blocks_hold_is_checked_on_every_message() -> None:
     broken[-1] = 0xFF  # not UTF-8 any more
     with pytest.raises(MalformedMessage):
         decode(broken)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"", b"x" * 100, ((b"a" * 7, b"b" * 70), {}), [None, "s" * 1500, bytearray(b"y" * 65)], {}],
+)
+def test_a_remembered_layout_encodes_the_same_bytes_as_a_new_one(value: object) -> None:
+    codec._small_layouts.clear()
+    fresh = message(value)
+    assert codec._small_layouts  # learnt
+    again = message(value)
+    assert again == fresh
+    codec._small_layouts.clear()
+    assert message(value) == fresh
+    assert _equal(decode(again), value)
