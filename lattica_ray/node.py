@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from lattica_ray import __version__
-from lattica_ray.allocator import DEFAULT_MMAP_THRESHOLD, pin_mmap_threshold
 from lattica_ray.dht import DHT, DHTConfig, DHTError
 from lattica_ray.rpc import RpcConfig, RpcService
 from lattica_ray.view import ClusterView, ViewConfig
@@ -76,7 +75,6 @@ class Node:
         port_mapping: bool = False,
         cluster: str | None = None,
         view: ViewConfig | None = None,
-        malloc_mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD,
     ) -> None:
         if key is not None and key_file is not None:
             raise ValueError("give either key or key_file, not both")
@@ -86,8 +84,6 @@ class Node:
         for addr in self.bootstrap_addrs:
             if addr.peer_id is None:
                 raise ValueError(f"bootstrap address {addr} must end in /p2p/<peer id>")
-        # Bulk transfers churn multi-MiB buffers: see lattica_ray.allocator (None: leave it).
-        self.malloc_mmap_threshold = malloc_mmap_threshold
         self.protocol_version = protocol_version
         self.agent_version = agent_version
         self.swarm = Swarm(self.key, quic_config)
@@ -117,8 +113,6 @@ class Node:
         if self._started:
             return self
         self._started = True
-        if self.malloc_mmap_threshold is not None:
-            pin_mmap_threshold(self.malloc_mmap_threshold)
         try:
             for addr in self.listen_addrs:
                 await self.swarm.listen(addr)
