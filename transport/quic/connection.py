@@ -76,6 +76,7 @@ class QuicConnection(Connection):
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping_uid = 0
         self._terminated = False
+        self.close_reason = ""  # why it ended, once `_terminated`
         self.bytes_received = 0
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._handlers = self._event_handlers()
@@ -268,6 +269,7 @@ class QuicConnection(Connection):
         if self._terminated:
             return
         self._terminated = True
+        self.close_reason = reason
         for handle in (self._timer, self._keepalive):
             if handle is not None:
                 handle.cancel()

@@ -45,6 +45,16 @@ class QuicStream(Stream):
 
     # -- writing ------------------------------------------------------------------------
     async def write(self, data: bytes | bytearray | memoryview) -> None:
+        connection = self.connection
+        if type(data) is bytes and len(data) <= WRITE_CHUNK:  # a small write: no chunking
+            self._check_writable()
+            if self._unsent:
+                data = self._take_unsent() + data
+            if not connection._send_buffer_below_high_water(self.stream_id):
+                await self._wait_drained()
+                self._check_writable()
+            connection._send(self.stream_id, data)
+            return
         view = memoryview(data).cast("B")
         if self._unsent:
             self._check_writable()
@@ -64,8 +74,8 @@ class QuicStream(Stream):
             raise StreamReset(self._reset_reason or "stream reset by remote (STOP_SENDING)")
         if self._write_closed:
             raise StreamClosed("write after close()")
-        if self.connection.is_closed:
-            raise ConnectionClosed(f"connection closed: {self.connection.closed.result()}")
+        if self.connection._terminated:
+            raise ConnectionClosed(f"connection closed: {self.connection.close_reason}")
 
     async def _wait_drained(self) -> None:
         while not self.connection._send_buffer_below_high_water(self.stream_id):
