@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lattica_ray import __version__
+from lattica_ray.allocator import fix_malloc_thresholds
 from lattica_ray.dht import DHT, DHTConfig, DHTError
 from lattica_ray.rpc import RpcConfig, RpcService
 from lattica_ray.view import ClusterView, ViewConfig
@@ -75,6 +76,7 @@ class Node:
         port_mapping: bool = False,
         cluster: str | None = None,
         view: ViewConfig | None = None,
+        tune_malloc: bool = True,
     ) -> None:
         if key is not None and key_file is not None:
             raise ValueError("give either key or key_file, not both")
@@ -84,6 +86,8 @@ class Node:
         for addr in self.bootstrap_addrs:
             if addr.peer_id is None:
                 raise ValueError(f"bootstrap address {addr} must end in /p2p/<peer id>")
+        # Bulk transfers churn multi-MiB buffers: see lattica_ray.allocator (False: leave it).
+        self.tune_malloc = tune_malloc
         self.protocol_version = protocol_version
         self.agent_version = agent_version
         self.swarm = Swarm(self.key, quic_config)
@@ -113,6 +117,8 @@ class Node:
         if self._started:
             return self
         self._started = True
+        if self.tune_malloc:
+            fix_malloc_thresholds()
         try:
             for addr in self.listen_addrs:
                 await self.swarm.listen(addr)
