@@ -63,6 +63,7 @@ SESSION_ID = 0  # yamux spec: stream 0 is the session (Ping, GoAway)
 INITIAL_WINDOW = 256 * 1024  # yamux spec: every stream starts with a 256 KiB window
 MAX_WINDOW = 2**32 - 1  # a window is a 32-bit quantity
 MAX_STREAM_ID = 2**32 - 1
+SMALL_WRITE = 64 * 1024  # writes up to this size (bytes) are sent at the end of the iteration
 AUTOTUNE_RTTS = 4  # grow a window that the remote used up within this many round trips
 
 
@@ -761,6 +762,7 @@ class YamuxConnection(Connection):
         self._backlog_open.set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._flush_scheduled = False
         self.bytes_received = 0
         channel.start(self)
         self._flush()
@@ -794,7 +796,7 @@ class YamuxConnection(Connection):
         stream_id = session.open_stream(self._loop.time())
         stream = YamuxStream(self, stream_id)
         self._streams[stream_id] = stream
-        self._flush()
+        self._schedule_flush()  # the SYN leaves with the first data written this iteration
         return stream
 
     def set_inbound_stream_callback(self, callback: InboundStreamCallback) -> None:
@@ -841,7 +843,7 @@ class YamuxConnection(Connection):
             self._channel.close()
             return
         self._process_events()
-        self._flush()
+        self._schedule_flush()  # window updates leave with the replies the readers write
 
     def eof_received(self) -> None:
         if self._session.remote_go_away:
@@ -904,6 +906,19 @@ class YamuxConnection(Connection):
             self._streams.pop(stream.stream_id, None)
             self._backlog_open.set()
 
+    def _schedule_flush(self) -> None:
+        """Send what is queued at the end of this loop iteration: the frames of one iteration
+        (a SYN, a request, its FIN; a reply, its status, window updates) share one encrypted
+        record and one system call instead of one each."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        if not self.is_closed:
+            self._flush()
+
     def _flush(self) -> None:
         out = self._session.data_to_send()
         if out:
@@ -948,6 +963,7 @@ class YamuxConnection(Connection):
         channel = self._channel
         chunk = self.config.write_chunk
         stream_id = stream.stream_id
+        small = type(data) is bytes and len(view) <= SMALL_WRITE
         while view:
             if stream._reset_reason is not None:
                 raise StreamReset(stream._reset_reason)  # "connection closed: ..." if it died
@@ -962,26 +978,29 @@ class YamuxConnection(Connection):
                 await stream._send_ready.wait()
                 continue
             sent = session.send_data(stream_id, view[:chunk])
-            self._flush()
             view = view[sent:]
+            if small:  # immutable: it cannot change before the flush at the end of the iteration
+                self._schedule_flush()
+            else:
+                self._flush()
 
     def _consumed(self, stream: YamuxStream, nbytes: int) -> None:
         if self.is_closed:
             return
         self._session.stream_consumed(stream.stream_id, nbytes, self._loop.time())
-        self._flush()
+        self._schedule_flush()
 
     def _reader_needs(self, stream: YamuxStream, needed: int) -> None:
         if not self.is_closed:
             self._session.reader_needs(stream.stream_id, needed)
-            self._flush()
+            self._schedule_flush()
 
     def _close_stream(self, stream: YamuxStream) -> None:
         if self.is_closed:
             return
         self._session.close_stream(stream.stream_id)
         self._forget_if_done(stream)
-        self._flush()
+        self._schedule_flush()
 
     def _reset_stream(self, stream: YamuxStream) -> None:
         if self.is_closed:
@@ -989,4 +1008,4 @@ class YamuxConnection(Connection):
         self._session.reset_stream(stream.stream_id)
         self._streams.pop(stream.stream_id, None)
         self._backlog_open.set()
-        self._flush()
+        self._schedule_flush()
