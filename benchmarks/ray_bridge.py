@@ -7,7 +7,9 @@ and, from a driver of "b", measures:
 
 - small call round trip, interleaved call by call so all see the same machine load:
   `get_actor(...).echo.remote(x)` (cluster b -> cluster a over the mesh; "echo" is made by
-  `@lattica_ray.remote`, so a's LatticaActor runs the call in its process: a direct call) beside
+  `@lattica_ray.remote`, so a's LatticaActor runs the call in its process: a direct call; on
+  b the call is pipelined: sent to b's LatticaActor over its local socket while Ray delivers the
+  task that collects the result), the same call with `.options(pipeline=False)`, beside
   the same call to "echo_ray", a plain Ray actor exported with `lattica_ray.export` (a Ray actor
   call on a's side), a Ray actor on the driver's node and one on the other node of b;
 - a 64 MiB tensor pushed as an argument: through `get_actor(...).nbytes.remote(t)`, beside Ray
@@ -65,6 +67,12 @@ def _direct_calls():
     return lr.init()["direct_calls"]
 
 
+def _pipelined():
+    import lattica_ray.ray as lr
+
+    return lr.init()["pipelined"]
+
+
 def _start_b(listen, bootstrap):
     import lattica_ray.ray as lr
 
@@ -102,6 +110,7 @@ def _measure(calls, mib, refs):
         "local": local.echo,
         "other_node": other.echo,
         "mesh": remote.echo,
+        "mesh_unpiped": remote.echo.options(pipeline=False),
         "mesh_ray": remote_ray.echo,
     }
     for _ in range(30):  # warm up
@@ -156,6 +165,7 @@ def main() -> None:
             refs = [driver_a.call(_put, args.mib, fill, timeout=120) for fill in (2, 3, 4)]
             latency, transfer = driver_b.call(_measure, args.calls, args.mib, refs, timeout=900)
             direct_calls = driver_a.call(_direct_calls)
+            pipelined = driver_b.call(_pipelined)
     finally:
         stop_clusters([a, b])
 
@@ -165,6 +175,7 @@ def main() -> None:
         ("Ray actor, same node", "local"),
         ("Ray actor, other node", "other_node"),
         ("cross-cluster (mesh)", "mesh"),
+        ("  the same, not piped", "mesh_unpiped"),
         ("cross-cluster, Ray hop", "mesh_ray"),
     ]:
         p50, p99 = latency[key]
@@ -175,6 +186,11 @@ def main() -> None:
         " (the rest, and every call of the Ray-hop actor, went through a Ray actor call)"
     )
     mib = args.mib
+    print(
+        f"  calls cluster b's LatticaActor took over its pipe: {pipelined['claimed']}"
+        f" (dropped {pipelined['dropped']}, refused {pipelined['refused']},"
+        f" lost {pipelined['lost']})"
+    )
     print(f"{mib} MiB tensor, best of 3, seconds (MiB/s):")
     rows = [
         ("push: Ray, same node", "push_local"),

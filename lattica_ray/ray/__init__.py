@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from lattica_ray.ray.config import LatticaConfig
 from lattica_ray.ray.errors import (
     ActorNotFound,
+    CallLimitExceeded,
+    CallLost,
     ConfigMismatch,
     MethodNotExported,
     NotInitialized,
@@ -54,6 +56,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ActorNotFound",
+    "CallLimitExceeded",
+    "CallLost",
     "ConfigMismatch",
     "GlobalRef",
     "LatticaConfig",

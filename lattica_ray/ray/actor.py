@@ -12,11 +12,13 @@ The Node runs on a loop of its own (`LoopThread`): Ray gives each group its own 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
 import os
 import re
+import secrets
 import tempfile
 import time
 import warnings
@@ -30,16 +32,24 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lattica_ray.ray.config import LatticaConfig
 from lattica_ray.ray.direct_call import (
+    DEFAULT_MAX_FRAME_BYTES,
     ENDPOINT_METHOD,
     DirectCallClient,
     DirectCallFailed,
     DirectCallLost,
     DirectCallNotSent,
 )
-from lattica_ray.ray.errors import UnsupportedValue
+from lattica_ray.ray.errors import CallLost, UnsupportedValue
 from lattica_ray.ray.loop_thread import LoopThread
 from lattica_ray.ray.mesh import create_mesh
-from lattica_ray.ray.protocol import ActorRecord, GlobalRef, MethodKind, payload_bytes
+from lattica_ray.ray.pipeline import PendingCalls, PipeServer
+from lattica_ray.ray.protocol import (
+    ActorRecord,
+    GlobalRef,
+    MethodKind,
+    from_wire_value,
+    payload_bytes,
+)
 from lattica_ray.ray.service import LatticaService, MethodFailed
 
 logger = logging.getLogger(__name__)
@@ -247,11 +257,25 @@ class LatticaActor:
         mesh = create_mesh(self.config, key_file, node_resources(self.node_id))
         self.invoker = RayInvoker(self.node_id, self.config.bulk_argument_bytes)
         self.service = LatticaService(mesh, self.config, self.invoker)
+        self.incarnation = secrets.token_hex(8)  # a restarted LatticaActor has another
+        self.pending = PendingCalls(
+            self.config.pipeline_max_unclaimed,
+            self.config.pipeline_claim_timeout,
+            self.config.pipeline_arrival_timeout,
+        )
+        self.pipe: PipeServer | None = None
         try:
             self.loop.run_sync(self.service.start(), self.config.start_timeout)
         except BaseException:
             self.loop.stop()
             raise
+        if self.config.pipeline:
+            pipe = PipeServer(self.pending, self._pipelined_call, DEFAULT_MAX_FRAME_BYTES)
+            try:
+                self.loop.run_sync(pipe.start(), self.config.start_timeout)
+                self.pipe = pipe
+            except Exception as exc:  # calls still work, each waiting for its Ray task
+                logger.warning("no pipelined calls on this node: %s", exc)
         self._restore_exports()
         logger.info(
             "LatticaActor up on node %s as peer %s (cluster %r, restarted=%s)",
@@ -273,6 +297,7 @@ class LatticaActor:
             namespace=self.config.namespace,
             direct_calls=self.invoker.direct_calls,
             direct_exports=sorted(self.invoker.direct_exports(self.service.exports)),
+            pipelined=dataclasses.asdict(self.pending.stats),
         )
         return info
 
@@ -296,6 +321,8 @@ class LatticaActor:
     async def shutdown(self) -> None:
         """Leave the mesh (withdraw exports) and stop the Node; the caller then kills us."""
         if self.loop.running:
+            if self.pipe is not None:
+                await self.loop.run(self.pipe.stop())
             await self.loop.run(self.service.stop())
             self.loop.stop()
 
@@ -393,6 +420,44 @@ class LatticaActor:
         target = ActorRecord.from_wire(record)
         return await self.loop.run(
             self.service.call(target, method, call_args, call_kwargs, timeout)
+        )
+
+    @ray.method(concurrency_group=CONTROL)
+    async def pipe_endpoint(self) -> dict[str, str] | None:
+        """Where processes of this node send pipelined calls (`pipeline`); None when off."""
+        if self.pipe is None:
+            return None
+        return {
+            "address": self.pipe.address,
+            "incarnation": self.incarnation,
+            "node_id": self.node_id,
+        }
+
+    @ray.method(concurrency_group=CONTROL)
+    async def await_result(self, call_id: str, incarnation: str) -> Any:
+        """The result of the call the caller sent over the pipe as `call_id` (to the
+        LatticaActor `incarnation`). Cancelling this task cancels the call."""
+        if incarnation != self.incarnation:
+            raise CallLost(
+                "this machine's LatticaActor restarted after the call was sent to the one "
+                "before: the call may or may not have run"
+            )
+        return await self.pending.claim(call_id)  # here: no hand-off to the Node's loop
+
+    async def _pipelined_call(self, request: dict[str, Any]) -> Any:
+        """One request read from the pipe, run on the Node's loop (the arguments are data)."""
+        target = ActorRecord.from_wire(request.get("actor"))
+        method, timeout = request.get("method"), request.get("timeout")
+        args, kwargs = request.get("args"), request.get("kwargs")
+        if (
+            not isinstance(method, str)
+            or not (timeout is None or isinstance(timeout, int | float))
+            or not isinstance(args, list | tuple)
+            or not isinstance(kwargs, dict)
+        ):
+            raise ValueError("malformed pipelined call request")
+        return await self.service.call(
+            target, method, from_wire_value(list(args)), from_wire_value(kwargs), timeout
         )
 
     @ray.method(concurrency_group=CONTROL)

@@ -37,6 +37,18 @@ class LatticaConfig(BaseModel):
     direct_calls: bool = True
     """Run calls to actors made by `@lattica_ray.remote` in the actor's own process (one Ray
     actor call fewer per mesh call; see `direct_call`). False: always through Ray."""
+    pipeline: bool = True
+    """Processes on this node send small unary calls to the LatticaActor over its pipe (a
+    local Unix socket) while Ray delivers the task that returns the result, so the remote call
+    starts without waiting for Ray (see `pipeline`). False: every call waits for its Ray task."""
+    pipeline_max_unclaimed: int = Field(default=10_000, ge=1)
+    """Most pipelined calls held while no task has claimed their result; beyond, requests are
+    refused (`CallLimitExceeded`)."""
+    pipeline_claim_timeout: float = Field(default=60.0, gt=0)
+    """A pipelined call whose result no task claimed within this many seconds of its request
+    (its caller died, or its task was cancelled before it ran) is cancelled and dropped."""
+    pipeline_arrival_timeout: float = Field(default=30.0, gt=0)
+    """How long a result task waits for its call's request before failing with `CallLost`."""
     start_timeout: float = Field(default=60.0, gt=0)
     call_timeout: float | None = Field(default=None, gt=0)
     """Default per-call timeout of remote actor calls (None: wait as long as the peer lives)."""

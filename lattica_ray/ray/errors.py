@@ -94,6 +94,17 @@ class PeerUnreachable(RayFaceError, ConnectionError):
     """The machine that owns the actor or object could not be reached."""
 
 
+class CallLost(RayFaceError):
+    """A pipelined call's request and its result task did not meet on this machine (the
+    LatticaActor restarted in between, the request never came, or the result was not collected
+    in time); the message says which, and whether the call may have run."""
+
+
+class CallLimitExceeded(RayFaceError):
+    """Too many pipelined calls were waiting for their results to be collected; the call was
+    not made (see `LatticaConfig.pipeline_max_unclaimed`)."""
+
+
 class ObjectNotFound(RayFaceError, LookupError):
     """No provider of a global object could be found or reached."""
 
