@@ -43,7 +43,13 @@ from pathlib import Path
 from typing import Literal
 
 from tests.netlab import netns as ns
-from tests.netlab.netem import QUEUE_RULE, LinkCondition, counter_name, links_ruleset
+from tests.netlab.netem import (
+    QUEUE_RULE,
+    LinkCondition,
+    counter_name,
+    links_ruleset,
+    segmentation_command,
+)
 from tests.netlab.netem import TABLE as LINKS_TABLE
 from tests.netlab.netns import LabError
 from tests.netlab.routers import (
@@ -629,7 +635,8 @@ class Lab:
         """Delay (+- jitter, uniform) and random loss on ``name``'s uplink, per direction.
 
         "up" is traffic from the node towards the Internet, "down" towards the node. Zero values
-        clear the condition. Takes effect for the next packet.
+        clear the condition. Takes effect for the next packet. A shaped direction carries
+        MTU-sized packets (no GSO super-packets), so loss and delay act on each one.
         """
         self.node(name)
         condition = LinkCondition(delay_ms=delay_ms, jitter_ms=jitter_ms, loss=loss)
@@ -641,6 +648,11 @@ class Lab:
         for d in directions:
             self._conditions[(name, d)] = condition
         self._apply_link(name)
+        node = self.node(name)
+        senders = {"up": (node.netns, node.uplink_iface)}
+        senders["down"] = (self.netns(node.upstream), node.upstream_iface)
+        for d in directions:
+            ns.run(segmentation_command(*senders[d], condition))
 
     def link_drops(self, name: str) -> int:
         """Packets dropped on ``name``'s uplink (cut or loss) since its conditions last changed."""

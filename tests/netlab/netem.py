@@ -6,6 +6,12 @@ cut link or at random for loss (``numgen random``), and marks packets that need 
 iptables NFQUEUE rule hands marked packets to :mod:`tests.netlab.linkemu`, which releases each
 one after its delay. So a condition set on a link applies to both directions independently:
 ``delay_ms=40`` adds 80 ms to a round trip, ``loss=0.1`` loses 10% of packets each way.
+
+A veth passes TSO/GSO super-packets (up to 64 KiB: ~45 TCP segments, or a whole UDP GSO batch)
+unsegmented, and the ingress chain sees each as one packet: one loss draw would cover them all,
+so TCP would see a fraction of the asked loss. A shaped direction's sending end therefore gets
+``gso_max_segs 1`` (:func:`segmentation_command`), which makes the kernel segment in software
+before the veth, and every MTU-sized packet draws its own loss.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ TABLE = "netlab_links"
 # packet must not have created a conntrack entry yet.
 INGRESS_PRIORITY = -310
 LOSS_SCALE = 1_000_000  # loss is drawn with this resolution (numgen random mod LOSS_SCALE)
+GSO_MAX_SEGS = 65535  # include/linux/netdevice.h: a veth's default, super-packets allowed
+SEGMENTED = 1  # one segment per packet: the kernel segments before the veth
 
 # iptables (nft backend) target; nft's own "queue" statement needs nft_queue, absent here.
 QUEUE_RULE = [
@@ -62,6 +70,11 @@ class LinkCondition:
     def clean(self) -> bool:
         return self == LinkCondition()
 
+    @property
+    def per_packet(self) -> bool:
+        """Loss or delay: each MTU-sized packet must be drawn and held on its own."""
+        return self.loss > 0 or self.delayed
+
 
 def delay_mark(delay_ms: int, jitter_ms: int) -> int:
     """Packet mark that asks the delayer for ``delay_ms`` +- ``jitter_ms`` one-way delay."""
@@ -70,6 +83,13 @@ def delay_mark(delay_ms: int, jitter_ms: int) -> int:
     if not 0 <= jitter_ms <= MAX_JITTER_MS:
         raise ValueError(f"jitter_ms must be within 0..{MAX_JITTER_MS}, got {jitter_ms}")
     return DELAY_FLAG | (delay_ms << 16) | jitter_ms
+
+
+def segmentation_command(netns: str, iface: str, condition: LinkCondition) -> list[str]:
+    """The ``ip`` command that makes ``iface`` (the sending end of one direction) send MTU-sized
+    packets when ``condition`` acts per packet, and super-packets again when it does not."""
+    segments = SEGMENTED if condition.per_packet else GSO_MAX_SEGS
+    return ["ip", "-n", netns, "link", "set", "dev", iface, "gso_max_segs", str(segments)]
 
 
 def counter_name(iface: str) -> str:

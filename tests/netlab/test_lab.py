@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -393,6 +394,43 @@ def test_loss_rate_matches_per_direction(internet: Lab) -> None:
     assert abs(up - (1 - loss)) < 0.05, up
     assert abs(down - (1 - loss)) < 0.05, down
     assert dropped >= count * (1 - down)
+
+
+def receive_all(sock: socket.socket) -> int:
+    received = 0
+    while data := sock.recv(1 << 20):
+        received += len(data)
+    return received
+
+
+def test_loss_acts_on_each_tcp_segment(internet: Lab) -> None:
+    """A veth carries TCP as 64 KiB super-packets unless the lab segments shaped links: then one
+    loss draw would cover ~45 segments and TCP would see a thirtieth of the asked loss."""
+    lab, loss, size = internet, 0.02, 4 << 20
+    listener = lab.socket("pub1", socket.SOCK_STREAM)
+    client = lab.socket("shaped", socket.SOCK_STREAM)
+    try:
+        listener.bind((lab.address("pub1"), OTHER_PORT))
+        listener.listen(1)
+        listener.settimeout(WAIT_S)
+        client.connect((lab.address("pub1"), OTHER_PORT))
+        server, _ = listener.accept()
+        lab.set_link("shaped", loss=loss, direction="down")  # the data's direction
+        with server, ThreadPoolExecutor(1) as pool:
+            client.settimeout(30)
+            receiving = pool.submit(receive_all, client)
+            server.sendall(bytes(size))
+            server.shutdown(socket.SHUT_WR)
+            received = receiving.result(timeout=60)
+        dropped = lab.link_drops("shaped")
+    finally:
+        lab.set_link("shaped")
+        listener.close()
+        client.close()
+    segments = size / 1448  # at least this many full-size segments crossed the link
+    print(f"\n{size >> 20} MiB over TCP, loss={loss}: {dropped} dropped of >= {segments:.0f}")
+    assert received == size
+    assert dropped >= 0.5 * loss * segments, dropped  # expected ~58; super-packets give ~2
 
 
 # ---------------------------------------------------------------------------- lifecycle
