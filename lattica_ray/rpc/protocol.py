@@ -38,9 +38,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
-import numpy as np
 from google.protobuf.message import DecodeError
 
+from lattica_ray.rpc.buffers import receive_buffers
 from lattica_ray.rpc.errors import (
     ERROR_BY_CODE,
     MessageTooLarge,
@@ -377,10 +377,11 @@ class FrameDecoder:
 
 
 def allocate(length: int) -> ReceiveBuffer:
-    """A writable buffer of `length` bytes; large ones uninitialised (pages committed on write)."""
+    """A writable buffer of `length` bytes; large ones from the pool of mapped buffers, or
+    uninitialised (pages committed on write): `lattica_ray.rpc.buffers`."""
     if length < LAZY_ALLOCATION_FROM:
         return bytearray(length)
-    return memoryview(np.empty(length, dtype=np.uint8)).cast("B")
+    return receive_buffers.take(length)
 
 
 def message_frame(buffers: Sequence[Buffer], max_message_size: int) -> list[Buffer]:
