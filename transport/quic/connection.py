@@ -377,7 +377,7 @@ class QuicConnection(Connection):
         for stream in list(self._drain_waiters):
             if self._terminated or self._send_buffer_below_high_water(stream.stream_id):
                 self._drain_waiters.discard(stream)
-                stream._drained.set()
+                stream._wake_writer()
 
     @property
     def stream_count(self) -> int:

@@ -26,8 +26,7 @@ class QuicStream(Stream):
         self.stream_id = stream_id
         self._write_closed = False
         self._write_reset = False
-        self._drained = asyncio.Event()
-        self._drained.set()
+        self._drained: asyncio.Event | None = None  # made when a writer first waits
 
     # -- reading: credit is granted as the application consumes ---------------------------
     def _on_consumed(self, nbytes: int) -> None:
@@ -79,6 +78,8 @@ class QuicStream(Stream):
 
     async def _wait_drained(self) -> None:
         while not self.connection._send_buffer_below_high_water(self.stream_id):
+            if self._drained is None:
+                self._drained = asyncio.Event()
             self._drained.clear()
             self.connection._watch_drain(self)
             await self._drained.wait()
@@ -95,15 +96,20 @@ class QuicStream(Stream):
     def reset(self, reason: str = "reset by local peer") -> None:
         if self._reset_reason is None:
             self._feed_reset(reason)
-            self._drained.set()
+            self._wake_writer()
             if not self.connection.is_closed:
                 self.connection._reset_stream(self.stream_id)
 
     # -- fed by the connection ----------------------------------------------------------
     def _remote_stopped_sending(self) -> None:
         self._write_reset = True
-        self._drained.set()
+        self._wake_writer()
 
     def _connection_lost(self, reason: str) -> None:
         self._feed_reset(f"connection closed: {reason}")
-        self._drained.set()
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        """A writer waiting for the send buffer to drain must look again (it may be moot)."""
+        if self._drained is not None:
+            self._drained.set()
