@@ -85,11 +85,11 @@ class CallKind(IntEnum):
 
     @property
     def client_streams(self) -> bool:
-        return self in (CallKind.CLIENT_STREAM, CallKind.BIDI_STREAM)
+        return bool(self & 2)  # CLIENT_STREAM, BIDI_STREAM
 
     @property
     def server_streams(self) -> bool:
-        return self in (CallKind.SERVER_STREAM, CallKind.BIDI_STREAM)
+        return bool(self & 1)  # SERVER_STREAM, BIDI_STREAM
 
 
 # -- events -----------------------------------------------------------------------------------

@@ -272,7 +272,8 @@ class _InboundCall:
         self.arguments: asyncio.Future[ReceiveBuffer] = asyncio.get_running_loop().create_future()
         deadline = None if header.timeout is None else time.monotonic() + header.timeout
         assert self.peer is not None
-        self.context = CallContext(self.peer, method.name, dict(header.metadata), deadline)
+        # (each decoded header has a metadata dict of its own: no copy needed)
+        self.context = CallContext(self.peer, method.name, header.metadata, deadline)
         # The task running the handler: its own, or (inline) the one serving the stream.
         self.handler_task: asyncio.Task[Any] | None = None
         self.handler_done = False
@@ -282,13 +283,7 @@ class _InboundCall:
         self.reset_by_caller = False
 
     # -- lifecycle ----------------------------------------------------------------------
-    async def run(self) -> None:
-        if self._request_complete():
-            await self._run_inline()
-        else:
-            await self._run_beside_reader()
-
-    def _request_complete(self) -> bool:
+    def request_complete(self) -> bool:
         """True when the arguments and END came with the header (a small unary call)."""
         pending = self.pending
         return (
@@ -298,14 +293,13 @@ class _InboundCall:
             and not self.method.kind.client_streams
         )
 
-    async def _run_inline(self) -> None:
-        """Run the handler in this task: the whole request is here, so nothing needs reading.
+    async def run_inline(self, task: asyncio.Task[Any]) -> None:
+        """Run the handler in this task (`task`): the whole request is here, so nothing needs
+        reading (`request_complete`), else `run_beside_reader`.
 
         The reply then leaves in the same loop iteration as the protocol confirmation (one
         packet, no task switches). Whatever arrives meanwhile (a reset, CANCEL) wakes a reader.
         """
-        task = asyncio.current_task()
-        assert task is not None
         payload = self.pending.popleft()
         self.pending.clear()  # END
         assert isinstance(payload, Message)
@@ -357,7 +351,7 @@ class _InboundCall:
                 self._read_requests(), name=f"rpc {self.method.name} reader"
             )
 
-    async def _run_beside_reader(self) -> None:
+    async def run_beside_reader(self) -> None:
         """Run the handler as its own task while this one reads the caller's messages."""
         loop = asyncio.get_running_loop()
         if self.pending and isinstance(self.pending[0], Message):  # came with the header
@@ -600,6 +594,9 @@ class _SyncRequestIterator:
 
 
 # -- client side ------------------------------------------------------------------------------
+_PLAIN_HEADERS: dict[tuple[str, CallKind, float | None], Header] = {}  # no metadata: immutable
+
+
 class _OutboundCall:
     """One call we make: opens the stream, sends the requests, reads replies and status."""
 
@@ -618,7 +615,14 @@ class _OutboundCall:
         self.peer = peer
         self.method = method
         config = service.config
-        header = Header(method, kind, timeout, dict(metadata or {}))
+        header = Header(method, kind, timeout, dict(metadata)) if metadata else None
+        if header is None:  # the usual call: a header already made for the same method
+            key = (method, kind, timeout)
+            header = _PLAIN_HEADERS.get(key)
+            if header is None:
+                if len(_PLAIN_HEADERS) >= 1024:
+                    _PLAIN_HEADERS.clear()
+                header = _PLAIN_HEADERS[key] = Header(method, kind, timeout, {})
         self.proto = ClientCall(header, config.max_message_size)
         try:  # bad names or metadata, oversized arguments: refused before dialing
             self._first: list[Buffer] = [self.proto.start()]
@@ -867,7 +871,7 @@ class RpcService:
         self.codec_limits = codec_limits
         self._methods: dict[str, Method] = {}
         self._inbound: set[_InboundCall] = set()
-        self._inbound_per_peer: collections.Counter[PeerId] = collections.Counter()
+        self._inbound_per_peer: dict[PeerId, int] = {}  # peers with calls running, how many
         self._serving: set[asyncio.Task[Any]] = set()  # tasks serving inbound streams
         self._outbound: set[_OutboundCall] = set()
         self._executor: ThreadPoolExecutor | None = None
@@ -1082,11 +1086,11 @@ class RpcService:
         assert task is not None
         self._serving.add(task)
         try:
-            await self._serve_call(stream)
+            await self._serve_call(stream, task)
         finally:
             self._serving.discard(task)
 
-    async def _serve_call(self, stream: Stream) -> None:
+    async def _serve_call(self, stream: Stream, task: asyncio.Task[Any]) -> None:
         proto = ServerCall(self.config.max_message_size)
         pending: collections.deque[Event] = collections.deque()
         try:
@@ -1117,9 +1121,13 @@ class RpcService:
         method = self._methods[header.method]
         call = _InboundCall(self, stream, proto, pending, method, header)
         self._inbound.add(call)
-        self._inbound_per_peer[call.peer] += 1
+        per_peer = self._inbound_per_peer
+        per_peer[call.peer] = per_peer.get(call.peer, 0) + 1
         try:
-            await call.run()
+            if call.request_complete():
+                await call.run_inline(task)
+            else:
+                await call.run_beside_reader()
         finally:
             self._release(call)
 
@@ -1127,9 +1135,12 @@ class RpcService:
         """Free the call's place under the concurrency limits (once)."""
         if call in self._inbound:
             self._inbound.discard(call)
-            self._inbound_per_peer[call.peer] -= 1
-            if not self._inbound_per_peer[call.peer]:
-                del self._inbound_per_peer[call.peer]
+            per_peer = self._inbound_per_peer
+            running = per_peer[call.peer] - 1
+            if running:
+                per_peer[call.peer] = running
+            else:
+                del per_peer[call.peer]
 
     def _admission(self, peer: PeerId | None, header: Header) -> Status | None:
         """Why this call cannot be served now, or None to serve it."""
@@ -1157,7 +1168,7 @@ class RpcService:
                 "(max_concurrent_calls); retry later",
             )
         if peer is not None and (
-            self._inbound_per_peer[peer] >= self.config.max_concurrent_calls_per_peer
+            self._inbound_per_peer.get(peer, 0) >= self.config.max_concurrent_calls_per_peer
         ):
             return Status(
                 StatusCode.RESOURCE_EXHAUSTED,
