@@ -109,11 +109,13 @@ class Stream:
 
     async def read(self, max_bytes: int = 65536) -> bytes:
         """Up to `max_bytes` bytes; b"" once the remote closed its side and all was read."""
-        await self._settle_negotiation()
+        if self._pending_confirmation:  # (checked here: no coroutine for the common case)
+            await self._settle_negotiation()
         return await self._read_raw(max_bytes)
 
     async def _read_raw(self, max_bytes: int) -> bytes:
-        await self._wait_readable()
+        if not self._buffer:
+            await self._wait_readable()
         if not self._buffer:
             if self._reset_reason is not None:
                 raise StreamReset(self._reset_reason)
@@ -137,7 +139,8 @@ class Stream:
         return chunk
 
     async def readexactly(self, nbytes: int) -> bytes:
-        await self._settle_negotiation()
+        if self._pending_confirmation:
+            await self._settle_negotiation()
         return await self._readexactly_raw(nbytes)
 
     async def _readexactly_raw(self, nbytes: int) -> bytes:
@@ -156,7 +159,8 @@ class Stream:
 
     async def read_message(self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
         """One varint-length-prefixed message; `MessageTooLarge` before buffering a big body."""
-        await self._settle_negotiation()
+        if self._pending_confirmation:
+            await self._settle_negotiation()
         return await self._read_message_raw(max_size)
 
     async def _read_message_raw(self, max_size: int) -> bytes:
@@ -186,7 +190,8 @@ class Stream:
 
     async def read_to_end(self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
         """Everything until the remote closes its side, at most `max_size` bytes."""
-        await self._settle_negotiation()
+        if self._pending_confirmation:
+            await self._settle_negotiation()
         out = bytearray()
         while True:
             chunk = await self._read_raw(65536)
