@@ -49,6 +49,10 @@ class LatticaConfig(BaseModel):
     (its caller died, or its task was cancelled before it ran) is cancelled and dropped."""
     pipeline_arrival_timeout: float = Field(default=30.0, gt=0)
     """How long a result task waits for its call's request before failing with `CallLost`."""
+    niceness: int | None = Field(default=0, ge=-20, le=19)
+    """The LatticaActor's scheduling niceness: Ray starts workers at 15, below its daemons, and
+    every remote call waits on the LatticaActor, a daemon too. Needs CAP_SYS_NICE (root) or
+    RLIMIT_NICE to go below 15; without them Ray's stays. None: leave Ray's."""
     start_timeout: float = Field(default=60.0, gt=0)
     call_timeout: float | None = Field(default=None, gt=0)
     """Default per-call timeout of remote actor calls (None: wait as long as the peer lives)."""

@@ -64,6 +64,7 @@ class _Call:
 
     task: asyncio.Task[Any] | None = None  # None until the request arrived
     arrived_at: float = 0.0
+    outcome: tuple[Any, BaseException | None] | None = None  # (result, error) once it ended
     # on the claimer's loop: set when the request arrives (claims that came first), and when
     # the task is done
     arrival: asyncio.Future[None] | None = None
@@ -127,14 +128,26 @@ class PendingCalls:
                     )
                     return
                 call = self._unclaimed[call_id] = _Call(arrived_at=self.clock())
-            task = call.task = asyncio.ensure_future(start())
+            call.task = asyncio.ensure_future(self._run(call, start))
             arrival = call.arrival
-        task.add_done_callback(lambda _: self._finished(call))
         if arrival is not None:
             _wake(arrival)
 
-    def _finished(self, call: _Call) -> None:
+    async def _run(self, call: _Call, start: Callable[[], Awaitable[Any]]) -> None:
+        """Run the call and hand its outcome over as soon as it is there (not one loop turn
+        later, from a done callback)."""
+        try:
+            outcome: tuple[Any, BaseException | None] = (await start(), None)
+        except asyncio.CancelledError as exc:
+            self._finished(call, (None, exc))
+            raise
+        except Exception as exc:
+            outcome = (None, exc)
+        self._finished(call, outcome)
+
+    def _finished(self, call: _Call, outcome: tuple[Any, BaseException | None]) -> None:
         with self._lock:
+            call.outcome = outcome
             claim = call.claim
         if claim is not None:
             _wake(claim)
@@ -161,18 +174,18 @@ class PendingCalls:
                 call = self._claimed[call_id] = _Call(arrival=loop.create_future())
             done = call.claim = loop.create_future()
             self.stats.claimed += 1
-            task = call.task
-        if task is not None and task.done():
-            return task.result()  # no hand-off at all
+            task, outcome = call.task, call.outcome
+        if outcome is not None:
+            return _unwrap(outcome)  # no hand-off at all
         try:
             if task is None:
                 await self._arrival(call_id, call)
                 with self._lock:
-                    task = call.task
-                    if task is None:  # its request was malformed
+                    if call.task is None:  # its request was malformed
                         raise self._failed.pop(call_id, CallLost(f"call {call_id!r} failed"))
             await done
-            return task.result()
+            assert call.outcome is not None
+            return _unwrap(call.outcome)
         except asyncio.CancelledError:
             with self._lock:
                 task = call.task
@@ -225,8 +238,6 @@ class PendingCalls:
         for call in dropped:
             assert call.task is not None
             call.task.cancel()
-            if call.task.done() and not call.task.cancelled():
-                call.task.exception()  # retrieved: nobody will
 
     def cancel_all(self) -> None:
         with self._lock:
@@ -246,6 +257,13 @@ class PendingCalls:
         self._failed[call_id] = error
         while len(self._failed) > self.max_unclaimed:
             self._failed.popitem(last=False)
+
+
+def _unwrap(outcome: tuple[Any, BaseException | None]) -> Any:
+    value, error = outcome
+    if error is not None:
+        raise error
+    return value
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
