@@ -18,7 +18,8 @@ are, so the figures compare like with like. What it measures, in order:
 - relay: the 64 MiB through a circuit relay v2 relay (a third process; hole punching refused),
   beside the direct figure.
 - lab: the 64 MiB over a NAT-lab link with 20 ms RTT and 1 % loss each way (needs root), beside
-  the link's rate measured through the same link with plain UDP (a blast) and plain TCP.
+  the link's rate measured through the same link with plain UDP (a blast) and plain TCP (the
+  kernel's controller, and cubic); QUIC also on the aioquic engine with the "bdp" controller.
 
 MB/s are 10^6 bytes per second, best of `--repeat`; the SDK and the direct figures alternate
 over `--rounds` rounds and each keeps its best; the machine is shared, so read the ratios.
@@ -60,6 +61,8 @@ GOAL_BESIDE_SLOW_S = 0.002  # issue 5: under 2 ms
 GOAL_RSS_X_WINDOW = 3.0  # issue 5: peak RSS under 3x the chunk window
 LAB_RTT_MS = 20
 LAB_LOSS = 0.01
+# QUIC for a path that loses at random: the aioquic engine with the "bdp" controller
+LAB_LOSSY_QUIC = {"engine": "aioquic", "congestion_control": "bdp"}
 UDP_BLAST_S = 3.0
 
 
@@ -294,7 +297,10 @@ def lab_unavailable() -> str | None:
 
 def measure_lab(opts: argparse.Namespace) -> dict[str, Any]:
     """The streamed figures over a lab link of LAB_RTT_MS RTT and LAB_LOSS loss each way, beside
-    plain UDP and plain TCP through the same link."""
+    plain UDP and plain TCP through the same link. QUIC runs twice: on the default engine, and
+    on the aioquic engine with the "bdp" congestion controller (`LAB_LOSSY_QUIC`), which random
+    loss does not shrink. Plain TCP runs with the kernel's default controller (named in the
+    report: BBR ignores random loss) and with cubic (loss-based, like qh3's)."""
     from tests.netlab import Lab
 
     lab = Lab()
@@ -309,29 +315,43 @@ def measure_lab(opts: argparse.Namespace) -> dict[str, Any]:
             "loss": LAB_LOSS,
             "size": opts.lab_size,
             "transports": {},
+            "variants": {},
         }
-        for transport in ("quic", "tcp"):
+        runs = [("quic", "quic", {}), ("quic_bdp", "quic", LAB_LOSSY_QUIC), ("tcp", "tcp", {})]
+        for name, transport, settings in runs:
             listen = [LOOPBACK[transport].replace("127.0.0.1", host)]
             server_opts = {
                 "datagram": opts.datagram,
                 "spawn": functools.partial(lab.spawn, "server"),
+                **settings,
             }
             client_listen = [LOOPBACK[transport].replace("127.0.0.1", lab.address("client"))]
             client_opts = {**server_opts, "spawn": functools.partial(lab.spawn, "client")}
             with peers(
-                (f"lab-{transport}-server", listen, server_opts),
-                (f"lab-{transport}-client", client_listen, client_opts),
+                (f"lab-{name}-server", listen, server_opts),
+                (f"lab-{name}-client", client_listen, client_opts),
             ) as (server, client):
                 connection = client.command("connect", addrs=server.addrs, peer=server.peer_id)
                 for peer in (server, client):
                     peer.command("prepare", sizes=[opts.lab_size])
                 bulk = bulk_rounds(client, server, STREAM_MODES, opts.lab_size, opts.chunk, 1)
-                figures["transports"][transport] = {"connection": connection, "bulk": bulk}
-                if transport == "quic":  # the link's rate, between the same two namespaces
+                result = {"connection": connection, "bulk": bulk, "settings": settings}
+                if transport == "quic":  # what each end's loss recovery saw
+                    result["quic_stats"] = {
+                        "client": client.command("quic_stats", peer=server.peer_id),
+                        "server": server.command("quic_stats", peer=client.peer_id),
+                    }
+                if name == transport:
+                    figures["transports"][transport] = result
+                else:
+                    figures["variants"][name] = result
+                if name == "quic":  # the link's rate, between the same two namespaces
                     port = server.command("tcp_sink", host=host)["port"]
-                    figures["plain_tcp"] = client.command(
-                        "tcp_send", host=host, port=port, size=opts.lab_size, repeat=1
-                    )
+                    for key, congestion in (("plain_tcp", None), ("plain_tcp_cubic", "cubic")):
+                        figures[key] = client.command(
+                            "tcp_send", host=host, port=port, size=opts.lab_size, repeat=1,
+                            congestion=congestion,
+                        )  # fmt: skip
                     port = server.command("udp_sink", host=host)["port"]
                     sent = client.command(
                         "udp_blast", host=host, port=port, seconds=opts.udp_blast_s
@@ -565,22 +585,32 @@ def print_lab(lab: dict[str, Any] | None) -> None:
         print(f"\nlab link not measured: {lab['skipped']}")
         return
     udp, tcp = lab["plain_udp"]["mb_s"], lab["plain_tcp"]["mb_s"]
+    cubic = lab.get("plain_tcp_cubic", {})
     print(
         f"\nlab link, {lab['rtt_ms']} ms RTT and {lab['loss']:.0%} loss each way "
         f"({lab['link_drops']} packets dropped on it), {lab['size'] / MIB:g} MiB once: plain UDP"
-        f" blast {udp:.1f} MB/s (the link's rate), plain TCP {tcp:.2f} MB/s"
+        f" blast {udp:.1f} MB/s (the link's rate); plain TCP "
+        f"({lab['plain_tcp'].get('congestion', '?')}) {tcp:.2f} MB/s = {tcp / udp:.3f} of it"
+        + (f", with cubic {cubic['mb_s']:.2f} MB/s = {cubic['mb_s'] / udp:.3f}" if cubic else "")
     )
-    for transport, figures in lab["transports"].items():
+    rows = [*lab["transports"].items(), *lab.get("variants", {}).items()]
+    for name, figures in rows:
         rtt = figures["connection"]["rtt_s"] * 1e3
+        settings = figures.get("settings") or {}
+        label = name if not settings else f"{name} ({', '.join(map(str, settings.values()))})"
         for mode, row in figures["bulk"].items():
             print_failure(row, mode)
             if "mb_s" not in row:
                 continue
             print(
-                f"  {transport:4} {MODES[mode]:24} {row['mb_s']:7.2f} MB/s = "
+                f"  {label:26} {MODES[mode]:24} {row['mb_s']:7.2f} MB/s = "
                 f"{row['mb_s'] / udp:.3f} of the link's rate, {row['mb_s'] / tcp:.2f} x plain "
                 f"TCP (ping {rtt:.1f} ms)"
             )
+        stats = figures.get("quic_stats", {})
+        losses = {end: s["loss_total"] for end, s in stats.items() if "loss_total" in s}
+        if losses:
+            print(f"  {'':26} packets declared lost: {losses}")
 
 
 # -- main -----------------------------------------------------------------------------------------

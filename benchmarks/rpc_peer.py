@@ -57,10 +57,12 @@ class RpcPeer:
         holepunch: bool = True,
         spawn: Callable[..., subprocess.Popen[str]] | None = None,
         congestion_control: str = "reno",
+        engine: str | None = None,
         log_level: str = "WARNING",
     ) -> None:
         argv = [sys.executable, "-m", "benchmarks.rpc_peer", "--datagram", str(datagram)]
         argv += ["--congestion-control", congestion_control, "--log-level", log_level]
+        argv += ["--engine", engine] if engine else []
         argv += [arg for addr in listen for arg in ("--listen", addr)]
         argv += ["--pmtu"] if pmtu else []
         argv += [] if holepunch else ["--no-holepunch"]
@@ -277,6 +279,31 @@ class Peer:
             "remote_addr": str(connection.remote_addr),
         }
 
+    async def cmd_quic_stats(self, peer: str) -> dict[str, Any]:
+        """Loss recovery and congestion state of the QUIC connection to `peer` (qh3's core
+        counts losses and probe timeouts; aioquic only has its window and RTT)."""
+        from transport.identity import PeerId
+
+        connection = self.node.connection_to(PeerId.from_string(peer))
+        engine = getattr(connection, "quic", None)
+        if engine is None:
+            return {}
+        core = getattr(getattr(engine, "_quic", None), "_core", None)
+        if core is not None:
+            return {
+                "engine": "qh3",
+                "loss_total": core.loss_total,
+                "pto_total": core.pto_total,
+                "congestion_window": core.congestion_window,
+                "smoothed_rtt_s": core.smoothed_rtt,
+            }
+        recovery = engine._loss
+        return {
+            "engine": "aioquic",
+            "congestion_window": recovery.congestion_window,
+            "smoothed_rtt_s": recovery._rtt_smoothed,
+        }
+
     async def cmd_reserve_relay(self, relay: str) -> dict[str, Any]:
         await self.node.reserve_relay(relay)
         return {"circuit_addrs": [str(a) for a in self.node.addrs if a.is_relayed]}
@@ -403,12 +430,24 @@ class Peer:
             self.tcp_server = await asyncio.start_server(sink, host, 0)
         return {"port": self.tcp_server.sockets[0].getsockname()[1]}
 
-    async def cmd_tcp_send(self, host: str, port: int, size: int, repeat: int) -> dict[str, Any]:
+    async def cmd_tcp_send(
+        self, host: str, port: int, size: int, repeat: int, congestion: str | None = None
+    ) -> dict[str, Any]:
+        """Send `size` bytes over plain TCP `repeat` times, with the kernel's congestion
+        controller or `congestion` (e.g. "cubic"); the answer names the one used."""
         block = bytes(BLOCK)
         seconds = []
+        used = ""
         for _ in range(repeat):
             started = time.perf_counter()
-            reader, writer = await asyncio.open_connection(host, port)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if congestion:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+            used = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+            used = used.rstrip(b"\0").decode()
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            reader, writer = await asyncio.open_connection(sock=sock)
             for offset in range(0, size, BLOCK):
                 writer.write(block[: min(BLOCK, size - offset)])
                 await writer.drain()
@@ -418,7 +457,7 @@ class Peer:
             writer.close()
             if received != size:
                 raise ValueError(f"plain TCP: {received} bytes arrived of {size}")
-        return {"seconds": seconds, "mb_s": size / min(seconds) / 1e6}
+        return {"seconds": seconds, "mb_s": size / min(seconds) / 1e6, "congestion": used}
 
     async def cmd_udp_sink(self, host: str) -> dict[str, Any]:
         """Count plain UDP datagrams arriving (bytes, first and last arrival)."""
@@ -501,6 +540,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_datagram_size=args.datagram,
         pmtu_probing=args.pmtu,
         congestion_control=args.congestion_control,
+        **({"engine": args.engine} if args.engine else {}),
     )
     relay = RelayConfig(circuit_data=0, circuit_duration=0)  # any peer may be the bench's relay
     async with Node(listen=args.listen, quic_config=quic, relay=relay) as node:
@@ -540,7 +580,10 @@ def main() -> None:
     parser.add_argument("--datagram", type=int, default=1350, help="QUIC max datagram size")
     parser.add_argument("--pmtu", action="store_true", help="probe the path MTU (bigger datagrams)")
     parser.add_argument("--no-holepunch", action="store_true", help="refuse DCUtR")
-    parser.add_argument("--congestion-control", choices=["reno", "cubic"], default="reno")
+    parser.add_argument("--congestion-control", choices=["reno", "cubic", "bdp"], default="reno")
+    parser.add_argument(
+        "--engine", choices=["qh3", "aioquic"], help="QUIC engine (default: the config's)"
+    )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
     import logging

@@ -75,10 +75,11 @@ class QuicConfig(BaseModel):
         description="a writer waits while this many bytes of its stream are unacknowledged",
     )
     max_connections: int = Field(1024, ge=1, description="inbound connections accepted at once")
-    congestion_control: Literal["reno", "cubic"] = Field(
+    congestion_control: Literal["reno", "cubic", "bdp"] = Field(
         "reno",
-        description="aioquic's congestion controller (the same figures on loopback; cubic may "
-        "suit long, lossy paths better); qh3 uses its own",
+        description="aioquic's congestion controller (the same figures on loopback); 'bdp' "
+        "(transport.quic.congestion) is not shrunk by random loss: for lossy paths; qh3 uses "
+        "its own",
     )
     udp_offload: bool = Field(
         True,

@@ -30,6 +30,7 @@ from aioquic.quic.recovery import K_MICRO_SECOND, QuicPacketPacer
 from aioquic.tls import Epoch
 from cryptography import x509
 
+from transport.quic import congestion as _bdp  # noqa: F401  registers "bdp" with aioquic
 from transport.quic.pmtu import PathMtuSearch
 
 log = logging.getLogger(__name__)
