@@ -31,7 +31,7 @@ class Stream:
         self._buffer = bytearray()
         self._eof = False
         self._reset_reason: str | None = None
-        self._readable = asyncio.Event()
+        self._readable: asyncio.Event | None = None  # made when a reader first waits
         # Lazy multistream-select: confirmations we still expect before the first data byte.
         self._pending_confirmation: list[str] = []
         self._watcher: Callable[[], None] | None = None
@@ -63,20 +63,23 @@ class Stream:
     def _feed_data(self, data: bytes) -> None:
         if data:
             self._buffer += data
-            self._readable.set()
+            if self._readable is not None:
+                self._readable.set()
             if self._watcher is not None:
                 self._watcher()
 
     def _feed_eof(self) -> None:
         self._eof = True
-        self._readable.set()
+        if self._readable is not None:
+            self._readable.set()
         if self._watcher is not None:
             self._watcher()
 
     def _feed_reset(self, reason: str) -> None:
         if self._reset_reason is None:
             self._reset_reason = reason
-        self._readable.set()
+        if self._readable is not None:
+            self._readable.set()
         if self._watcher is not None:
             self._watcher()
 
@@ -91,10 +94,17 @@ class Stream:
         """
 
     # -- reading ----------------------------------------------------------------------------
+    async def _next_arrival(self) -> None:
+        """Wait until data, the end or a reset arrives (the caller checks which, and loops)."""
+        if self._readable is None:
+            self._readable = asyncio.Event()
+        else:
+            self._readable.clear()
+        await self._readable.wait()
+
     async def _wait_readable(self) -> None:
         while not self._buffer and not self._eof and self._reset_reason is None:
-            self._readable.clear()
-            await self._readable.wait()
+            await self._next_arrival()
 
     async def _settle_negotiation(self) -> None:
         if not self._pending_confirmation:
@@ -150,8 +160,7 @@ class Stream:
             if self._eof:
                 raise asyncio.IncompleteReadError(bytes(self._buffer), nbytes)
             self._on_waiting(nbytes)
-            self._readable.clear()
-            await self._readable.wait()
+            await self._next_arrival()
         chunk = bytes(self._buffer[:nbytes])
         del self._buffer[:nbytes]
         self._on_consumed(nbytes)
@@ -185,8 +194,7 @@ class Stream:
                 raise StreamReset(self._reset_reason)
             if self._eof:
                 raise asyncio.IncompleteReadError(bytes(self._buffer), None)
-            self._readable.clear()
-            await self._readable.wait()
+            await self._next_arrival()
 
     async def read_to_end(self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
         """Everything until the remote closes its side, at most `max_size` bytes."""
