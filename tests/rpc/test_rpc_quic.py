@@ -191,5 +191,11 @@ async def test_a_call_reset_with_its_request_cancels_the_handler_over_quic() -> 
         stream.connection._flush()  # the request leaves now ...
         stream.reset("the caller gave up at once")
         stream.connection._flush()  # ... and the reset right behind it, before we yield
-        await asyncio.wait_for(started.wait(), WAIT)
-        await asyncio.wait_for(cancelled.wait(), WAIT)
+        # A later call on the same connection: once it is answered, the server has seen both.
+        assert await client_node.rpc.call(peer, "echo", b"after", timeout=WAIT) == b"after"
+        if started.is_set():  # the request was delivered: the reset must cancel its handler
+            await asyncio.wait_for(cancelled.wait(), WAIT)
+        else:
+            # qh3 may drop a stream's data when its reset is processed in the same batch
+            # (RFC 9000 3.2 allows it; seen in about 1 run in 4): then nothing ran at all.
+            assert server_node.rpc.active_inbound_calls == 0
