@@ -21,6 +21,7 @@ import struct
 import time
 import weakref
 from collections.abc import Callable
+from typing import cast
 
 from pydantic import BaseModel, Field
 
@@ -162,8 +163,8 @@ class TcpChannel(asyncio.BufferedProtocol, BufferedChannel):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # (uvloop's transports are not registered as asyncio.Transport: no isinstance check)
+        self._transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(
             high=self._config.write_buffer_high, low=self._config.write_buffer_low
         )

@@ -424,3 +424,29 @@ async def test_secure_and_mux_refuses_the_wrong_peer_and_resets_the_stream() -> 
     assert isinstance(results[0], PeerIdMismatch)
     assert isinstance(results[1], HandshakeFailed)
     assert left._reset_reason is not None and right._reset_reason is not None
+
+
+def test_dial_and_streams_work_on_uvloop() -> None:
+    """Ray workers run asyncio on uvloop where it is installed; its transports are not
+    registered as asyncio.Transport (a type check there broke every TCP connection)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        pair = TcpPair()
+        await pair.start()
+        try:
+            connection = await pair.dial()
+            stream = await connection.open_stream()
+            await select_outbound(stream, ["/echo/1"])
+            await stream.write(b"ping")
+            inbound = await _get(pair.server_streams)
+            async with asyncio.timeout(5):
+                await select_inbound(inbound, ["/echo/1"])
+                assert await inbound.readexactly(4) == b"ping"
+                await inbound.write(b"pong")
+                assert await stream.readexactly(4) == b"pong"
+        finally:
+            await pair.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
