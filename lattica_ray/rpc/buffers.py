@@ -18,6 +18,7 @@ import ctypes
 import threading
 import time
 import weakref
+from collections import deque
 
 import numpy as np
 
@@ -35,7 +36,11 @@ class BufferPool:
         self.idle_seconds = idle_seconds
         self._free: list[tuple[float, np.ndarray]] = []  # (returned at, buffer), oldest first
         self._free_bytes = 0
-        self._lock = threading.Lock()  # buffers come back from finalizers, in any thread
+        self._lock = threading.Lock()
+        # Buffers come back from finalizers, in any thread, and also inside this pool's own
+        # locked code (a cyclic collection can start at any allocation there): so a return is
+        # queued here and filed by whoever gets the lock, never waiting for it (`_settle`).
+        self._returned: deque[tuple[float, np.ndarray]] = deque()
         self.reused = 0  # takes served from the pool (for tests and figures)
 
     @property
@@ -43,7 +48,10 @@ class BufferPool:
         return self._free_bytes
 
     def take(self, length: int) -> memoryview:
-        array = self._reuse(length) if length >= self.min_size else None
+        array = None
+        if length >= self.min_size:
+            array = self._reuse(length)
+            self._settle()  # what came back while the lock was held
         if array is None:
             # Uninitialised: the OS commits pages as the message fills them.
             array = np.empty(length, dtype=np.uint8)
@@ -57,7 +65,7 @@ class BufferPool:
 
     def _reuse(self, length: int) -> np.ndarray | None:
         with self._lock:
-            self._drop_idle(time.monotonic())
+            self._file_returned()  # and drops idle buffers
             best = None
             for index, (_, array) in enumerate(self._free):
                 size = len(array)
@@ -71,16 +79,29 @@ class BufferPool:
             return array
 
     def _give_back(self, array: np.ndarray) -> None:
-        size = len(array)
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            now = time.monotonic()
-            self._drop_idle(now)
+        if len(array) <= self.max_bytes:
+            self._returned.append((time.monotonic(), array))  # atomic: no lock needed
+            self._settle()
+
+    def _settle(self) -> None:
+        """File queued returns if the lock is free; whoever holds it settles after release."""
+        while self._returned and self._lock.acquire(blocking=False):
+            try:
+                self._file_returned()
+            finally:
+                self._lock.release()
+
+    def _file_returned(self) -> None:
+        """Drop idle buffers, then move queued returns into the pool, oldest dropped past
+        `max_bytes` (lock held)."""
+        self._drop_idle(time.monotonic())
+        while self._returned:
+            returned_at, array = self._returned.popleft()
+            size = len(array)
             while self._free and self._free_bytes + size > self.max_bytes:
                 _, dropped = self._free.pop(0)
                 self._free_bytes -= len(dropped)
-            self._free.append((now, array))
+            self._free.append((returned_at, array))
             self._free_bytes += size
 
     def _drop_idle(self, now: float) -> None:
@@ -90,6 +111,7 @@ class BufferPool:
 
     def clear(self) -> None:
         with self._lock:
+            self._returned.clear()
             self._free.clear()
             self._free_bytes = 0
 
