@@ -281,7 +281,8 @@ class PipeServer:
     """The LatticaActor's pipe: reads requests from local processes into `PendingCalls`.
 
     Runs on the Node's loop; `start_call(request)` is the coroutine of one call (a `dict` with
-    "actor", "method", "timeout", "args", "kwargs" as the client sent them).
+    "actor", "method", "timeout", "args", "kwargs" as the client sent them). Frames are parsed
+    as they come in (a protocol, not a stream reader: no task or await per request).
     """
 
     def __init__(
@@ -296,7 +297,7 @@ class PipeServer:
         self.address = "\0lattica-ray-pipe-" + secrets.token_hex(8)
         self._server: asyncio.AbstractServer | None = None
         self._expiry: asyncio.Task[None] | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: set[asyncio.BaseTransport] = set()
 
     async def start(self) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -304,7 +305,10 @@ class PipeServer:
             listener.bind(self.address)  # ourselves: uvloop cannot bind abstract addresses
             listener.listen()
             listener.setblocking(False)
-            self._server = await asyncio.start_unix_server(self._serve, sock=listener)
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_unix_server(
+                lambda: _PipeConnection(self), sock=listener
+            )
         except BaseException:
             listener.close()
             raise
@@ -313,9 +317,10 @@ class PipeServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in [self._expiry, *self._connections]:
-            if task is not None:
-                task.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for transport in list(self._connections):
+            transport.close()
         self.calls.cancel_all()
 
     async def _expire(self) -> None:
@@ -324,32 +329,55 @@ class PipeServer:
             await asyncio.sleep(interval)
             self.calls.expire()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            sock = writer.get_extra_info("socket")
-            if sock is None or not _same_user(sock):  # type: ignore[arg-type]
-                return
-            while True:
-                header = await reader.readexactly(FRAME_LENGTH.size)
-                body = await reader.readexactly(_frame_length(header, self.max_frame_bytes))
-                self._receive(decode_frame(body))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the caller's process went away (a frame cut short was never claimed)
-        except Exception as exc:
-            logger.warning("closing a pipe connection: %s", exc)
-        finally:
-            self._connections.discard(task)
-            writer.close()
-
     def _receive(self, request: dict[str, Any]) -> None:
         call_id = request.get("call")
         if not isinstance(call_id, str) or not call_id:
             logger.warning("a pipelined request without a call ID was ignored")
             return
         self.calls.arrive(call_id, lambda: self.start_call(request))
+
+
+class _PipeConnection(asyncio.Protocol):
+    """One local process's connection to the pipe: frames in, calls started."""
+
+    def __init__(self, server: PipeServer) -> None:
+        self.server = server
+        self.transport: asyncio.BaseTransport | None = None
+        self.buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is None or not _same_user(sock):
+            transport.close()
+            return
+        self.transport = transport
+        self.server._connections.add(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # a frame cut short by the caller's end was never claimed: nothing to undo
+        if self.transport is not None:
+            self.server._connections.discard(self.transport)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        buffer = self.buffer
+        buffer += data
+        header = FRAME_LENGTH.size
+        while len(buffer) >= header:
+            try:
+                end = header + _frame_length(bytes(buffer[:header]), self.server.max_frame_bytes)
+                if len(buffer) < end:
+                    return
+                request = decode_frame(bytes(buffer[header:end]))
+            except Exception as exc:
+                logger.warning("closing a pipe connection: %s", exc)
+                self.transport.close()
+                self.transport = None
+                return
+            del buffer[:end]
+            self.server._receive(request)
 
 
 @dataclass(frozen=True)
