@@ -655,10 +655,10 @@ class _OutboundCall:
             raise self._error(PeerUnavailable(f"cannot reach the peer: {exc}")) from exc
         self.writer = writer = _FrameWriter(self.stream, config.coalesce_below)
         first = self._first
-        if self._requests is None:
-            end = self.proto.send_end()
-            first.append(end)
-        if self._requests is None and self._first_size + len(end) < config.coalesce_below:
+        unary = self._requests is None
+        if unary:
+            first.append(self.proto.send_end())
+        if unary and self._first_size + len(first[-1]) < config.coalesce_below:
             try:  # a small unary call: one write (what `_FrameWriter` would join)
                 writer.mid_frame = True
                 await self.stream.write(b"".join(first))

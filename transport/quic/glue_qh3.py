@@ -212,9 +212,16 @@ class Qh3Connection(QuicConnection):
         """qh3's, minus what only the handshake needs once it is over: per-packet header
         parsing (retry, version negotiation, the remote's source CID), address checks (our
         socket gives valid ones) and qlog work when nothing logs. A small call's round trip
-        crosses this twice on each side."""
+        crosses this twice on each side. Only short-header (1-RTT) datagrams take this path:
+        long headers (a late handshake packet, a Retry to drop) take qh3's."""
         core = self._core
-        if core is None or not self._handshake_complete or self._quic_logger is not None:
+        if (
+            core is None
+            or not self._handshake_complete
+            or self._quic_logger is not None
+            or not data
+            or data[0] & 0x80
+        ):
             super().receive_datagram(data, addr, now)
             return
         try:
