@@ -13,7 +13,8 @@ What the seam asks and qh3 does differently:
   windows, so a stream nobody reads holds at most one stream window (core + unread), as on
   the aioquic engine. Events wait for all streams alike (one queue), so a reader that waits
   lets them in (`reader_needs`): it never waits on a stream nobody reads, and while it reads,
-  such a stream can grow past its window (qh3 has no per-stream credit we could withhold).
+  such a stream can grow past its window, up to the connection window (qh3 has no per-stream
+  credit we could withhold); a waiting reader keeps events coming until its own data comes.
 - Path MTU: qh3 probes datagram sizes itself (DPLPMTUD, RFC 8899) up to its maximum datagram
   size. The endpoint caps that maximum at the local route's MTU so no probe is fragmented
   locally; our `PathMtuSearch` is not used (`mtu_search` is None). qh3's pacer spaces every
@@ -115,6 +116,10 @@ class Qh3Engine:
         self._limit = self._window  # raised while a reader waits for more than the window
         self._unread: dict[int, int] = {}  # stream ID -> delivered, not yet read
         self._unread_total = 0
+        # Streams whose reader waits: events keep coming in for them (up to `_cap` unread), or
+        # a reader that started waiting before an unread stream refilled would wait on it.
+        self._waiting: set[int] = set()
+        self._cap = max(configuration.max_data, self._window)
         self._failed = False  # qh3's core failed: the connection is over
         self._send_failures = 0
         self._failure: ConnectionTerminated | None = None  # ...and says so once, as an event
@@ -204,7 +209,11 @@ class Qh3Engine:
             size = len(event.data)
             self._unread[event.stream_id] = self._unread.get(event.stream_id, 0) + size
             self._unread_total += size
-            if self._unread_total >= self._limit:
+            if self._waiting:
+                self._waiting.discard(event.stream_id)
+            if self._unread_total >= self._limit and (
+                not self._waiting or self._unread_total >= self._cap
+            ):
                 self._quic.holding = True  # no more credit until the application reads
         return event
 
@@ -281,11 +290,13 @@ class Qh3Engine:
         Without it a reader waiting for more than the window (readexactly, a big message)
         and the remote writer, out of credit, would wait for each other forever.
         """
+        self._waiting.add(stream_id)  # until data for it comes in
         others = self._unread_total - self._unread.get(stream_id, 0)
         self._limit = max(self._limit, others + needed + 1)
         return self._release(self._limit - 1)
 
     def forget_stream(self, stream_id: int) -> None:
+        self._waiting.discard(stream_id)
         self._unread_total -= self._unread.pop(stream_id, 0)
         self._release(self._limit - self._window // 2)
 
