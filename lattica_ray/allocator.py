@@ -14,7 +14,9 @@ Measured with the memory section of `benchmarks/rpc.py` (1 GiB in 4 MiB chunks o
 peers started with these values in the environment): peak RSS growth 1.9-2.6x the chunk
 window, against up to 4.1x with glibc's defaults, at the same throughput.
 
-A user who set either threshold in the environment (or runs another allocator) is left alone.
+A user who set either threshold in the environment (MALLOC_*_ or GLIBC_TUNABLES), or runs
+another allocator, is left alone. (One set with mallopt at run time cannot be seen: it is
+overridden.)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ TRIM_THRESHOLD = 8 * 1024 * 1024
 _M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
 _ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")  # GLIBC_TUNABLES
 _fixed: bool | None = None
 
 
@@ -43,6 +46,9 @@ def fix_malloc_thresholds() -> bool:
         return _fixed
     _fixed = False
     if any(name in os.environ for name in _ENVIRONMENT):
+        return False
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(tunable in tunables for tunable in _TUNABLES):  # the newer way to set them
         return False
     name = ctypes.util.find_library("c")
     if name is None:
