@@ -410,27 +410,12 @@ def _recv_exactly(conn: socket.socket, size: int) -> bytearray | None:
 # -- the LatticaActor's side ------------------------------------------------------------------
 
 
-async def open_abstract_connection(
-    address: str,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """`asyncio.open_unix_connection` to an abstract address ("\\0name"), on any event loop.
-
-    Ray workers run asyncio on uvloop when it is installed, and uvloop takes the path's length
-    up to its first NUL byte: an abstract address comes out empty and connect fails (EINVAL).
-    A socket connected by us is handed over instead.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, address)
-        return await asyncio.open_unix_connection(sock=sock)
-    except BaseException:
-        sock.close()
-        raise
-
-
 class DirectCallClient:
-    """One connection to an exported actor's direct call server, on the Node's event loop."""
+    """One connection to an exported actor's direct call server, on the Node's event loop.
+
+    Replies are parsed as they come in (a protocol, not a stream reader: no task or await per
+    reply on the Node's loop, which every remote call crosses twice).
+    """
 
     def __init__(
         self, address: str, methods: list[str], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
@@ -438,50 +423,48 @@ class DirectCallClient:
         self.address = address
         self.methods = frozenset(methods)
         self.max_frame_bytes = max_frame_bytes
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._transport: asyncio.WriteTransport | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 0
         self.closed = False
 
     async def connect(self) -> None:
+        # Connected by us, then handed over: Ray workers run asyncio on uvloop when it is
+        # installed, and uvloop takes a path's length up to its first NUL byte, so an abstract
+        # address ("\0name") comes out empty there and its own connect fails (EINVAL).
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        loop = asyncio.get_running_loop()
         try:
-            reader, self._writer = await open_abstract_connection(self.address)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, self.address)
+            transport, _ = await loop.create_unix_connection(lambda: _Replies(self), sock=sock)
         except OSError as exc:
+            sock.close()
             self.closed = True
             raise DirectCallNotSent(f"cannot reach the actor's direct call server: {exc}") from exc
-        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+        self._transport = transport  # type: ignore[assignment]
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        error: BaseException = DirectCallLost("the actor's direct call connection closed")
-        try:
-            while True:
-                header = await reader.readexactly(FRAME_LENGTH.size)
-                body = await reader.readexactly(_frame_length(header, self.max_frame_bytes))
-                message = decode_frame(body)
-                future = self._pending.pop(message.get("reply"), None)
-                if future is not None and not future.done():
-                    future.set_result(message)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            error = DirectCallLost(f"the actor's direct call connection closed ({exc})")
-        except Exception as exc:
-            error = DirectCallLost(f"bad frame from the actor's direct call server: {exc}")
-        finally:
-            self.close()
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(error)
-            self._pending.clear()
+    def _reply(self, message: dict[str, Any]) -> None:
+        future = self._pending.pop(message.get("reply"), None)  # type: ignore[arg-type]
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def _lost(self, error: BaseException) -> None:
+        self.close()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
 
     def close(self) -> None:
         self.closed = True
-        if self._writer is not None:
-            self._writer.close()
+        if self._transport is not None:
+            self._transport.close()
 
     async def call(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         """The method's result; its exception as `(type, message, traceback)` in
         `DirectCallFailed`. Cancelling the caller cancels the call in the actor."""
-        if self.closed or self._writer is None:
+        if self.closed or self._transport is None:
             raise DirectCallNotSent("the direct call connection is closed")
         self._next_id += 1
         call_id = self._next_id
@@ -495,17 +478,47 @@ class DirectCallClient:
         )
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
-        self._writer.writelines(frame)
+        self._transport.writelines(frame)
         try:
             reply = await future
         except asyncio.CancelledError:
             self._pending.pop(call_id, None)
             if not self.closed:
-                self._writer.writelines(encode_frame({"cancel": call_id}))
+                self._transport.writelines(encode_frame({"cancel": call_id}))
             raise
         if "error" in reply:
             raise DirectCallFailed(*reply["error"])
         return from_wire_value(reply.get("value"))
+
+
+class _Replies(asyncio.Protocol):
+    """The reply frames of a `DirectCallClient`'s connection."""
+
+    def __init__(self, client: DirectCallClient) -> None:
+        self.client = client
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        header = FRAME_LENGTH.size
+        while len(buffer) >= header and not self.client.closed:
+            try:
+                length = _frame_length(bytes(buffer[:header]), self.client.max_frame_bytes)
+                if len(buffer) < header + length:
+                    return
+                message = decode_frame(bytes(buffer[header : header + length]))
+            except Exception as exc:
+                self.client._lost(
+                    DirectCallLost(f"bad frame from the actor's direct call server: {exc}")
+                )
+                return
+            del buffer[: header + length]
+            self.client._reply(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        detail = f" ({exc})" if exc is not None else ""
+        self.client._lost(DirectCallLost(f"the actor's direct call connection closed{detail}"))
 
 
 class DirectCallFailed(Exception):

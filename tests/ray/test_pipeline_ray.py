@@ -164,14 +164,16 @@ def _restart():
     before = ray.get(actor.info.remote())
     ray.kill(actor, no_restart=False)
 
-    def answers():
+    def restarted():
         try:
-            return ray.get(handle.act.remote([3]), timeout=30)["n"]
+            info = ray.get(actor.info.remote(), timeout=10)
         except ray.exceptions.RayActorError:
-            return None  # sent to the old one as it died
+            return None  # dying, or not back yet
+        return info if info["pid"] != before["pid"] else None
 
-    _wait_for(answers, timeout=60, what="calls answered by the restarted LatticaActor")
-    after = ray.get(actor.info.remote())
+    after = _wait_for(restarted, timeout=60, what="LatticaActor restart")
+    # this process's pipe led to the old LatticaActor: the next call falls back to Ray
+    assert ray.get(handle.act.remote([3]), timeout=30)["n"] == 1
     _piped_call(handle)  # over the new LatticaActor's pipe
     return before["pid"], after["pid"], _pipelined()["claimed"]
 
