@@ -8,8 +8,11 @@ loss, however fast the link. This one sizes the window from a model of the path,
 lowest RTT, times a gain of 2 (a queue of at most one bandwidth-delay product). It starts like
 slow start and leaves it when the delivery rate stops growing. Loss shrinks the window only
 when a round loses more than `CONGESTION_LOSS` of what it sent: that is a full queue, not
-noise. It is as aggressive as BBR v1 against loss-based flows; use it where loss is random
-(Wi-Fi, long paths), through `QuicConfig(engine="aioquic", congestion_control="bdp")`.
+noise. Rounds in which the application, not the path, set the rate (less than a quarter of
+the window in flight) neither lower the measured rate nor raise a loss ceiling, so a pause of
+small calls does not send the next bulk transfer back to the minimum window. It is as
+aggressive as BBR v1 against loss-based flows; use it where loss is random (Wi-Fi, long
+paths), through `QuicConfig(engine="aioquic", congestion_control="bdp")`.
 
 Sans-I/O like the rest of aioquic's recovery: packets, times and RTT samples in, a window out.
 Importing this module registers it with aioquic.
@@ -33,6 +36,9 @@ CONGESTION_LOSS = 0.2  # a round losing more than this fraction of its bytes is 
 LOSS_BACKOFF = 0.7  # after such a round, in flight stays under this much of what got through
 CEILING_PROBE_DIVISOR = 16  # ...and that ceiling grows by a sixteenth each round without it
 MINIMUM_WINDOW_PACKETS = 4
+# A round that never had this share of the window in flight was limited by the application,
+# not the path: its delivery rate says nothing of the path (BBR's app-limited samples).
+APP_LIMITED_SHARE = 0.25
 
 
 class BdpCongestionControl(QuicCongestionControl):
@@ -55,6 +61,7 @@ class BdpCongestionControl(QuicCongestionControl):
         self._full_rounds = 0
         self._round_sent = 0  # bytes acked and lost in this round...
         self._round_lost = 0  # ...and of those, lost
+        self._round_peak = 0  # the most bytes in flight during this round
         self._ceiling: int | None = None  # what a congested round got through, probed upwards
 
     @property
@@ -85,6 +92,8 @@ class BdpCongestionControl(QuicCongestionControl):
         if not self.bytes_in_flight:  # sending resumes: idle time is not a slow delivery
             self._delivered_time = packet.sent_time or self._delivered_time
         self.bytes_in_flight += packet.sent_bytes
+        if self.bytes_in_flight > self._round_peak:
+            self._round_peak = self.bytes_in_flight
         self._at_send[id(packet)] = (self._delivered, self._delivered_time)
 
     def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
@@ -113,7 +122,14 @@ class BdpCongestionControl(QuicCongestionControl):
     def _end_round(self) -> None:
         self._round += 1
         self._round_end = self._delivered
-        self._bandwidths.append(self._round_bandwidth)
+        # A pause of small sends must not make it forget the path: an app-limited round's
+        # rate counts only if it is the best yet, and the ceiling is not probed by it.
+        app_limited = (
+            not self._filling and self._round_peak < APP_LIMITED_SHARE * self.congestion_window
+        )
+        self._round_peak = self.bytes_in_flight
+        if not app_limited or self._round_bandwidth >= max(self._bandwidths, default=0.0):
+            self._bandwidths.append(self._round_bandwidth)
         self._round_bandwidth = 0.0
         through = self._round_sent - self._round_lost
         congested = self._round_lost > CONGESTION_LOSS * max(1, self._round_sent)
@@ -121,7 +137,7 @@ class BdpCongestionControl(QuicCongestionControl):
         if congested:  # a full queue: keep in flight under what this round got through
             self._ceiling = max(self._minimum, int(through * LOSS_BACKOFF))
             self.congestion_window = min(self.congestion_window, self._ceiling)
-        elif self._ceiling is not None:  # probe for more, a little each round
+        elif self._ceiling is not None and not app_limited:  # probe for more, a little a round
             self._ceiling += max(self._max_datagram_size, self._ceiling // CEILING_PROBE_DIVISOR)
         if self._filling:
             best = max(self._bandwidths)
