@@ -181,3 +181,74 @@ def test_returns_from_many_threads_keep_the_pool_bound_and_its_count() -> None:
     gc.collect()
     assert pool.free_bytes == 8 * MIB
     assert sum(len(array) for _, array in pool._free) == pool.free_bytes
+
+
+LOOPBACK = ["/ip4/127.0.0.1/udp/0/quic-v1"]
+CHUNK = 2 * MIB
+
+
+async def test_over_quic_kept_arguments_and_streamed_chunks_are_never_overwritten() -> None:
+    """A server handler keeps each received argument after it returned, and the client keeps
+    every chunk of a server stream while more of the same size arrive: every kept array keeps
+    its values, though the pool serves the traffic (bodies of the same size all along)."""
+    from lattica_ray import Node
+    from lattica_ray.rpc.buffers import receive_buffers
+
+    async with Node(listen=LOOPBACK) as server, Node(listen=LOOPBACK) as client:
+        client.add_peer_addrs(server.peer_id, server.addrs)
+        kept_by_server: list[np.ndarray] = []
+
+        @server.rpc.method()
+        async def keep(array: np.ndarray) -> int:
+            kept_by_server.append(array)
+            return len(kept_by_server)
+
+        @server.rpc.method()
+        async def chunks(count: int):
+            for index in range(count):
+                yield np.full(CHUNK, index, dtype=np.uint8)
+
+        @server.rpc.method()
+        async def drop() -> None:
+            kept_by_server.clear()
+
+        peer = server.peer_id
+        reused = receive_buffers.reused
+        for value in range(6):
+            await client.rpc.call(peer, "keep", np.full(CHUNK, value, np.uint8), timeout=WAIT)
+            if value in (1, 3):  # let some go: the pool gets them back and hands them out again
+                await client.rpc.call(peer, "drop", timeout=WAIT)
+                gc.collect()
+        received = [chunk async for chunk in client.rpc.stream(peer, "chunks", 8, timeout=WAIT)]
+        kept_every_other = received[::2]
+        del received
+        gc.collect()
+        more = [chunk async for chunk in client.rpc.stream(peer, "chunks", 8, timeout=WAIT)]
+        assert receive_buffers.reused > reused  # the pool did serve this traffic
+        assert [int(a[0]) for a in kept_by_server] == [4, 5]
+        assert all((a == a[0]).all() for a in kept_by_server)
+        assert [int(chunk[0]) for chunk in kept_every_other] == [0, 2, 4, 6]
+        assert all((chunk == chunk[0]).all() for chunk in kept_every_other)
+        assert all((chunk == index).all() for index, chunk in enumerate(more))
+
+
+def test_a_body_cut_short_returns_its_buffer_and_the_next_message_reuses_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer announces a big message and its stream dies mid-body: the half-filled buffer
+    comes back (no leak), and the next message gets it filled with its own bytes only."""
+    from lattica_ray.rpc import protocol
+
+    pool = BufferPool(max_bytes=64 * MIB)
+    monkeypatch.setattr(protocol, "receive_buffers", pool)
+    size = 8 * MIB
+    cut = protocol.FrameDecoder(max_message_size=64 * MIB)
+    assert cut.feed(protocol.frame_prefix(protocol.FrameType.MESSAGE, size) + b"\x01" * 1000) == []
+    del cut  # the stream died
+    gc.collect()
+    assert pool.free_bytes == size
+    whole = protocol.FrameDecoder(max_message_size=64 * MIB)
+    body = bytes(range(256)) * (size // 256)
+    frames = whole.feed(protocol.frame_prefix(protocol.FrameType.MESSAGE, size) + body)
+    assert pool.reused == 1 and len(frames) == 1
+    assert bytes(frames[0][1]) == body
