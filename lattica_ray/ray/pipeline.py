@@ -128,8 +128,10 @@ class PendingCalls:
                     )
                     return
                 call = self._unclaimed[call_id] = _Call(arrived_at=self.clock())
-            call.task = asyncio.ensure_future(self._run(call, start))
+            call.task = task = asyncio.ensure_future(self._run(call, start))
             arrival = call.arrival
+        # A task cancelled before its first step never runs `_run`: its claim must end too.
+        task.add_done_callback(lambda _: self._finished(call, (None, asyncio.CancelledError())))
         if arrival is not None:
             _wake(arrival)
 
@@ -146,7 +148,10 @@ class PendingCalls:
         self._finished(call, outcome)
 
     def _finished(self, call: _Call, outcome: tuple[Any, BaseException | None]) -> None:
+        """Hand `outcome` to the claim (the first outcome of a call counts)."""
         with self._lock:
+            if call.outcome is not None:
+                return
             call.outcome = outcome
             claim = call.claim
         if claim is not None:

@@ -46,11 +46,6 @@ async def test_unclaimed_calls_past_the_limit_are_refused_and_their_claims_say_s
     assert calls.unclaimed == 0 and len(calls._failed) <= 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PendingCalls.arrive needs a done callback on the call's task (review report): "
-    "a task cancelled before its first step never runs `_run`, so its claim waits forever",
-)
 async def test_a_claimed_call_cancelled_before_its_task_first_ran_still_ends_its_claim() -> None:
     """The claim comes first; the request arrives and, in the same loop turn, every task is
     cancelled (what `LoopThread.stop` does when the LatticaActor shuts down). The task never
