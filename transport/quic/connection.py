@@ -312,7 +312,10 @@ class QuicConnection(Connection):
                 stream_id = self.quic.get_next_available_stream_id()
                 break
             except ValueError as exc:  # the remote's concurrent stream limit (qh3 raises it)
-                if self.is_closed or not await self._wait_stream_slot(deadline):
+                slot = not self.is_closed and await self._wait_stream_slot(deadline)
+                if self.is_closed:  # the swarm tries another path or dials again
+                    raise ConnectionClosed(f"connection to {self.remote_peer} closed") from exc
+                if not slot:
                     raise StreamError(
                         f"cannot open a stream to {self.remote_peer}: {exc} (no stream closed "
                         f"within {self.endpoint.config.stream_slot_timeout:g} s; "
