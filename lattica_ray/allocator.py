@@ -14,6 +14,12 @@ Measured with the memory section of `benchmarks/rpc.py` (1 GiB in 4 MiB chunks o
 peers started with these values in the environment): peak RSS growth 1.9-2.6x the chunk
 window, against up to 4.1x with glibc's defaults, at the same throughput.
 
+Off by default (`Node(tune_malloc=True)` turns it on): every NumPy temporary from 2 MiB up then
+gets a fresh mapping, and array maths in the process runs 2-10x slower (`a*b+a` on 2-16 MiB
+arrays, review of 0ba03a1); since received bodies come from `lattica_ray.rpc.buffers`, the
+default allocator keeps the 1 GiB transfer at 2.2-2.4x the chunk window anyway (1.7-1.8x
+tuned). For processes that move data and compute little (relays, a dedicated LatticaActor).
+
 A user who set either threshold in the environment (MALLOC_*_ or GLIBC_TUNABLES), or runs
 another allocator, is left alone. (One set with mallopt at run time cannot be seen: it is
 overridden.)

@@ -76,7 +76,7 @@ class Node:
         port_mapping: bool = False,
         cluster: str | None = None,
         view: ViewConfig | None = None,
-        tune_malloc: bool = True,
+        tune_malloc: bool = False,
     ) -> None:
         if key is not None and key_file is not None:
             raise ValueError("give either key or key_file, not both")
@@ -86,7 +86,7 @@ class Node:
         for addr in self.bootstrap_addrs:
             if addr.peer_id is None:
                 raise ValueError(f"bootstrap address {addr} must end in /p2p/<peer id>")
-        # Bulk transfers churn multi-MiB buffers: see lattica_ray.allocator (False: leave it).
+        # Bulk transfers churn multi-MiB buffers: lattica_ray.allocator (opt-in: it slows NumPy).
         self.tune_malloc = tune_malloc
         self.protocol_version = protocol_version
         self.agent_version = agent_version
