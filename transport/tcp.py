@@ -85,7 +85,27 @@ class TcpConfig(BaseModel):
     close_timeout: float = Field(
         5.0, gt=0, description="seconds a closing socket may take to send what is queued"
     )
+    congestion_control: str | None = Field(
+        "bbr",
+        description="the kernel's TCP congestion control for our connections where it offers "
+        "it (Linux TCP_CONGESTION; else its default): BBR's rate does not halve at a random "
+        "loss (lab link, 20 ms RTT and 1% loss: BBR 20-28 MB/s, cubic 0.8). None: the default",
+    )
     yamux: YamuxConfig = Field(default_factory=YamuxConfig)
+
+
+def use_congestion_control(sock: socket.socket | None, name: str) -> bool:
+    """Ask the kernel to run `name` on this TCP socket; False where it cannot (not Linux,
+    not loaded, or not allowed to this user): the connection keeps the kernel's default."""
+    option = getattr(socket, "TCP_CONGESTION", None)
+    if sock is None or option is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, name.encode())
+    except OSError as exc:
+        log.debug("TCP congestion control %r not available: %s", name, exc)
+        return False
+    return True
 
 
 # -- addresses ------------------------------------------------------------------------------
@@ -165,6 +185,10 @@ class TcpChannel(asyncio.BufferedProtocol, BufferedChannel):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports are not registered as asyncio.Transport: no isinstance check)
         self._transport = cast(asyncio.Transport, transport)
+        if self._config.congestion_control:
+            use_congestion_control(
+                transport.get_extra_info("socket"), self._config.congestion_control
+            )
         transport.set_write_buffer_limits(
             high=self._config.write_buffer_high, low=self._config.write_buffer_low
         )

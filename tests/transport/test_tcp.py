@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 import socket
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +35,7 @@ from transport.tcp import (
     secure_and_mux,
     tcp_multiaddr,
     tcp_socket_address,
+    use_congestion_control,
 )
 
 FAST = TcpConfig(handshake_timeout=2.0, dial_timeout=2.0)
@@ -450,3 +454,45 @@ def test_dial_and_streams_work_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
+
+
+def _congestion_controls(port: int) -> list[str]:
+    """What `ss` reports for the established TCP sockets on `port` (either end)."""
+    ss = subprocess.run(
+        ["ss", "-tinH", "state", "established", f"( sport = :{port} or dport = :{port} )"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout.split()
+    return [word for word in ss if word in ("reno", "cubic", "bbr", "bbr2", "dctcp", "vegas")]
+
+
+def _kernel_default_congestion_control() -> str:
+    return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+@pytest.mark.parametrize("wanted", ["reno", None])
+async def test_connections_run_the_configured_congestion_control(wanted: str | None) -> None:
+    """Both ends of our TCP connections ask the kernel for TcpConfig.congestion_control
+    (reno here: never the kernel's default); None leaves the kernel's default."""
+    default = _kernel_default_congestion_control()
+    pair = TcpPair(FAST.model_copy(update={"congestion_control": wanted}))
+    await pair.start()
+    try:
+        await pair.dial()
+        await _get(pair.server_connections)
+        port = int(pair.address.value_for("tcp"))
+        assert _congestion_controls(port) == [wanted or default] * 2
+    finally:
+        await pair.close()
+
+
+def test_an_unknown_congestion_control_leaves_the_socket_as_it_was() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with socket.create_connection(server.getsockname()) as sock:
+            before = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+            assert not use_congestion_control(sock, "no-such-algorithm")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16) == before
+            assert not use_congestion_control(None, "reno")
