@@ -280,7 +280,8 @@ def test_put_and_get_a_global_object(setup):
     assert same and step == 3
 
 
-def _kill_lattica_actor():
+def restart_lattica_actor():
+    """Kill this node's LatticaActor; wait until Ray has restarted it: (info before, after)."""
     import ray
 
     from lattica_ray.ray.actor import actor_name
@@ -294,11 +295,18 @@ def _kill_lattica_actor():
         try:
             info = ray.get(actor.info.remote(), timeout=10)
         except ray.exceptions.RayActorError:
-            return None
+            return None  # dying, or not back yet
         return info if info["pid"] != before["pid"] else None
 
-    after = _wait_for(restarted, timeout=60, what="LatticaActor restart")
+    return before, _wait_for(restarted, timeout=60, what="LatticaActor restart")
+
+
+def _kill_lattica_actor():
+    import ray
+
     import lattica_ray.ray as lr
+
+    before, after = restart_lattica_actor()
 
     result = ray.get(lr.get_actor("policy").act.remote([4]))
     return before, after, result["n"]

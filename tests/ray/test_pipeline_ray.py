@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ray.test_actor import Policy, _wait_for
+from tests.ray.test_actor import Policy, _wait_for, restart_lattica_actor
 
 pytestmark = pytest.mark.ray
 
@@ -155,23 +155,10 @@ def _restart():
     import ray
 
     import lattica_ray.ray as lr
-    from lattica_ray.ray.actor import actor_name
 
     handle = lr.get_actor("policy")
     _piped_call(handle)
-    node = ray.get_runtime_context().get_node_id()
-    actor = ray.get_actor(actor_name(node), namespace="lattica_ray")
-    before = ray.get(actor.info.remote())
-    ray.kill(actor, no_restart=False)
-
-    def restarted():
-        try:
-            info = ray.get(actor.info.remote(), timeout=10)
-        except ray.exceptions.RayActorError:
-            return None  # dying, or not back yet
-        return info if info["pid"] != before["pid"] else None
-
-    after = _wait_for(restarted, timeout=60, what="LatticaActor restart")
+    before, after = restart_lattica_actor()
     # this process's pipe led to the old LatticaActor: the next call falls back to Ray
     assert ray.get(handle.act.remote([3]), timeout=30)["n"] == 1
     _piped_call(handle)  # over the new LatticaActor's pipe
