@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 ENGINE_VARIABLE = "LATTICA_RAY_QUIC_ENGINE"
+CONGESTION_VARIABLE = "LATTICA_RAY_QUIC_CONGESTION"
 QH3_INSTALLED = importlib.util.find_spec("qh3") is not None
 # qh3 where it is installed: 5-20x less CPU per byte than aioquic (benchmarks/quic_engines.py);
 # aioquic, the fallback, stays selectable.
@@ -76,10 +77,12 @@ class QuicConfig(BaseModel):
     )
     max_connections: int = Field(1024, ge=1, description="inbound connections accepted at once")
     congestion_control: Literal["reno", "cubic", "bdp"] = Field(
-        "reno",
+        default_factory=lambda: os.environ.get(CONGESTION_VARIABLE, "reno"),
+        validate_default=True,
         description="aioquic's congestion controller (the same figures on loopback); 'bdp' "
         "(transport.quic.congestion) is not shrunk by random loss: for lossy paths; qh3 uses "
-        "its own",
+        f"its own. Unset, ${CONGESTION_VARIABLE} decides (with ${ENGINE_VARIABLE}=aioquic, "
+        "for nodes started by the CLI or Ray)",
     )
     udp_offload: bool = Field(
         True,

@@ -13,10 +13,12 @@ from aioquic.quic.congestion.base import create_congestion_control
 from aioquic.quic.packet import QuicPacketType
 from aioquic.quic.packet_builder import QuicSentPacket
 from aioquic.tls import Epoch
+from pydantic import ValidationError
 
 from tests.transport.conftest import EndpointPair
 from tests.transport.quic.engines import engine_config
-from transport.quic import congestion
+from transport.quic import QuicConfig, congestion
+from transport.quic.config import CONGESTION_VARIABLE, ENGINE_VARIABLE
 from transport.quic.congestion import BdpCongestionControl
 
 MSS = 1350
@@ -129,3 +131,20 @@ async def test_an_aioquic_connection_moves_data_with_it() -> None:
             assert quic._loss._cc.bandwidth > 0  # it measured the path
     finally:
         await pair.close()
+
+
+def test_the_environment_chooses_the_controller_of_nodes_configured_by_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`lattica-ray up` and the LatticaActor build their QuicConfig themselves: a site on a
+    lossy link picks bdp through the environment, and a typo is a clear error."""
+    monkeypatch.setenv(CONGESTION_VARIABLE, "bdp")
+    monkeypatch.setenv(ENGINE_VARIABLE, "aioquic")
+    config = QuicConfig()
+    assert (config.engine, config.congestion_control) == ("aioquic", "bdp")
+    assert QuicConfig(congestion_control="cubic").congestion_control == "cubic"
+    monkeypatch.setenv(CONGESTION_VARIABLE, "bbr")
+    with pytest.raises(ValidationError, match="congestion_control"):
+        QuicConfig()
+    monkeypatch.delenv(CONGESTION_VARIABLE)
+    assert QuicConfig().congestion_control == "reno"
