@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from transport.errors import ProtocolNotSupported, TransportError
-from transport.multistream import select_inbound
+from transport.multistream import select_inbound, select_inbound_now
 from transport.stream import Stream
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,10 @@ class StreamHandlers:
 
     async def _serve(self, stream: Stream) -> None:
         try:
-            async with asyncio.timeout(self.negotiation_timeout):  # no task of its own
-                protocol = await select_inbound(stream, self._handlers)
+            protocol = select_inbound_now(stream, self._handlers)  # the usual: all came at once
+            if protocol is None:
+                async with asyncio.timeout(self.negotiation_timeout):  # no task of its own
+                    protocol = await select_inbound(stream, self._handlers)
         except ProtocolNotSupported as exc:
             log.debug("inbound stream from %s: %s", stream.remote_peer, exc)
             stream.reset("no common protocol")

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from transport.errors import ProtocolNotSupported, ProtocolViolation, StreamReset
 from transport.stream import Stream
-from transport.varint import encode_length_prefixed
+from transport.varint import VarintError, encode_length_prefixed, try_decode_varint
 
 MULTISTREAM_PROTOCOL = "/multistream/1.0.0"  # multistream-select spec
 NOT_AVAILABLE = "na"  # multistream-select spec
@@ -95,6 +95,39 @@ async def select_outbound(stream: Stream, protocols: list[str], lazy: bool = Tru
             raise ProtocolViolation(f"multistream: proposed {protocol!r}, got {answer!r}")
     stream.reset("no common protocol")
     raise ProtocolNotSupported(protocols, stream.remote_peer)
+
+
+_HEADER = encode_message(MULTISTREAM_PROTOCOL)
+
+
+def select_inbound_now(stream: Stream, supported: Collection[str]) -> str | None:
+    """The common case of `select_inbound` without waiting: a lazy dialer's header, a proposal
+    we support and its first data all came in one piece. Consumes them, holds our answer for
+    the first reply and returns the protocol; None (nothing consumed) in every other case."""
+    buffer = stream._buffer
+    if not stream.holds_unsent or not buffer.startswith(_HEADER):
+        return None
+    try:
+        decoded = try_decode_varint(buffer, len(_HEADER))
+    except VarintError:
+        return None  # `select_inbound` reports it
+    if decoded is None:
+        return None
+    length, start = decoded
+    end = start + length
+    if length > MAX_PROTOCOL_ID_LENGTH + 1 or len(buffer) <= end or buffer[end - 1] != 0x0A:
+        return None  # too long, not whole, no data after it (the dialer may wait), or bad
+    try:
+        proposal = bytes(buffer[start : end - 1]).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if proposal not in supported:
+        return None
+    del buffer[:end]
+    stream._on_consumed(end)
+    stream.hold(encode_messages(MULTISTREAM_PROTOCOL, proposal))
+    stream.protocol = proposal
+    return proposal
 
 
 async def select_inbound(stream: Stream, supported: Collection[str]) -> str:

@@ -6,12 +6,15 @@ import asyncio
 
 import pytest
 
+from tests.transport.conftest import wait_until
 from transport.errors import MessageTooLarge, ProtocolNotSupported, ProtocolViolation
 from transport.memory import MemoryStream, memory_stream_pair
 from transport.multistream import (
     MAX_PROPOSALS,
     encode_message,
+    encode_messages,
     select_inbound,
+    select_inbound_now,
     select_outbound,
 )
 from transport.varint import encode_length_prefixed
@@ -179,3 +182,39 @@ def test_only_a_transport_that_holds_bytes_accepts_them() -> None:
     _, plain = memory_stream_pair()
     with pytest.raises(RuntimeError, match="cannot hold"):
         plain.hold(b"x")
+
+
+async def test_a_whole_lazy_proposal_is_selected_without_waiting() -> None:
+    dialer, listener = holding_pair()
+    await select_outbound(dialer, ["/echo/1"])
+    await dialer.write(b"ping")  # header, proposal and data in the listener's buffer
+    assert select_inbound_now(listener, {"/echo/1": None, "/other/1": None}) == "/echo/1"
+    assert listener.protocol == "/echo/1"
+    assert bytes(listener._buffer) == b"ping"  # only the negotiation was consumed
+    await listener.write(b"pong")  # the confirmation travels with the reply
+    assert listener.writes == [encode_messages("/multistream/1.0.0", "/echo/1") + b"pong"]
+    assert await dialer.readexactly(4) == b"pong"
+
+
+@pytest.mark.parametrize(
+    "case", ["no data after it", "unsupported", "cut in the proposal", "no newline", "eager"]
+)
+async def test_anything_else_is_left_to_select_inbound(case: str) -> None:
+    """Where waiting or answering may be needed, nothing is consumed and the full negotiation
+    (with its timeout and its errors) runs as before."""
+    dialer, listener = holding_pair()
+    header = encode_message("/multistream/1.0.0")
+    wire = {
+        "no data after it": header + encode_message("/echo/1"),
+        "unsupported": header + encode_message("/nope/1") + b"ping",
+        "cut in the proposal": header + encode_message("/echo/1")[:4],
+        "no newline": header + encode_length_prefixed(b"/echo/1x") + b"ping",
+        "eager": header,
+    }[case]
+    await dialer.write(wire)
+    await wait_until(lambda: len(listener._buffer) == len(wire))
+    assert select_inbound_now(listener, ["/echo/1"]) is None
+    assert bytes(listener._buffer) == wire
+    _, plain = memory_stream_pair()  # a transport that cannot hold the answer: never
+    plain._buffer += header + encode_message("/echo/1") + b"ping"
+    assert select_inbound_now(plain, ["/echo/1"]) is None
