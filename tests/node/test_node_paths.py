@@ -11,6 +11,7 @@ import pytest
 
 from lattica_ray import Node
 from lattica_ray.rpc.errors import RpcError
+from transport.connection import Connection
 from transport.errors import TransportError
 
 BOTH = ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
@@ -53,6 +54,23 @@ async def test_rpc_bulk_calls_measure_and_take_the_fastest_path() -> None:
         assert await client.rpc.call(server.peer_id, "total", requests=chunks()) == 3000
 
 
+async def _measured_bulk_path(server: Node, client: Node, big: np.ndarray) -> Connection:
+    """Serve `echo`, connect over QUIC and TCP, measure both with a bulk echo of `big`: the
+    path bulk calls now take."""
+
+    @server.rpc.method()
+    async def echo(x: object) -> object:
+        return x
+
+    client.add_peer_addrs(server.peer_id, server.addrs)
+    await client.connect(server.peer_id)
+    assert np.array_equal(await client.rpc.call(server.peer_id, "echo", big), big)
+    assert {c.transport for c in client.swarm.connections_to(server.peer_id)} == {"quic", "tcp"}
+    bulk_path = client.swarm.connection_to(server.peer_id, bulk=True)
+    assert bulk_path is not None
+    return bulk_path
+
+
 async def test_a_call_in_flight_on_a_path_that_dies_fails_clearly_and_the_next_takes_another() -> (
     None
 ):
@@ -68,17 +86,8 @@ async def test_a_call_in_flight_on_a_path_that_dies_fails_clearly_and_the_next_t
             await release.wait()
             return x
 
-        @server.rpc.method()
-        async def echo(x: object) -> object:
-            return x
-
-        client.add_peer_addrs(server.peer_id, server.addrs)
-        await client.connect(server.peer_id)
         big = np.arange(4 << 20, dtype=np.uint8)
-        assert np.array_equal(await client.rpc.call(server.peer_id, "echo", big), big)
-        assert {c.transport for c in client.swarm.connections_to(server.peer_id)} == {"quic", "tcp"}
-        bulk_path = client.swarm.connection_to(server.peer_id, bulk=True)
-        assert bulk_path is not None
+        bulk_path = await _measured_bulk_path(server, client, big)
 
         call = asyncio.ensure_future(client.rpc.call(server.peer_id, "hold", big))
         async with asyncio.timeout(10):
@@ -111,16 +120,9 @@ async def test_an_idempotent_call_in_flight_on_a_path_that_dies_is_sent_again_on
                 await release.wait()
             return x
 
-        @server.rpc.method()
-        async def echo(x: object) -> object:
-            return x
-
-        client.add_peer_addrs(server.peer_id, server.addrs)
-        await client.connect(server.peer_id)
         big = np.arange(4 << 20, dtype=np.uint8)
-        assert np.array_equal(await client.rpc.call(server.peer_id, "echo", big), big)
-        bulk_path = client.swarm.connection_to(server.peer_id, bulk=True)
-        assert bulk_path is not None and len(client.swarm.connections_to(server.peer_id)) == 2
+        bulk_path = await _measured_bulk_path(server, client, big)
+        assert len(client.swarm.connections_to(server.peer_id)) == 2
 
         call = asyncio.ensure_future(
             client.rpc.call(server.peer_id, "lookup", big, idempotent=True, timeout=20)
