@@ -39,7 +39,13 @@ def test_punch_through_a_nat_holding_a_stale_half_open_entry(netlab: Callable[..
     # The firewalled node comes up and reaches it through a relay; DCUtR punches the very same
     # port pair (whether its own connect or the nodes' DHT traffic starts the punch).
     blocked = start_peers(lab, ["hblk"], relays)["hblk"]
+    # Room for DCUtR's second attempt (each may take 5 s): once in ~10 runs on a loaded machine
+    # the first one missed; without dialing first every attempt misses (the entry stays stale).
     result = blocked.command(
-        timeout=60, cmd="connect", peer=behind_nat.peer_id, addrs=behind_nat.addrs
+        timeout=60,
+        cmd="connect",
+        peer=behind_nat.peer_id,
+        addrs=behind_nat.addrs,
+        direct_timeout=15.0,
     )
     assert result["path"] == "holepunched" and result["transport"] == "tcp", result
