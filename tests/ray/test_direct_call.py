@@ -251,16 +251,15 @@ async def test_async_calls_run_on_the_actors_loop_and_cancel_there(async_server)
         client.close()
 
 
-def _call_as_nobody(address: str, answer: multiprocessing.Queue) -> None:
-    """In a forked child: become user nobody, try a call, say what came back."""
+def send_frame_as_nobody(address: str, frame: dict, answer: multiprocessing.Queue) -> None:
+    """In a forked child: become user nobody, send `frame` to the abstract socket `address`,
+    put "refused" (hung up on) or what came back on `answer`."""
     os.setuid(65534)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(10)
     try:
         conn.connect(address)
-        conn.sendall(
-            b"".join(encode_frame({"call": 1, "method": "add", "args": [1], "kwargs": {}}))
-        )
+        conn.sendall(b"".join(encode_frame(frame)))
         reply = conn.recv(FRAME_LENGTH.size)
         answer.put("refused" if reply == b"" else reply)
     except (BrokenPipeError, ConnectionResetError):
@@ -274,7 +273,8 @@ def test_other_users_cannot_connect(sync_server):
     target, server = sync_server
     fork = multiprocessing.get_context("fork")
     answer = fork.Queue()
-    child = fork.Process(target=_call_as_nobody, args=(server.address, answer))
+    call = {"call": 1, "method": "add", "args": [1], "kwargs": {}}
+    child = fork.Process(target=send_frame_as_nobody, args=(server.address, call, answer))
     child.start()
     try:
         assert answer.get(timeout=20) == "refused"

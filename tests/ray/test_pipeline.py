@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import socket
 import threading
 
 import pytest
 
-from lattica_ray.ray.direct_call import encode_frame
 from lattica_ray.ray.errors import CallLimitExceeded, CallLost
 from lattica_ray.ray.pipeline import PendingCalls, PipeClient, PipeEndpoint, PipeServer
+from tests.ray.test_direct_call import send_frame_as_nobody
 
 
 class Clock:
@@ -225,22 +224,6 @@ async def test_a_stopped_pipe_refuses_sends_and_the_client_says_so():
         PipeClient(PipeEndpoint(server.address, "inc", "node"))
 
 
-def _send_as_nobody(address: str, answer: multiprocessing.Queue) -> None:
-    """In a forked child: become user nobody, send a request, say whether the pipe hung up."""
-    os.setuid(65534)
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(10)
-    try:
-        conn.connect(address)
-        request = {"call": "x-1", "actor": {}, "method": "m", "args": [], "kwargs": {}}
-        conn.sendall(b"".join(encode_frame(request)))
-        answer.put("refused" if conn.recv(1) == b"" else "answered")
-    except (BrokenPipeError, ConnectionResetError):
-        answer.put("refused")
-    except OSError as exc:
-        answer.put(repr(exc))
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
 async def test_other_users_cannot_send_requests():
     calls = PendingCalls()
@@ -248,7 +231,8 @@ async def test_other_users_cannot_send_requests():
     await server.start()
     fork = multiprocessing.get_context("fork")
     answer = fork.Queue()
-    child = fork.Process(target=_send_as_nobody, args=(server.address, answer))
+    request = {"call": "x-1", "actor": {}, "method": "m", "args": [], "kwargs": {}}
+    child = fork.Process(target=send_frame_as_nobody, args=(server.address, request, answer))
     child.start()
     try:
         assert await asyncio.to_thread(answer.get, timeout=20) == "refused"
