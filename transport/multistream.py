@@ -40,6 +40,9 @@ def decode_message(body: bytes) -> str:
         raise ProtocolViolation("multistream message is not UTF-8") from exc
 
 
+_HEADER = encode_message(MULTISTREAM_PROTOCOL)  # every negotiation starts with it
+
+
 @lru_cache(maxsize=256)
 def encode_messages(*texts: str) -> bytes:
     """Several messages back to back (the header and a proposal, or their echo), memoized:
@@ -81,7 +84,7 @@ async def select_outbound(stream: Stream, protocols: list[str], lazy: bool = Tru
         stream._pending_confirmation = [MULTISTREAM_PROTOCOL, protocols[0]]
         stream.protocol = protocols[0]
         return protocols[0]
-    await stream.write(encode_message(MULTISTREAM_PROTOCOL) + encode_message(protocols[0]))
+    await stream.write(_HEADER + encode_message(protocols[0]))
     await read_confirmation(stream, [MULTISTREAM_PROTOCOL])
     for index, protocol in enumerate(protocols):
         if index:
@@ -95,9 +98,6 @@ async def select_outbound(stream: Stream, protocols: list[str], lazy: bool = Tru
             raise ProtocolViolation(f"multistream: proposed {protocol!r}, got {answer!r}")
     stream.reset("no common protocol")
     raise ProtocolNotSupported(protocols, stream.remote_peer)
-
-
-_HEADER = encode_message(MULTISTREAM_PROTOCOL)
 
 
 def select_inbound_now(stream: Stream, supported: Collection[str]) -> str | None:
@@ -140,7 +140,7 @@ async def select_inbound(stream: Stream, supported: Collection[str]) -> str:
     if header != MULTISTREAM_PROTOCOL:
         stream.reset("multistream violation")
         raise ProtocolViolation(f"multistream: expected header, got {header!r}")
-    unsent = encode_message(MULTISTREAM_PROTOCOL)  # our header goes with our first answer
+    unsent = _HEADER  # our header goes with our first answer
     refused: list[str] = []
     for _ in range(MAX_PROPOSALS):
         if unsent and not stream._buffer:  # the dialer may wait for our header to propose
