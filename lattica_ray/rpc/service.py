@@ -12,6 +12,7 @@ import collections
 import contextvars
 import functools
 import logging
+import math
 import threading
 import time
 import traceback
@@ -139,6 +140,51 @@ class _Channel:
                 raise _Closed
             self._getter = asyncio.get_running_loop().create_future()
             await self._getter
+
+
+class _Deadlines:
+    """One timer for the deadlines of all unary calls in flight, armed for the earliest: a
+    timer per call (`asyncio.timeout_at`) costs a small call several microseconds, and calls
+    usually end long before their deadline. When it fires it expires the calls past theirs
+    and re-arms for the next."""
+
+    def __init__(self, calls: set[_OutboundCall]) -> None:
+        self._calls = calls  # the service's calls in flight; those with a `task` are watched
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = math.inf
+
+    def watch(self, call: _OutboundCall) -> None:
+        """Expire `call` (it has an expiry and a task) at its expiry, unless it ends first."""
+        expiry = call.expiry
+        assert expiry is not None
+        if expiry < self._at:
+            self._arm(expiry)
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._at = at
+        self._timer = asyncio.get_running_loop().call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._at = None, math.inf
+        now = asyncio.get_running_loop().time()
+        earliest = math.inf
+        for call in list(self._calls):
+            expiry = call.expiry
+            if call.task is None or expiry is None or call.done:
+                continue
+            if expiry <= now:
+                call.expire()
+            elif expiry < earliest:
+                earliest = expiry
+        if earliest < math.inf:
+            self._arm(earliest)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._at = None, math.inf
 
 
 class _FrameWriter:
@@ -640,6 +686,8 @@ class _OutboundCall:
         self.writer_task: asyncio.Task[None] | None = None
         self.events: collections.deque[Event] = collections.deque()
         self.done = False
+        self.task: asyncio.Task[Any] | None = None  # a unary call's caller, for `_Deadlines`
+        self.expired = False  # its deadline (plus grace) passed: `task` was cancelled for it
 
     def _error(self, error: RpcError) -> RpcError:
         error.method, error.peer = self.method, self.peer
@@ -767,6 +815,12 @@ class _OutboundCall:
         if self.stream is not None:
             self.stream.reset(reason)
 
+    def expire(self) -> None:
+        """The deadline (plus grace) passed: interrupt the caller (see `RpcService.call`)."""
+        if not self.expired and self.task is not None:
+            self.expired = True
+            self.task.cancel()
+
     def deadline_error(self) -> DeadlineExceeded:
         return DeadlineExceeded(
             f"no reply within the deadline of {self.timeout} s", method=self.method, peer=self.peer
@@ -874,6 +928,7 @@ class RpcService:
         self._inbound_per_peer: dict[PeerId, int] = {}  # peers with calls running, how many
         self._serving: set[asyncio.Task[Any]] = set()  # tasks serving inbound streams
         self._outbound: set[_OutboundCall] = set()
+        self._deadlines = _Deadlines(self._outbound)
         self._executor: ThreadPoolExecutor | None = None
         self._started = False
         self._stopping = False
@@ -898,6 +953,7 @@ class RpcService:
             inbound.cancel(Status(StatusCode.UNAVAILABLE, "the server is stopping"))
         for outbound in list(self._outbound):
             outbound.abort("rpc service stopping")
+        self._deadlines.close()
         if self._serving:  # handlers were told to stop; give them a moment to send a status
             await asyncio.wait(list(self._serving), timeout=STOP_GRACE)
         for task in list(self._serving):  # then cut the rest (e.g. streams yet to send a header)
@@ -1039,22 +1095,28 @@ class RpcService:
     ) -> Any:
         kind = CallKind.UNARY if requests is None else CallKind.CLIENT_STREAM
         call = self._new_call(peer, method, kind, args, kwargs, requests, timeout, metadata)
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        if call.expiry is not None:
+            call.task = task
+            self._deadlines.watch(call)
         try:
-            async with asyncio.timeout_at(call.expiry) as scope:
-                await call.start()
+            await call.start()
+            event = await call.next_event()
+            result = None
+            if isinstance(event, Message):
+                result = call.decode(event.payload)
                 event = await call.next_event()
-                result = None
-                if isinstance(event, Message):
-                    result = call.decode(event.payload)
-                    event = await call.next_event()
-        except TimeoutError:
-            call.abort("deadline exceeded")
-            if scope.expired():
-                raise call.deadline_error() from None
+        except BaseException as exc:
+            call.abort("deadline exceeded" if call.expired else "call abandoned")
+            # Our deadline (alone) cancelled the task: the caller gets DeadlineExceeded.
+            if call.expired and task.uncancel() <= cancelling:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise call.deadline_error() from None
             raise
-        except BaseException:
-            call.abort("call abandoned")
-            raise
+        if call.expired:  # its cancellation came too late to interrupt anything
+            task.uncancel()
         assert isinstance(event, Status)
         await call.finish()
         if not event.ok:
