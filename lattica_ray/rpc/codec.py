@@ -269,7 +269,17 @@ def encode(obj: object, limits: CodecLimits | None = None) -> list[memoryview]:
     buffers keep the arrays they view alive; do not modify those arrays until the message is sent.
     Raises UnsupportedType for values the codec does not carry, LimitExceeded past `limits`.
     """
-    limits = limits or DEFAULT_LIMITS
+    if limits is None or limits is DEFAULT_LIMITS:
+        shape = _bytes_shape(obj)
+        if shape is not None:
+            layout = _shape_layouts.get(shape)
+            if layout is not None:
+                return [memoryview(_fill(layout, _shape_blocks(obj)))]
+            return _encode_new_shape(obj, shape)
+    return _encode(obj, limits or DEFAULT_LIMITS)
+
+
+def _encode(obj: object, limits: CodecLimits) -> list[memoryview]:
     encoder = _Encoder(limits)
     nodes = encoder.flatten(obj)
     blocks = len(encoder.blocks)
@@ -328,9 +338,15 @@ def _small_message(encoder: _Encoder, tree: bytes, limits: CodecLimits) -> bytes
         if len(_small_layouts) >= _SMALL_LAYOUTS:
             _small_layouts.clear()
         _small_layouts[key] = layout
-    head, gaps, size = layout
+    size = layout[2]
     if size > limits.max_message_bytes:
         raise LimitExceeded("message size", size, limits.max_message_bytes, "max_message_bytes")
+    return _fill(layout, blocks)
+
+
+def _fill(layout: tuple[bytes, list[bytes], int], blocks: list[Any]) -> bytes:
+    """A small message: its remembered layout with `blocks` in their places."""
+    head, gaps, _ = layout
     if not blocks:
         return head
     if len(blocks) == 1:
@@ -340,6 +356,60 @@ def _small_message(encoder: _Encoder, tree: bytes, limits: CodecLimits) -> bytes
         parts.append(block)
         parts.append(gap)
     return b"".join(parts)
+
+
+# -- values made of bytes only: a bytes result, the arguments (bytes, ..., {}) of a call ---------
+# Their tree is decided by their shape (how many bytes values, where), so a shape seen once
+# is encoded as a join of its remembered layout and the values: no flattening, no JSON.
+_SHAPE_BYTES, _SHAPE_ARGUMENTS, _SHAPE_NONE = "B", "A", "N"
+
+
+def _bytes_shape(obj: object) -> tuple[Any, ...] | None:
+    """The shape of a small value of one of those forms (with its blocks' sizes), or None."""
+    kind = type(obj)
+    if kind is bytes:
+        return (_SHAPE_BYTES, len(obj)) if len(obj) < RAW_DATA_MAX else None  # type: ignore[arg-type]
+    if kind is tuple and len(obj) == 2:  # type: ignore[arg-type]
+        args, kwargs = obj  # type: ignore[misc]
+        if type(args) is not tuple or type(kwargs) is not dict or kwargs:
+            return None
+        shape: list[Any] = [_SHAPE_ARGUMENTS]
+        total = 0
+        for arg in args:
+            if type(arg) is not bytes:
+                return None
+            shape.append(len(arg))
+            total += len(arg)
+        return tuple(shape) if total < RAW_DATA_MAX else None
+    if obj is None:
+        return (_SHAPE_NONE,)
+    return None
+
+
+def _shape_blocks(obj: Any) -> list[Any]:
+    """The data blocks of a value `_bytes_shape` accepted, in tree order."""
+    if type(obj) is bytes:
+        return [obj]
+    if obj is None:
+        return []
+    return list(obj[0])
+
+
+def _encode_new_shape(obj: object, shape: tuple[Any, ...]) -> list[memoryview]:
+    """Encode the first value of a shape the long way (every check), then remember its layout
+    (the one `_small_message` used) for the next."""
+    message = _encode(obj, DEFAULT_LIMITS)
+    encoder = _Encoder(DEFAULT_LIMITS)
+    tree = _TREE_JSON.encode(encoder.flatten(obj)).encode("ascii")
+    layout = _small_layouts.get((tree, *shape[1:]))
+    if layout is not None:
+        if len(_shape_layouts) >= _SMALL_LAYOUTS:
+            _shape_layouts.clear()
+        _shape_layouts[shape] = layout
+    return message
+
+
+_shape_layouts: dict[tuple[Any, ...], tuple[bytes, list[bytes], int]] = {}
 
 
 _SMALL_LAYOUTS = 256  # remembered layouts (emptied when full): callers repeat a few shapes
