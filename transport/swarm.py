@@ -208,10 +208,13 @@ class Swarm:
     async def open_stream(self, peer: PeerId, protocols: list[str], bulk: bool = False) -> Stream:
         """A stream to `peer` (dialing if needed). `bulk` marks a large transfer: it takes the
         path with the highest measured throughput instead of the lowest round trip."""
-        connection = await self.connect(peer)
-        if bulk:
-            await self._measured_for_bulk(peer)
-        connection = self.connection_to(peer, bulk=bulk) or connection
+        # The usual stream: a healthy path exists, and connect() would pick the same one.
+        connection = None if bulk else self._healthy_connection(peer)
+        if connection is None:
+            connection = await self.connect(peer)
+            if bulk:
+                await self._measured_for_bulk(peer)
+            connection = self.connection_to(peer, bulk=bulk) or connection
         refused: set[Connection] = set()
         while True:
             connection.last_used = time.monotonic()  # type: ignore[attr-defined]  # liveness
@@ -260,6 +263,8 @@ class Swarm:
         """The connection new streams to `peer` use, if any: answering before suspect, direct
         before relayed, then the lowest measured RTT (the highest throughput if `bulk`)."""
         live = self.connections_to(peer)
+        if len(live) < 2:  # nothing to choose (the usual case)
+            return live[0] if live else None
         tie_break = {c: self._pair_order(c) for c in live}
         return choose_path(live, self.path_stats, tie_break, bulk)
 

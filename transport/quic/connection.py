@@ -306,12 +306,21 @@ class QuicConnection(Connection):
             raise ConnectionClosed(f"connection to {self.remote_peer} is closed")
         if not self.established.done():
             await self.established
+        try:
+            stream_id = self.quic.get_next_available_stream_id()
+        except ValueError:  # the remote's concurrent stream limit (qh3 raises it)
+            stream_id = await self._next_stream_id()
+        stream = QuicStream(self, stream_id)
+        self._streams[stream_id] = stream
+        return stream
+
+    async def _next_stream_id(self) -> int:
+        """A stream ID once the remote allows one more stream, within `stream_slot_timeout`."""
         deadline = self._loop.time() + self.endpoint.config.stream_slot_timeout
         while True:
             try:
-                stream_id = self.quic.get_next_available_stream_id()
-                break
-            except ValueError as exc:  # the remote's concurrent stream limit (qh3 raises it)
+                return self.quic.get_next_available_stream_id()
+            except ValueError as exc:
                 slot = not self.is_closed and await self._wait_stream_slot(deadline)
                 if self.is_closed:  # the swarm tries another path or dials again
                     raise ConnectionClosed(f"connection to {self.remote_peer} closed") from exc
@@ -321,9 +330,6 @@ class QuicConnection(Connection):
                         f"within {self.endpoint.config.stream_slot_timeout:g} s; "
                         "QuicConfig.stream_slot_timeout)"
                     ) from exc
-        stream = QuicStream(self, stream_id)
-        self._streams[stream_id] = stream
-        return stream
 
     async def _wait_stream_slot(self, deadline: float) -> bool:
         """Wait for what the remote sends next (it may allow more streams); False at the
