@@ -154,6 +154,8 @@ Event = Header | Message | End | Cancel | Status
 def frame_prefix(frame_type: FrameType, length: int) -> bytes:
     if length < 0x80:
         return bytes((frame_type, length))
+    if length < 0x4000:  # a two-byte length: small messages, written inline
+        return bytes((frame_type, length & 0x7F | 0x80, length >> 7))
     return bytes((frame_type,)) + encode_varint(length)
 
 
@@ -179,7 +181,7 @@ class _Memo:
 
 
 _HEADER_FRAMES = _Memo()  # (method, kind, timeout) -> HEADER frame, calls without metadata
-_HEADER_FIELDS = _Memo()  # HEADER body -> (method, kind, timeout), headers without metadata
+_HEADERS = _Memo()  # HEADER body -> its Header, for headers without metadata (immutable then)
 _MEMO_BODY_MAX = 512  # bodies longer than this are not memoized
 
 
@@ -228,12 +230,12 @@ def encode_status(status: Status) -> bytes:
 def decode_header(body: Buffer) -> Header:
     """The call header in a HEADER body, checked; ProtocolError if malformed."""
     key = bytes(body) if len(body) <= _MEMO_BODY_MAX else None
-    fields = _HEADER_FIELDS.get(key) if key is not None else None
-    if fields is not None:
-        return Header(*fields)  # type: ignore[misc]
+    header = _HEADERS.get(key) if key is not None else None
+    if header is not None:
+        return header  # type: ignore[return-value]
     header = _decode_header(body)
     if key is not None and not header.metadata:
-        _HEADER_FIELDS.put(key, (header.method, header.kind, header.timeout))
+        _HEADERS.put(key, header)  # shared: its empty metadata must never be filled in
     return header
 
 
@@ -268,10 +270,54 @@ def decode_status(body: Buffer) -> Status:
     return Status(code, message.message, message.error_type, message.traceback)
 
 
+_END = End()
 _END_FRAME = encode_frame(FrameType.END)
 _CANCEL_FRAME = encode_frame(FrameType.CANCEL)
 _STATUS_OK = Status(StatusCode.OK)
 _STATUS_OK_FRAME = encode_frame(FrameType.STATUS, rpc_pb2.CallStatus().SerializeToString())
+
+
+# -- a small unary call's frames in one piece: what the state machines see most -------------------
+def _small_message_at(data: Buffer, pos: int, end: int) -> int | None:
+    """Where the body of a MESSAGE frame at `pos` starts, if that frame ends exactly at `end`
+    with a one- or two-byte (minimal) length; else None."""
+    if pos + 2 > end or data[pos] != FrameType.MESSAGE:
+        return None
+    length = data[pos + 1]
+    start = pos + 2
+    if length >= 0x80:
+        high = data[start] if start < end else 0
+        if not 0 < high < 0x80:
+            return None
+        length, start = length & 0x7F | high << 7, start + 1
+    return start if start + length == end else None
+
+
+def whole_request(data: Buffer, max_message_size: int) -> tuple[Header, ReceiveBuffer] | None:
+    """(header, arguments) if `data` is exactly HEADER MESSAGE END, a small call's request
+    in one read, with a small header and message; None for anything else (the frame decoder
+    then takes it, and finds what is wrong with it if anything is)."""
+    end = len(data) - 2
+    if end < 4 or data[0] != FrameType.HEADER or data[end] != FrameType.END or data[end + 1]:
+        return None
+    header_end = 2 + data[1]
+    if data[1] >= 0x80:
+        return None
+    start = _small_message_at(data, header_end, end)
+    if start is None or end - start > max_message_size:
+        return None
+    view = memoryview(data)
+    return decode_header(view[2:header_end]), bytearray(view[start:end])
+
+
+def whole_reply(data: Buffer) -> ReceiveBuffer | None:
+    """The response if `data` is exactly a small MESSAGE and an OK STATUS (the whole reply
+    to a small call in one read), else None (the frame decoder then takes it)."""
+    end = len(data) - len(_STATUS_OK_FRAME)
+    if end < 2 or data[end] != FrameType.STATUS or data[end + 1]:
+        return None
+    start = _small_message_at(data, 0, end)
+    return None if start is None else bytearray(memoryview(data)[start:end])
 
 
 class FrameDecoder:
@@ -343,6 +389,8 @@ class FrameDecoder:
             raise ProtocolError(f"unknown frame type 0x{data[pos]:02x}")
         if pos + 1 < len(data) and data[pos + 1] < 0x80:  # a one-byte length (always minimal)
             length, start = data[pos + 1], pos + 2
+        elif pos + 2 < len(data) and 0 < data[pos + 2] < 0x80:  # two bytes, minimal
+            length, start = data[pos + 1] & 0x7F | data[pos + 2] << 7, pos + 3
         else:
             try:
                 decoded = try_decode_varint(data, pos + 1)
@@ -425,6 +473,12 @@ class ServerCall:
         return self._decoder.body_remaining
 
     def receive_data(self, data: Buffer) -> list[Event]:
+        if self._phase is _Phase.AWAIT_HEADER and not self._decoder.mid_frame:
+            whole = whole_request(data, self.max_message_size)
+            if whole is not None:  # what the frames would give, one by one
+                self.header, arguments = whole
+                self._phase = _Phase.ENDED
+                return [self.header, Message(arguments), _END]
         return [self._on_frame(t, body) for t, body in self._decoder.feed(data)]
 
     def receive_eof(self) -> list[Event]:
@@ -453,7 +507,7 @@ class ServerCall:
             return Message(body)
         if frame_type == FrameType.END and phase in (_Phase.AWAIT_END, _Phase.STREAMING):
             self._phase = _Phase.ENDED
-            return End()
+            return _END
         raise ProtocolError(f"unexpected {frame_type.name} frame while {phase.value}")
 
     def send_message(self, buffers: Sequence[Buffer]) -> list[Buffer]:
@@ -510,6 +564,17 @@ class ClientCall:
         return _CANCEL_FRAME
 
     def receive_data(self, data: Buffer) -> list[Event]:
+        if (
+            self.status is None
+            and not self._messages_received
+            and not self._decoder.mid_frame
+            and not self.header.kind.server_streams
+        ):
+            response = whole_reply(data)
+            if response is not None:  # what the frames would give, one by one
+                self._messages_received = 1
+                self.status = _STATUS_OK
+                return [Message(response), _STATUS_OK]
         return [self._on_frame(t, body) for t, body in self._decoder.feed(data)]
 
     def receive_eof(self) -> list[Event]:

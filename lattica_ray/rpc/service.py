@@ -318,8 +318,9 @@ class _InboundCall:
         self.arguments: asyncio.Future[ReceiveBuffer] = asyncio.get_running_loop().create_future()
         deadline = None if header.timeout is None else time.monotonic() + header.timeout
         assert self.peer is not None
-        # (each decoded header has a metadata dict of its own: no copy needed)
-        self.context = CallContext(self.peer, method.name, header.metadata, deadline)
+        # (a decoded header with metadata has a dict of its own: no copy needed; one without
+        # may be shared by calls, and its handler gets a fresh empty dict)
+        self.context = CallContext(self.peer, method.name, header.metadata or {}, deadline)
         # The task running the handler: its own, or (inline) the one serving the stream.
         self.handler_task: asyncio.Task[Any] | None = None
         self.handler_done = False
