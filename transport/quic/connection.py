@@ -70,6 +70,8 @@ class QuicConnection(Connection):
         self._drain_waiters: set[QuicStream] = set()
         self._stream_slot: asyncio.Future[None] | None = None  # openers wait for MAX_STREAMS
         self._flush_scheduled = False
+        self._in_events = False  # handling the engine's events (its callers flush after)
+        self._sent_in_events = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._last_activity = self._loop.time()
@@ -102,10 +104,14 @@ class QuicConnection(Connection):
         The answer waits for the readers this batch woke up: a reply they write (and the credit
         for what they read) goes out in that one flush, and no empty flush sits on the path of
         a request and its reply. (ACKs keep aioquic's delay: riding on the reply, they would put
-        their processing on that path too, which measured slower.)
+        their processing on that path too, which measured slower.) Replies that handlers of new
+        streams wrote while the events were handled (`StreamHandlers` starts them at once) go
+        now: nothing is left to wait for.
         """
-        self._process_events()
-        self._schedule_flush()
+        if self._process_events():
+            self._flush()
+        else:
+            self._schedule_flush()
 
     def _flush(self) -> None:
         """Send what aioquic has ready and make sure its timer will fire."""
@@ -190,12 +196,20 @@ class QuicConnection(Connection):
             ),
         }
 
-    def _process_events(self) -> None:
+    def _process_events(self) -> bool:
+        """Handle what the engine has to say; True if streams were written to meanwhile (by
+        handlers of new streams): the caller flushes then, no flush is scheduled for them."""
         handlers = self._handlers
-        while (event := self.quic.next_event()) is not None:
-            handler = handlers.get(type(event).__name__)
-            if handler is not None:
-                handler(event)
+        self._in_events = True
+        self._sent_in_events = False
+        try:
+            while (event := self.quic.next_event()) is not None:
+                handler = handlers.get(type(event).__name__)
+                if handler is not None:
+                    handler(event)
+        finally:
+            self._in_events = False
+        return self._sent_in_events
 
     def _on_stream_reset(self, event) -> None:
         stream = self._streams.get(event.stream_id)
@@ -253,7 +267,13 @@ class QuicConnection(Connection):
                 return
             stream = QuicStream(self, event.stream_id)
             self._streams[event.stream_id] = stream
+            # Its first bytes before its handler, which may start at once and read them.
+            if event.data:
+                stream._feed_data(event.data)
+            if event.end_stream:
+                stream._feed_eof()
             self._deliver_inbound(stream)
+            return
         if event.data:
             stream._feed_data(event.data)
         if event.end_stream:
@@ -353,7 +373,10 @@ class QuicConnection(Connection):
             self.quic.send_stream_data(stream_id, data, end_stream)
         except (ValueError, RuntimeError) as exc:  # stream finished or reset under us
             raise StreamError(f"cannot send on stream {stream_id}: {exc}") from exc
-        self._schedule_flush()
+        if self._in_events:
+            self._sent_in_events = True  # `_process_events`'s caller flushes
+        else:
+            self._schedule_flush()
 
     def _reset_stream(self, stream_id: int) -> None:
         try:
