@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 STOP_GRACE = 1.0  # seconds `stop()` lets cancelled handlers take to send their status
+HOLD_BELOW = 16 * 1024  # a last response this small leaves with the status and FIN, unwaited
 _STATUS_OK = Status(StatusCode.OK)
 
 
@@ -250,6 +251,13 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
+def _size(buffers: Sequence[Buffer]) -> int:
+    size = 0
+    for buffer in buffers:
+        size += len(buffer) if type(buffer) is bytes else memoryview(buffer).nbytes
+    return size
+
+
 def _byte_view(buffer: Buffer) -> memoryview:
     view = memoryview(buffer)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
@@ -312,10 +320,10 @@ class _InboundCall:
         self.method = method
         self.header = header
         self.peer = stream.remote_peer
-        config = service.config
-        self.writer = _FrameWriter(stream, config.coalesce_below)
-        self.requests = _Channel(config.stream_buffer_messages)
-        self.arguments: asyncio.Future[ReceiveBuffer] = asyncio.get_running_loop().create_future()
+        # Made when needed: a small unary call (`run_inline`) uses none of these.
+        self._writer: _FrameWriter | None = None
+        self.requests: _Channel | None = None  # client-streaming calls' requests
+        self.arguments: asyncio.Future[ReceiveBuffer] | None = None  # still to come
         deadline = None if header.timeout is None else time.monotonic() + header.timeout
         assert self.peer is not None
         # (a decoded header with metadata has a dict of its own: no copy needed; one without
@@ -328,6 +336,12 @@ class _InboundCall:
         self.reader: asyncio.Task[None] | None = None
         self.cause: Status | None = None  # why the handler was cancelled, as the status to send
         self.reset_by_caller = False
+
+    @property
+    def writer(self) -> _FrameWriter:
+        if self._writer is None:
+            self._writer = _FrameWriter(self.stream, self.service.config.coalesce_below)
+        return self._writer
 
     # -- lifecycle ----------------------------------------------------------------------
     def request_complete(self) -> bool:
@@ -347,11 +361,9 @@ class _InboundCall:
         The reply then leaves in the same loop iteration as the protocol confirmation (one
         packet, no task switches). Whatever arrives meanwhile (a reset, CANCEL) wakes a reader.
         """
-        payload = self.pending.popleft()
+        message = self.pending.popleft()
         self.pending.clear()  # END
-        assert isinstance(payload, Message)
-        self.arguments.set_result(payload.payload)
-        self.requests.close()
+        assert isinstance(message, Message)
         self.handler_task = task
         timer = None
         response: list[Buffer] | None = None
@@ -361,7 +373,7 @@ class _InboundCall:
             try:
                 # A handler that answers without waiting needs no deadline timer and no watch
                 # on the stream: nothing can interrupt it. Both are set up if it waits.
-                done, rest = run_eagerly(self._invoke())
+                done, rest = run_eagerly(self._invoke(message.payload))
                 if done:
                     response = rest
                 else:
@@ -401,9 +413,12 @@ class _InboundCall:
     async def run_beside_reader(self) -> None:
         """Run the handler as its own task while this one reads the caller's messages."""
         loop = asyncio.get_running_loop()
+        if self.method.kind.client_streams:
+            self.requests = _Channel(self.service.config.stream_buffer_messages)
+        self.arguments = loop.create_future()
         if self.pending and isinstance(self.pending[0], Message):  # came with the header
             self.arguments.set_result(self.pending.popleft().payload)
-        handler = loop.create_task(self._invoke(), name=f"rpc {self.method.name}")
+        handler = loop.create_task(self._invoke_when_ready(), name=f"rpc {self.method.name}")
         self.handler_task = handler
         self.reader = loop.create_task(self._read_requests(), name=f"rpc {self.method.name} reader")
         timer = None
@@ -436,7 +451,8 @@ class _InboundCall:
             self.cause = status
             self.reset_by_caller = reset
         self.context.cancel()
-        self.requests.close(Cancelled(status.message, method=self.method.name, peer=self.peer))
+        if self.requests is not None:
+            self.requests.close(Cancelled(status.message, method=self.method.name, peer=self.peer))
         if self.handler_task is not None and not self.handler_done:
             self._cancel_requested = True
             self.handler_task.cancel()
@@ -467,14 +483,13 @@ class _InboundCall:
             status = _STATUS_OK
         response = response or []
         self.service._release(self)  # before the status: the caller may call again at once
-        if self.reset_by_caller or self.writer.mid_frame:
+        if self.reset_by_caller or (self._writer is not None and self._writer.mid_frame):
             self.stream.reset("rpc call aborted")
             return
         try:
             # The response takes as long as the path needs (bounded by the call's own deadline,
             # if it has one); only the status after it is held to `status_timeout`.
-            size = sum(memoryview(b).nbytes for b in response) if response else 0
-            if size >= self.service.config.coalesce_below:
+            if _size(response) >= self.service.config.coalesce_below:
                 remaining = self.context.deadline
                 async with asyncio.timeout(
                     None if remaining is None else max(0.0, remaining - time.monotonic())
@@ -491,8 +506,14 @@ class _InboundCall:
             self.stream.reset("status not delivered")
 
     async def _send_status(self, response: list[Buffer], status: Status) -> None:
-        await self.writer.write([*response, self.proto.send_status(status)])
-        await self.stream.close()
+        """The last (small) response, the status and our FIN: where the transport can, in one
+        piece (one STREAM frame on QUIC, which sends what `hold` kept with the FIN)."""
+        stream = self.stream
+        if stream.holds_unsent and _size(response) < HOLD_BELOW:  # (no backpressure wait)
+            stream.hold(b"".join([*response, self.proto.send_status(status)]))
+        else:
+            await self.writer.write([*response, self.proto.send_status(status)])
+        await stream.close()
 
     # -- reading ------------------------------------------------------------------------
     async def _read_requests(self) -> None:
@@ -502,12 +523,13 @@ class _InboundCall:
                 if event is None:  # EOF after END
                     return
                 if isinstance(event, Message):
-                    if not self.arguments.done():
+                    if self.arguments is not None and not self.arguments.done():
                         self.arguments.set_result(event.payload)
-                    else:
+                    elif self.requests is not None:  # (ServerCall lets no other call send more)
                         await self.requests.put(event.payload)
                 elif isinstance(event, End):
-                    self.requests.close()
+                    if self.requests is not None:
+                        self.requests.close()
                 elif isinstance(event, Cancel):
                     self.cancel(Status(StatusCode.CANCELLED, event.reason))
                     return
@@ -517,12 +539,16 @@ class _InboundCall:
             self.cancel(Status(StatusCode.CANCELLED, f"stream lost: {exc}"), reset=True)
 
     # -- running the handler ------------------------------------------------------------
-    async def _invoke(self) -> list[Buffer] | None:
+    async def _invoke_when_ready(self) -> list[Buffer] | None:
+        assert self.arguments is not None
+        return await self._invoke(await self.arguments)
+
+    async def _invoke(self, arguments: ReceiveBuffer) -> list[Buffer] | None:
         bind_call(self.context)
-        args, kwargs = _decode_arguments(self.service.decode, await self.arguments)
+        args, kwargs = _decode_arguments(self.service.decode, arguments)
         method = self.method
         if method.kind.client_streams:
-            assert method.requests_param is not None
+            assert method.requests_param is not None and self.requests is not None
             requests: Any = _RequestIterator(self.requests, self.service.decode)
             if not method.is_async:
                 requests = _SyncRequestIterator(requests, asyncio.get_running_loop())
@@ -1283,7 +1309,8 @@ class RpcService:
         return pending.popleft()
 
     async def _next_server_event(self, call: _InboundCall) -> Event | None:
-        idle = None if call.arguments.done() else self.config.request_idle_timeout
+        waiting = call.arguments is not None and not call.arguments.done()
+        idle = self.config.request_idle_timeout if waiting else None
         return await self._read_event(call.stream, call.proto, call.pending, idle)
 
     # -- the thread pool ----------------------------------------------------------------

@@ -111,3 +111,167 @@ async def test_a_deadline_inside_an_outer_timeout_is_told_apart(peers: Peers) ->
     assert peers.client.active_outbound_calls == 0
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0  # no cancellation of ours left behind
+
+
+# -- the server: a small unary call answered in the serving task, in one piece ---------------
+async def test_a_whole_small_call_is_answered_with_one_send_over_quic() -> None:
+    """Response, OK status and FIN leave in one STREAM frame: one send on the connection
+    per call (it was two: the reply, then the FIN)."""
+    listen = [LISTEN["quic"]]
+    async with Node(listen=listen) as server_node, Node(listen=listen) as client_node:
+
+        @server_node.rpc.method()
+        async def echo(x: bytes) -> bytes:
+            return x
+
+        client_node.add_peer_addrs(server_node.peer_id, server_node.addrs)
+        peer = server_node.peer_id
+        assert await client_node.rpc.call(peer, "echo", b"up", timeout=WAIT) == b"up"
+        connection = server_node.connection_to(client_node.peer_id)
+        assert connection is not None
+        sends: list[tuple[int, bool]] = []
+        original = connection._send
+
+        def counting_send(stream_id: int, data: bytes, end_stream: bool = False) -> None:
+            sends.append((len(data), end_stream))
+            original(stream_id, data, end_stream)
+
+        connection._send = counting_send  # type: ignore[method-assign]
+        try:
+            for _ in range(20):
+                assert await client_node.rpc.call(peer, "echo", b"x" * 100, timeout=WAIT) == (
+                    b"x" * 100
+                )
+        finally:
+            del connection._send
+        assert len(sends) == 20 and all(end_stream for _, end_stream in sends), sends
+
+
+async def test_whole_small_calls_beside_a_client_streaming_call(peers: Peers) -> None:
+    """The same method kinds answer alike whichever way the server takes: a small unary call
+    (its request whole in the first read), a large one, a client-streaming call."""
+
+    @peers.server.method()
+    async def echo(x: bytes) -> bytes:
+        return x
+
+    @peers.server.method()
+    async def joined(requests: AsyncIterator[bytes], prefix: bytes) -> bytes:
+        return prefix + b"".join([r async for r in requests])
+
+    async def parts() -> AsyncIterator[bytes]:
+        for part in (b"a", b"b", b"c"):
+            yield part
+
+    big = bytes(range(256)) * 1024  # many reads: the long way
+    for _ in range(3):
+        assert await peers.client.call(peers.peer, "echo", b"small", timeout=WAIT) == b"small"
+        assert await peers.client.call(peers.peer, "echo", big, timeout=WAIT) == big
+        assert (
+            await peers.client.call(peers.peer, "joined", b">", requests=parts(), timeout=WAIT)
+            == b">abc"
+        )
+    assert peers.server.active_inbound_calls == 0
+
+
+async def test_errors_from_a_whole_small_call_keep_type_message_and_traceback(
+    peers: Peers,
+) -> None:
+    from lattica_ray.rpc import InvalidArgument, RemoteError
+
+    @peers.server.method()
+    async def fails(x: bytes) -> bytes:
+        raise KeyError(f"no {x!r} here")
+
+    @peers.server.method()
+    async def refuses(x: bytes) -> bytes:
+        raise InvalidArgument("x must be longer")
+
+    @peers.server.method()
+    async def echo(x: bytes) -> bytes:
+        return x
+
+    with pytest.raises(RemoteError, match="no b'key' here") as info:
+        await peers.client.call(peers.peer, "fails", b"key", timeout=WAIT)
+    assert info.value.remote_type == "KeyError"
+    assert "in fails" in info.value.remote_traceback
+    with pytest.raises(InvalidArgument, match="x must be longer"):
+        await peers.client.call(peers.peer, "refuses", b"k", timeout=WAIT)
+    assert await peers.client.call(peers.peer, "echo", b"after", timeout=WAIT) == b"after"
+
+
+async def test_a_whole_small_call_whose_handler_suspends(peers: Peers) -> None:
+    @peers.server.method()
+    async def later(x: bytes) -> bytes:
+        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+        return x * 2
+
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            *(peers.client.call(peers.peer, "later", bytes([i]), timeout=WAIT) for i in range(20))
+        ),
+        WAIT,
+    )
+    assert results == [bytes([i]) * 2 for i in range(20)]
+    assert peers.server.active_inbound_calls == 0
+
+
+async def test_a_caller_that_gives_up_cancels_a_whole_small_call(peers: Peers) -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    @peers.server.method()
+    async def work(x: bytes) -> bytes:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return x
+
+    @peers.server.method()
+    async def echo(x: bytes) -> bytes:
+        return x
+
+    for _ in range(2):  # the caller is cancelled, then the caller's deadline passes
+        started.clear()
+        cancelled.clear()
+        caller = asyncio.create_task(peers.client.call(peers.peer, "work", b"x", timeout=WAIT))
+        await asyncio.wait_for(started.wait(), WAIT)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.wait_for(cancelled.wait(), WAIT)
+    started.clear()
+    cancelled.clear()
+    began = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        await peers.client.call(peers.peer, "work", b"x", timeout=0.2)
+    assert time.monotonic() - began < WAIT / 2
+    await asyncio.wait_for(cancelled.wait(), WAIT)
+    assert await peers.client.call(peers.peer, "echo", b"after", timeout=WAIT) == b"after"
+    assert peers.server.active_inbound_calls == 0
+
+
+async def test_the_server_enforces_the_deadline_of_a_whole_small_call(peers: Peers) -> None:
+    """The server's own deadline status arrives (the caller waits past its deadline)."""
+    cancelled = asyncio.Event()
+    client = RpcService(peers.client.host, RpcConfig(deadline_grace=WAIT))
+    await client.start()
+
+    @peers.server.method()
+    async def slow(x: bytes) -> bytes:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return x
+
+    try:
+        with pytest.raises(DeadlineExceeded, match="exceeded on the server"):
+            await client.call(peers.peer, "slow", b"x", timeout=0.2)
+        await asyncio.wait_for(cancelled.wait(), WAIT)
+    finally:
+        await client.stop()
