@@ -884,6 +884,28 @@ def _skeletons_for(limits: CodecLimits) -> dict[bytes, _Skeleton]:
     return entry[1]
 
 
+# The skeleton last seen for each message size (default limits): a caller's messages of one
+# size are usually of one shape, so a received bytearray is first checked against that one
+# (a prefix comparison) before its skeleton key is computed.
+_recent_by_size: dict[int, tuple[bytes, _Skeleton]] = {}
+
+
+def _remember_by_size(key: bytes, skeleton: _Skeleton) -> None:
+    if len(_recent_by_size) >= _SKELETONS_PER_LIMITS:
+        _recent_by_size.clear()
+    _recent_by_size[skeleton.size] = (key, skeleton)
+
+
+def _has_skeleton(message: bytearray, key: bytes, skeleton: _Skeleton) -> bool:
+    """`message` (of the skeleton's size) starts with its key and has zeros in its pads."""
+    if not message.startswith(key):
+        return False
+    for start, _, zeros in skeleton.pads:
+        if not message.startswith(zeros, start):
+            return False
+    return True
+
+
 def _decode_known(view: memoryview, skeleton: _Skeleton, limits: CodecLimits) -> object:
     decoder = _Decoder(view, limits)
     decoder.blocks = skeleton.blocks
@@ -899,6 +921,10 @@ def decode(message: bytes | bytearray | memoryview, limits: CodecLimits | None =
     written in place. Raises a CodecError subclass for any malformed or over-limit message, and
     never reads outside `message`.
     """
+    if type(message) is bytearray and (limits is None or limits is DEFAULT_LIMITS):
+        recent = _recent_by_size.get(len(message))
+        if recent is not None and _has_skeleton(message, *recent):
+            return _decode_known(memoryview(message), recent[1], DEFAULT_LIMITS)
     view = memoryview(message)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
@@ -913,6 +939,8 @@ def decode(message: bytes | bytearray | memoryview, limits: CodecLimits | None =
                 and len(view) == skeleton.size
                 and all(view[start:end].tobytes() == zeros for start, end, zeros in skeleton.pads)
             ):
+                if limits is DEFAULT_LIMITS:
+                    _remember_by_size(key, skeleton)
                 return _decode_known(view, skeleton, limits)
         decoder = _Decoder(view, limits)
         value = decoder.run()
