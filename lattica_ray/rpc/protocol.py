@@ -432,12 +432,16 @@ def allocate(length: int) -> ReceiveBuffer:
     return receive_buffers.take(length)
 
 
+def _nbytes(buffers: Sequence[Buffer]) -> int:
+    return sum(memoryview(b).nbytes for b in buffers)
+
+
 def message_frame(buffers: Sequence[Buffer], max_message_size: int) -> list[Buffer]:
     """A MESSAGE frame as a list of buffers to write in order (the payload is not copied)."""
     if len(buffers) == 1:
         size = memoryview(buffers[0]).nbytes
     else:
-        size = sum(memoryview(b).nbytes for b in buffers)
+        size = _nbytes(buffers)
     if size > max_message_size:
         raise MessageTooLarge(size, max_message_size, "message to send")
     return [frame_prefix(FrameType.MESSAGE, size), *buffers]
@@ -458,7 +462,8 @@ class ServerCall:
 
     def __init__(self, max_message_size: int, max_control_size: int = MAX_CONTROL_FRAME_SIZE):
         self.max_message_size = max_message_size
-        self._decoder = FrameDecoder(max_message_size, max_control_size)
+        self.max_control_size = max_control_size
+        self._decoder: FrameDecoder | None = None  # made for the first read not taken whole
         self._phase = _Phase.AWAIT_HEADER
         self.header: Header | None = None
         self.status_sent = False
@@ -470,16 +475,19 @@ class ServerCall:
 
     @property
     def body_remaining(self) -> int:
-        return self._decoder.body_remaining
+        return 0 if self._decoder is None else self._decoder.body_remaining
 
     def receive_data(self, data: Buffer) -> list[Event]:
-        if self._phase is _Phase.AWAIT_HEADER and not self._decoder.mid_frame:
-            whole = whole_request(data, self.max_message_size)
-            if whole is not None:  # what the frames would give, one by one
-                self.header, arguments = whole
-                self._phase = _Phase.ENDED
-                return [self.header, Message(arguments), _END]
-        return [self._on_frame(t, body) for t, body in self._decoder.feed(data)]
+        decoder = self._decoder
+        if decoder is None:
+            if self._phase is _Phase.AWAIT_HEADER:
+                whole = whole_request(data, self.max_message_size)
+                if whole is not None:  # what the frames would give, one by one
+                    self.header, arguments = whole
+                    self._phase = _Phase.ENDED
+                    return [self.header, Message(arguments), _END]
+            decoder = self._decoder = FrameDecoder(self.max_message_size, self.max_control_size)
+        return [self._on_frame(t, body) for t, body in decoder.feed(data)]
 
     def receive_eof(self) -> list[Event]:
         """The client closed its side: fine after END, an abandoned call before it."""
@@ -533,7 +541,8 @@ class ClientCall:
     ) -> None:
         self.header = header
         self.max_message_size = max_message_size
-        self._decoder = FrameDecoder(max_message_size, max_control_size)
+        self.max_control_size = max_control_size
+        self._decoder: FrameDecoder | None = None  # made for the first read not taken whole
         self._messages_sent = 0
         self._messages_received = 0
         self.ended = False  # END sent
@@ -541,7 +550,7 @@ class ClientCall:
 
     @property
     def body_remaining(self) -> int:
-        return self._decoder.body_remaining
+        return 0 if self._decoder is None else self._decoder.body_remaining
 
     def start(self) -> bytes:
         return encode_header(self.header)
@@ -554,6 +563,25 @@ class ClientCall:
         self._messages_sent += 1
         return message_frame(buffers, self.max_message_size)
 
+    def start_whole(self, buffers: Sequence[Buffer], below: int) -> bytes | None:
+        """HEADER, the arguments `buffers` and END in one piece, for a call that sends nothing
+        after its arguments (not client-streaming) when that piece is under `below` bytes; None
+        otherwise (then `start`, `send_message` and `send_end`)."""
+        if self.header.kind.client_streams:
+            return None
+        size = memoryview(buffers[0]).nbytes if len(buffers) == 1 else _nbytes(buffers)
+        if size >= below:
+            return None
+        head = encode_header(self.header)
+        prefix = frame_prefix(FrameType.MESSAGE, size)
+        if len(head) + len(prefix) + size + len(_END_FRAME) >= below:
+            return None
+        if size > self.max_message_size:
+            raise MessageTooLarge(size, self.max_message_size, "message to send")
+        self._messages_sent = 1
+        self.ended = True
+        return b"".join((head, prefix, *buffers, _END_FRAME))
+
     def send_end(self) -> bytes:
         if self.ended or not self._messages_sent:
             raise RuntimeError("END needs the arguments message first, and only once")
@@ -564,18 +592,20 @@ class ClientCall:
         return _CANCEL_FRAME
 
     def receive_data(self, data: Buffer) -> list[Event]:
-        if (
-            self.status is None
-            and not self._messages_received
-            and not self._decoder.mid_frame
-            and not self.header.kind.server_streams
-        ):
-            response = whole_reply(data)
-            if response is not None:  # what the frames would give, one by one
-                self._messages_received = 1
-                self.status = _STATUS_OK
-                return [Message(response), _STATUS_OK]
-        return [self._on_frame(t, body) for t, body in self._decoder.feed(data)]
+        decoder = self._decoder
+        if decoder is None:
+            if (
+                self.status is None
+                and not self._messages_received
+                and not self.header.kind.server_streams
+            ):
+                response = whole_reply(data)
+                if response is not None:  # what the frames would give, one by one
+                    self._messages_received = 1
+                    self.status = _STATUS_OK
+                    return [Message(response), _STATUS_OK]
+            decoder = self._decoder = FrameDecoder(self.max_message_size, self.max_control_size)
+        return [self._on_frame(t, body) for t, body in decoder.feed(data)]
 
     def receive_eof(self) -> list[Event]:
         if self.status is None:

@@ -696,13 +696,22 @@ class _OutboundCall:
                 if len(_PLAIN_HEADERS) >= 1024:
                     _PLAIN_HEADERS.clear()
                 header = _PLAIN_HEADERS[key] = Header(method, kind, timeout, {})
-        self.proto = ClientCall(header, config.max_message_size)
+        self.proto = proto = ClientCall(header, config.max_message_size)
+        # A small call that sends nothing after its arguments: the whole request, one piece.
+        self._whole: bytes | None = None
+        self._first: list[Buffer] = []
         try:  # bad names or metadata, oversized arguments: refused before dialing
-            self._first: list[Buffer] = [self.proto.start()]
+            if requests is None:
+                self._whole = proto.start_whole(arguments, config.coalesce_below)
+            if self._whole is None:
+                self._first.append(proto.start())
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(f"cannot send this call: {exc}") from exc
-        self._first += self.proto.send_message(arguments)
-        self._first_size = sum(memoryview(chunk).nbytes for chunk in self._first)
+        if self._whole is None:
+            self._first += proto.send_message(arguments)
+            self._first_size = sum(memoryview(chunk).nbytes for chunk in self._first)
+        else:
+            self._first_size = len(self._whole)
         self._requests = requests
         loop = asyncio.get_running_loop()
         self.deadline = None if timeout is None else loop.time() + timeout
@@ -728,25 +737,24 @@ class _OutboundCall:
             self.stream = await service.host.open_stream(self.peer, [PROTOCOL_ID], bulk=bulk)
         except (TransportError, ConnectionError, OSError) as exc:
             raise self._error(PeerUnavailable(f"cannot reach the peer: {exc}")) from exc
-        self.writer = writer = _FrameWriter(self.stream, config.coalesce_below)
-        first = self._first
-        unary = self._requests is None
-        if unary:
-            first.append(self.proto.send_end())
-        if unary and self._first_size + len(first[-1]) < config.coalesce_below:
-            try:  # a small unary call: one write (what `_FrameWriter` would join)
-                writer.mid_frame = True
-                await self.stream.write(b"".join(first))
-                writer.mid_frame = False
+        if self._whole is not None:  # all of it at once (on failure the call is reset)
+            try:
+                await self.stream.write(self._whole)
             except (TransportError, ConnectionError) as exc:
                 error = PeerUnavailable(f"stream lost while sending: {exc}")
                 error.path_lost = True
                 raise self._error(error) from exc
-        else:  # the server may answer (or refuse) while we send: read meanwhile
-            self.writer_task = asyncio.get_running_loop().create_task(
-                self._send(first), name=f"rpc {self.method} requests"
-            )
-            self.writer_task.add_done_callback(_retrieve)  # its error surfaces via the reader
+            return
+        # A large or streaming request: the server may answer (or refuse) while we send, so
+        # a task sends while the caller reads.
+        self.writer = _FrameWriter(self.stream, config.coalesce_below)
+        first = self._first
+        if self._requests is None:
+            first.append(self.proto.send_end())
+        self.writer_task = asyncio.get_running_loop().create_task(
+            self._send(first), name=f"rpc {self.method} requests"
+        )
+        self.writer_task.add_done_callback(_retrieve)  # its error surfaces via the reader
 
     async def _send(self, first: list[Buffer]) -> None:
         assert self.writer is not None and self.stream is not None
@@ -822,8 +830,8 @@ class _OutboundCall:
             task.cancel()
         if task is not None:
             await asyncio.wait([task])
-        assert self.stream is not None and self.writer is not None
-        if self.writer.mid_frame or not self.proto.ended:
+        assert self.stream is not None
+        if (self.writer is not None and self.writer.mid_frame) or not self.proto.ended:
             self.stream.reset("call finished")
             return
         try:

@@ -119,3 +119,33 @@ def test_a_second_reply_is_not_taken_in_one_step() -> None:
     call.receive_data(frame_prefix(FrameType.MESSAGE, 1) + b"z")
     with pytest.raises(RpcError, match="second response"):
         call.receive_data(reply)
+
+
+@pytest.mark.parametrize("kind", [CallKind.UNARY, CallKind.SERVER_STREAM])
+@pytest.mark.parametrize("size", [0, 100, 127, 128, 5000])
+def test_a_whole_request_is_the_frames_one_by_one(kind: CallKind, size: int) -> None:
+    header = Header("echo", kind, 2.0)
+    arguments = [memoryview(b"a" * size)]
+    piece = ClientCall(header, MAX).start_whole(arguments, 1 << 16)
+    by_frames = ClientCall(header, MAX)
+    frames = [by_frames.start(), *by_frames.send_message(arguments), by_frames.send_end()]
+    assert piece == b"".join(bytes(frame) for frame in frames)
+    server = ServerCall(MAX)
+    events = server.receive_data(piece)
+    assert events[0] == header and bytes(events[1].payload) == b"a" * size  # type: ignore[union-attr]
+
+
+def test_a_whole_request_only_below_its_limit_and_never_for_streaming_requests() -> None:
+    header = Header("echo", CallKind.UNARY)
+    arguments = [b"b" * 100]
+    size = len(ClientCall(header, MAX).start_whole(arguments, 1 << 16) or b"")
+    assert ClientCall(header, MAX).start_whole(arguments, size) is None  # not under the limit
+    assert ClientCall(header, MAX).start_whole(arguments, size + 1) is not None
+    streaming = ClientCall(Header("sum", CallKind.CLIENT_STREAM), MAX)
+    assert streaming.start_whole(arguments, 1 << 16) is None
+    with pytest.raises(RpcError, match="exceeds the limit"):
+        ClientCall(header, 50).start_whole(arguments, 1 << 16)
+    sent = ClientCall(header, MAX)
+    sent.start_whole(arguments, 1 << 16)
+    with pytest.raises(RuntimeError):
+        sent.send_message(arguments)  # the call sent its arguments and END
