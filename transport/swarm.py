@@ -506,6 +506,11 @@ class Swarm:
             try:
                 return await attempt
             except asyncio.CancelledError:
+                if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+                    # It connected in the very turn we were called off (another dial won):
+                    # a path. Dropped unseen, it would hold the port pair (the next dial from
+                    # the listen port would leave from a fresh port, showing no mapping).
+                    self._add_connection(attempt.result())
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -513,16 +515,21 @@ class TcpTransport:
         *,
         local_address: tuple[str, int] | None = None,
         is_initiator: bool = True,
+        on_syn_sent: Callable[[], None] | None = None,
     ) -> TcpConnection:
         """Connect to `address`; the remote must prove `expected_peer` (or the `/p2p/` ID).
 
         `local_address` dials from that (host, port), shared with our listener (SO_REUSEPORT):
         NATs then map the port peers reach us at, and hole punching (TCP simultaneous open)
         can work. `is_initiator=False` takes the Noise/Yamux responder role, as the side that
-        is not the client of a hole-punched connection must (DCUtR).
+        is not the client of a hole-punched connection must (DCUtR). `on_syn_sent` (dials from
+        `local_address` only) is called once the kernel has sent our SYN, before its answer:
+        a hole puncher that must have its SYN out first waits for that.
         """
         if self._closed:
             raise TransportError("the TCP transport is closed")
+        if on_syn_sent is not None and local_address is None:
+            raise ValueError("on_syn_sent is for dials from a local_address")
         address = Multiaddr.parse(address)
         host, port, family = tcp_socket_address(address)
         in_address = address.peer_id
@@ -540,7 +547,7 @@ class TcpTransport:
             connect = (
                 loop.create_connection(lambda: TcpChannel(self.config), host, port, family=family)
                 if local_address is None
-                else self._connect_from(local_address, host, port, family)
+                else self._connect_from(local_address, host, port, family, on_syn_sent)
             )
             _, channel = await asyncio.wait_for(connect, self.config.dial_timeout)
         except TimeoutError as exc:
@@ -580,10 +587,21 @@ class TcpTransport:
         return connection
 
     async def _connect_from(
-        self, local_address: tuple[str, int], host: str, port: int, family: int
+        self,
+        local_address: tuple[str, int],
+        host: str,
+        port: int,
+        family: int,
+        on_syn_sent: Callable[[], None] | None = None,
     ) -> tuple[asyncio.BaseTransport, TcpChannel]:
+        loop = asyncio.get_running_loop()
         if family == socket.AF_UNSPEC:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if not _is_ip_literal(host):
+            resolved = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+            if not resolved:
+                raise OSError(errno.EHOSTUNREACH, f"{host} did not resolve")
+            family, host = resolved[0][0], resolved[0][4][0]
         # IPPROTO_TCP: asyncio turns Nagle off only for sockets that say so
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
@@ -596,15 +614,13 @@ class TcpTransport:
             sock.close()
             raise
         try:
-            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            await _sock_connect(sock, (host, port), on_syn_sent)
         except BaseException as exc:
             sock.close()
             if _syn_unanswered(exc):
                 self._remember_unanswered((host, port))
             raise
-        return await asyncio.get_running_loop().create_connection(
-            lambda: TcpChannel(self.config), sock=sock
-        )
+        return await loop.create_connection(lambda: TcpChannel(self.config), sock=sock)
 
     def _releasing(self, remote: tuple[str, int], channel: TcpChannel) -> None:
         """A failed dial's socket closes soon: a new dial to `remote` waits for that."""
@@ -646,6 +662,38 @@ class TcpTransport:
         for server, _ in self._servers:
             await server.wait_closed()
         self._servers.clear()
+
+
+async def _sock_connect(
+    sock: socket.socket, address: tuple[str, int], on_syn_sent: Callable[[], None] | None
+) -> None:
+    """Connect a non-blocking socket; `on_syn_sent()` runs as soon as the SYN is sent, before
+    any answer (asyncio's `sock_connect` tells nobody)."""
+    error = sock.connect_ex(address)
+    if error not in (0, errno.EINPROGRESS):
+        raise OSError(error, os.strerror(error))
+    if on_syn_sent is not None:
+        on_syn_sent()
+    if error == 0:
+        return
+    loop = asyncio.get_running_loop()
+    writable: asyncio.Future[None] = loop.create_future()
+    loop.add_writer(sock.fileno(), lambda: writable.done() or writable.set_result(None))
+    try:
+        await writable
+    finally:
+        loop.remove_writer(sock.fileno())
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _syn_unanswered(exc: BaseException) -> bool:

@@ -6,7 +6,8 @@
 After bootstrap (reachability checked, relay slots reserved when NAT'd) it prints
 {"event": "ready", "peer_id", "addrs", "reachability", "mapping", "relay_transports"}. Commands:
 {"cmd": "connect", "peer", "addrs", "direct_timeout"}  -> path, transport, paths (every
-    connection as transport/path), connect_ms, first_ping_ms, rtt_ms
+    connection as transport/path), connect_ms, first_ping_ms, rtt_ms, punch (the outcome),
+    punches (hole punches run with the peer so far: 1 when the first got through)
 {"cmd": "ping", "peer"}, {"cmd": "disconnect", "peer"}, {"cmd": "info"}, {"cmd": "stop"},
 {"cmd": "dial_from_listen_port", "addr"} -> connected (one TCP dial, from the listen port)
 """
@@ -67,6 +68,7 @@ async def _connect(node: Node, command: dict) -> dict:
         "first_ping_ms": first_ping * 1000,
         "rtt_ms": sorted(rtts)[1] * 1000,
         "punch": node.nat.holepuncher.results.get(peer, ""),
+        "punches": node.nat.holepuncher.punches.get(peer, 0),
         "via": _via(node, peer),
     }
 

@@ -9,9 +9,14 @@ that dialed the relayed connection) as the client of Noise and Yamux.
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
+import time
 
 from lattica_ray import Node
 from transport.connection import HOLEPUNCHED, RELAYED
+from transport.identity import KeyPair
+from transport.multiaddr import Multiaddr
 from transport.stream import Stream
 
 TCP_ONLY = ["/ip4/127.0.0.1/tcp/0"]
@@ -103,3 +108,25 @@ async def test_when_only_the_servers_syn_gets_through_the_client_keeps_its_role(
             assert direct.is_initiator and not back.is_initiator
             assert caller.swarm.tcp.client_role_for == set()  # only while punching
             assert await caller.ping(hidden.peer_id) > 0
+
+
+async def test_a_side_whose_nat_may_be_stale_has_its_syn_out_before_it_goes_on() -> None:
+    """A SYN of ours to the peer's address went unanswered lately, so our NAT may track that
+    port pair half-open: our punch SYN must have LEFT before we send SYNC (or our reply), not
+    merely be scheduled; the peer answers SYNC within a millisecond on a short path, and its
+    SYN reaching our NAT first kills the punch (tests/nat/test_tcp_punch_stale_entry.py)."""
+    with socket.create_server(("127.0.0.1", 0)) as their_listener:
+        port = their_listener.getsockname()[1]
+        async with Node(listen=TCP_ONLY, use_relays=False) as node:
+            assert node.swarm.tcp is not None
+            node.swarm.tcp.unanswered_syns[("127.0.0.1", port)] = time.monotonic()
+            their_addr = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{port}")
+            await node.nat.holepuncher._dial_first_if_stale(
+                KeyPair.generate().peer_id, [their_addr], client=True
+            )
+            # Blocking on purpose: no task of ours runs meanwhile, so the SYN must be out.
+            arrived, _, _ = select.select([their_listener], [], [], 2.0)
+            assert arrived, "the punch SYN had not left when DCUtR would go on"
+            accepted, source = their_listener.accept()
+            accepted.close()
+            assert str(source[1]) == node.swarm.tcp.listen_addrs[0].value_for("tcp")  # listen port

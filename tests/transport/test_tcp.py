@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import shutil
 import socket
@@ -27,6 +28,7 @@ from transport.memory import memory_stream_pair
 from transport.multiaddr import Multiaddr
 from transport.multistream import encode_message, select_inbound, select_outbound
 from transport.stream import Stream
+from transport.swarm import Swarm
 from transport.tcp import (
     TcpConfig,
     TcpConnection,
@@ -242,6 +244,48 @@ async def test_nothing_listening_is_unreachable() -> None:
         with pytest.raises(PeerUnreachable, match="cannot reach"):
             await transport.dial(f"/ip4/127.0.0.1/tcp/{port}")
         await transport.close()
+
+
+async def test_a_dial_from_a_local_address_says_when_its_syn_has_left() -> None:
+    """`on_syn_sent` runs once the kernel has sent the SYN, before any answer: a hole puncher
+    that must have its SYN out before it tells the peer to dial waits for exactly that."""
+    client = TcpTransport(KeyPair.generate(), FAST)
+    try:
+        source = tcp_socket_address(await client.listen("/ip4/127.0.0.1/tcp/0"))[:2]
+        with socket.socket() as deaf, socket.socket() as filler:
+            deaf.bind(("127.0.0.1", 0))
+            deaf.listen(0)  # one queued connection fills it: Linux then drops new SYNs
+            filler.setblocking(False)
+            filler.connect_ex(deaf.getsockname())
+            port = deaf.getsockname()[1]
+            sent = asyncio.Event()
+            dial = asyncio.ensure_future(
+                client.dial(
+                    f"/ip4/127.0.0.1/tcp/{port}", local_address=source, on_syn_sent=sent.set
+                )
+            )
+            try:
+                await asyncio.wait_for(sent.wait(), 2.0)
+                assert not dial.done()  # the SYN is out and still unanswered
+            finally:
+                dial.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dial
+        refused: list[str] = []
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))  # bound, not listening: the SYN is answered with a RST
+            port = probe.getsockname()[1]
+            with pytest.raises(PeerUnreachable, match="refused"):
+                await client.dial(
+                    f"/ip4/127.0.0.1/tcp/{port}",
+                    local_address=source,
+                    on_syn_sent=lambda: refused.append("sent"),
+                )
+        assert refused == ["sent"]
+        with pytest.raises(ValueError, match="local_address"):
+            await client.dial(f"/ip4/127.0.0.1/tcp/{port}", on_syn_sent=lambda: None)
+    finally:
+        await client.close()
 
 
 async def test_garbage_and_silent_clients_are_dropped() -> None:
@@ -496,3 +540,34 @@ def test_an_unknown_congestion_control_leaves_the_socket_as_it_was() -> None:
             assert not use_congestion_control(sock, "no-such-algorithm")
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16) == before
             assert not use_congestion_control(None, "reno")
+
+
+async def test_a_listen_port_dial_called_off_as_it_connects_becomes_a_path() -> None:
+    """Another dial to the peer won (QUIC, at bootstrap) in the very turn our TCP dial from the
+    listen port connected: that connection is kept as a path. Dropped unseen, it held the port
+    pair, the next dial from the listen port failed (EADDRNOTAVAIL) and left from a fresh port,
+    and a NAT'd node had no TCP mapping to offer for hole punching."""
+    a, b = Swarm(KeyPair.generate()), Swarm(KeyPair.generate())
+    try:
+        for swarm in (a, b):
+            await swarm.listen(Multiaddr.parse("/ip4/127.0.0.1/tcp/0"))
+        assert a.tcp is not None
+        dial_tcp = a.tcp.dial
+        caller: asyncio.Task[object] | None = None
+
+        async def connects_as_the_caller_is_called_off(*args: object, **kwargs: object) -> object:
+            connection = await dial_tcp(*args, **kwargs)  # type: ignore[arg-type]
+            assert caller is not None
+            asyncio.get_running_loop().call_soon(caller.cancel)  # before the caller resumes
+            return connection
+
+        a.tcp.dial = connects_as_the_caller_is_called_off  # type: ignore[method-assign]
+        caller = asyncio.ensure_future(a.dial_addr(b.addrs[0], b.peer_id))
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        paths = a.connections_to(b.peer_id)
+        assert [c.transport for c in paths] == ["tcp"], "the connection was dropped unseen"
+        assert paths[0].local_addr == a.tcp.listen_addrs[0]  # from the listen port
+    finally:
+        await a.close()
+        await b.close()

@@ -33,6 +33,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
@@ -65,6 +66,7 @@ BIRTHDAY_SOCKETS = 192
 BIRTHDAY_SPRAY = 4096
 PORT_RANGE = (1024, 65535)
 TCP_REDIAL = 0.1  # seconds between TCP punch dials that failed at once (refused, port taken)
+FIRST_SYN_WAIT = 2.0  # seconds a side that dials first waits for its SYN to leave (> RELEASE_WAIT)
 
 HolePunch = holepunch_pb2.HolePunch
 
@@ -77,6 +79,14 @@ def _retrieve(task: asyncio.Task) -> None:
 
 class PunchImpossible(TransportError):
     """No hole punch can work between these two NATs (both map endpoint-dependently)."""
+
+
+@dataclass
+class _PunchDial:
+    """One TCP punch dial from our listen port (it outlives the punch that started it)."""
+
+    task: asyncio.Task[Connection]
+    first_syn: asyncio.Future[None]  # done once our first SYN is out, or the first try failed
 
 
 def _punch_addrs(raw: list[bytes]) -> list[Multiaddr]:
@@ -138,8 +148,10 @@ class HolePuncher:
         self._supports_extension = supports_extension
         self._running: dict[PeerId, asyncio.Task[Connection | None]] = {}
         self._serving: dict[PeerId, asyncio.Future[None]] = {}  # punches we answer (as A)
-        self._tcp_dials: dict[tuple[PeerId, str], asyncio.Task[Connection]] = {}
+        self._tcp_dials: dict[tuple[PeerId, str], _PunchDial] = {}
         self.results: dict[PeerId, str] = {}  # peer -> "holepunched" / "failed: ..."
+        # peer -> punches run with it, in either role: more than one means an earlier one missed
+        self.punches: dict[PeerId, int] = {}
 
     def start(self) -> None:
         self.swarm.set_stream_handler(DCUTR_PROTOCOL, self._serve)
@@ -147,7 +159,7 @@ class HolePuncher:
 
     async def stop(self) -> None:
         for dial in list(self._tcp_dials.values()):
-            dial.cancel()
+            dial.task.cancel()
         for task in self._running.values():
             task.cancel()
         for task in list(self._running.values()):
@@ -231,7 +243,7 @@ class HolePuncher:
                 log.info("both %s and we are behind symmetric NATs: staying relayed", peer)
                 raise PunchImpossible("both peers are behind symmetric NATs")
             prepared = await self._prepare(we_dial, their_addrs, protocol)
-            self._dial_first_if_stale(peer, their_addrs, client=we_dial)
+            await self._dial_first_if_stale(peer, their_addrs, client=we_dial)
             await stream.write_message(HolePunch(type=HolePunch.SYNC).SerializeToString())
             await asyncio.sleep(rtt / 2)
             spray = protocol == EXTENDED_PROTOCOL and reply.mapping == Mapping.ENDPOINT_DEPENDENT
@@ -270,7 +282,7 @@ class HolePuncher:
         their_addrs = _on_shared_transports(_punch_addrs(list(request.ObsAddrs)), ours)
         we_dial = choose_dialer(str(self._mapping()), request.mapping if extended else "", True)
         if we_dial is not None:
-            self._dial_first_if_stale(peer, their_addrs, client=we_dial)
+            await self._dial_first_if_stale(peer, their_addrs, client=we_dial)
         reply = HolePunch(type=HolePunch.CONNECT)
         reply.ObsAddrs.extend(a.without_peer_id().to_bytes() for a in ours)
         if extended:
@@ -347,6 +359,7 @@ class HolePuncher:
     ) -> Connection | None:
         """Punch QUIC and TCP at once; the first direct connection (each transport that gets
         through within `PUNCH_TIMEOUT` stays as a path)."""
+        self.punches[peer] = self.punches.get(peer, 0) + 1
         self.swarm.expect_holepunch(peer, client=we_dial)
         quic, tcp = _quic(their_addrs), _tcp(their_addrs)
         punches = []
@@ -422,7 +435,7 @@ class HolePuncher:
         if client:  # their SYN may reach our listener first: we stay the client there too
             transport.client_role_for |= targets  # type: ignore[arg-type]
         self.swarm.add_connection_observer(watch)
-        attempts = [self._tcp_dial(peer, addr, client) for addr in their_addrs]
+        attempts = [self._tcp_dial(peer, addr, client).task for addr in their_addrs]
         waiters: list[asyncio.Future[Connection]] = [*map(asyncio.shield, attempts), arrived]
         try:
             while waiters:
@@ -441,11 +454,11 @@ class HolePuncher:
             for waiter in waiters:
                 waiter.cancel()  # (the shields: the dials themselves go on)
 
-    def _dial_first_if_stale(
+    async def _dial_first_if_stale(
         self, peer: PeerId, their_addrs: list[Multiaddr], client: bool
     ) -> None:
-        """Start our TCP punch dials now, ahead of DCUtR's moment, if a SYN of ours to one of
-        their addresses went unanswered lately.
+        """Send our TCP punch SYNs now, ahead of DCUtR's moment, if a SYN of ours to one of
+        their addresses went unanswered lately; return once they are out.
 
         Our NAT may then still track that port pair half-open with the old SYN's sequence
         number. If the peer's punch SYN reaches it before our new one has gone out, the NAT
@@ -454,7 +467,9 @@ class HolePuncher:
         for minutes. Our own SYN going out first re-arms the entry (a new SYN from the same
         side replaces the old one), and then the peer's SYN meets our connecting socket. So
         the side that knows its NAT is stale dials first: B before SYNC, A before its reply;
-        the other side keeps DCUtR's timing, after it."""
+        the other side keeps DCUtR's timing, after it. "Before" means the SYN has left, not
+        that its dial was scheduled: the peer answers SYNC within a millisecond on a LAN-like
+        path, sooner than a loaded loop may come round to a new task."""
         tcp = self.swarm.tcp
         if tcp is None or not tcp.listen_addrs:
             return
@@ -463,48 +478,67 @@ class HolePuncher:
             for addr in _tcp(their_addrs)
             if tcp.syn_unanswered_lately(tuple(tcp_socket_address(addr)[:2]))  # type: ignore[arg-type]
         ]
-        if stale:
-            log.info("TCP punch to %s: our NAT may hold a stale entry; dialing first", peer)
-            for addr in _tcp(their_addrs):
-                self._tcp_dial(peer, addr, client)
+        if not stale:
+            return
+        log.info("TCP punch to %s: our NAT may hold a stale entry; dialing first", peer)
+        dials = [self._tcp_dial(peer, addr, client) for addr in _tcp(their_addrs)]
+        _, late = await asyncio.wait([d.first_syn for d in dials], timeout=FIRST_SYN_WAIT)
+        if late:
+            log.info("TCP punch to %s: our SYN did not leave within %s s", peer, FIRST_SYN_WAIT)
 
-    def _tcp_dial(self, peer: PeerId, addr: Multiaddr, client: bool) -> asyncio.Task[Connection]:
+    def _tcp_dial(self, peer: PeerId, addr: Multiaddr, client: bool) -> _PunchDial:
         """The punch dial to `addr`: the one still under way, or a new one."""
         key = (peer, str(addr))
         running = self._tcp_dials.get(key)
-        if running is not None and not running.done():
+        if running is not None and not running.task.done():
             return running
+        first_syn = asyncio.get_running_loop().create_future()
         task = asyncio.get_running_loop().create_task(
-            self._dial_from_listen_port(peer, addr, client)
+            self._dial_from_listen_port(peer, addr, client, first_syn)
         )
-        task.add_done_callback(_retrieve)
-        self._tcp_dials[key] = task
-        task.add_done_callback(
-            lambda done: (
-                self._tcp_dials.pop(key, None) if self._tcp_dials.get(key) is done else None
-            )
-        )
-        return task
+        dial = self._tcp_dials[key] = _PunchDial(task, first_syn)
+
+        def ended(done: asyncio.Task[Connection]) -> None:
+            _retrieve(done)
+            if not first_syn.done():
+                first_syn.set_result(None)
+            if self._tcp_dials.get(key) is dial:
+                del self._tcp_dials[key]
+
+        task.add_done_callback(ended)
+        return dial
 
     async def _dial_from_listen_port(
-        self, peer: PeerId, addr: Multiaddr, client: bool
+        self, peer: PeerId, addr: Multiaddr, client: bool, first_syn: asyncio.Future[None]
     ) -> Connection:
         assert self.swarm.tcp is not None
         transport = self.swarm.tcp
         source = self.swarm.tcp_dial_source(tcp_socket_address(addr)[0])
+
+        def syn_sent() -> None:
+            if not first_syn.done():
+                log.debug("TCP punch dial to %s: first SYN sent", addr)
+                first_syn.set_result(None)
+
         async with asyncio.timeout(transport.config.dial_timeout):
             while True:
                 try:
                     if source is None:  # no listener fits: still opens our NAT toward them
+                        syn_sent()  # (from another port: no stale entry of ours to re-arm)
                         connection = await transport.dial(addr, peer, is_initiator=client)
                     else:
                         connection = await transport.dial(
-                            addr, peer, local_address=source, is_initiator=client
+                            addr,
+                            peer,
+                            local_address=source,
+                            is_initiator=client,
+                            on_syn_sent=syn_sent,
                         )
                 except PeerIdMismatch:
                     raise
                 except PeerUnreachable as exc:  # refused, or the port pair is taken
                     log.debug("TCP punch dial to %s: %s", addr, exc)
+                    syn_sent()  # (this try sent none: later ones are not worth waiting for)
                     if self._punched(peer, "tcp") is not None:
                         raise
                     await asyncio.sleep(TCP_REDIAL)
