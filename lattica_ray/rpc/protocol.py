@@ -213,7 +213,7 @@ def _encode_header(header: Header) -> bytes:
 
 
 def encode_status(status: Status) -> bytes:
-    if status == _STATUS_OK:
+    if status is STATUS_OK or status == STATUS_OK:
         return _STATUS_OK_FRAME
     traceback = status.traceback
     if len(traceback) > MAX_TRACEBACK_LENGTH:
@@ -257,7 +257,7 @@ def _decode_header(body: Buffer) -> Header:
 
 def decode_status(body: Buffer) -> Status:
     if not len(body):  # OK, nothing else: protobuf writes no field at its default
-        return _STATUS_OK
+        return STATUS_OK
     message = rpc_pb2.CallStatus()
     try:
         message.ParseFromString(bytes(body))
@@ -273,7 +273,7 @@ def decode_status(body: Buffer) -> Status:
 _END = End()
 _END_FRAME = encode_frame(FrameType.END)
 _CANCEL_FRAME = encode_frame(FrameType.CANCEL)
-_STATUS_OK = Status(StatusCode.OK)
+STATUS_OK = Status(StatusCode.OK)
 _STATUS_OK_FRAME = encode_frame(FrameType.STATUS, rpc_pb2.CallStatus().SerializeToString())
 
 
@@ -602,8 +602,8 @@ class ClientCall:
                 response = whole_reply(data)
                 if response is not None:  # what the frames would give, one by one
                     self._messages_received = 1
-                    self.status = _STATUS_OK
-                    return [Message(response), _STATUS_OK]
+                    self.status = STATUS_OK
+                    return [Message(response), STATUS_OK]
             decoder = self._decoder = FrameDecoder(self.max_message_size, self.max_control_size)
         return [self._on_frame(t, body) for t, body in decoder.feed(data)]
 

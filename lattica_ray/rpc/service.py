@@ -20,6 +20,7 @@ import types
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Callable,
     Coroutine,
     Generator,
@@ -43,6 +44,7 @@ from lattica_ray.rpc.errors import (
 )
 from lattica_ray.rpc.protocol import (
     PROTOCOL_ID,
+    STATUS_OK,
     Buffer,
     CallKind,
     Cancel,
@@ -67,7 +69,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 STOP_GRACE = 1.0  # seconds `stop()` lets cancelled handlers take to send their status
 HOLD_BELOW = 16 * 1024  # a last response this small leaves with the status and FIN, unwaited
-_STATUS_OK = Status(StatusCode.OK)
 
 
 class Codec(Protocol):
@@ -301,8 +302,101 @@ def _error_status(exc: BaseException) -> Status:
 
 
 # -- server side ------------------------------------------------------------------------------
+def _whole(pending: collections.deque[Event]) -> bool:
+    """The events after a header are the arguments and END: the request came whole."""
+    return len(pending) == 2 and type(pending[1]) is End and type(pending[0]) is Message
+
+
+def _call_context(peer: PeerId, method: Method, header: Header) -> CallContext:
+    deadline = None if header.timeout is None else time.monotonic() + header.timeout
+    # (a decoded header with metadata has a dict of its own: no copy needed; one without may
+    # be shared by calls, and its handler gets a fresh empty dict)
+    return CallContext(peer, method.name, header.metadata or {}, deadline)
+
+
+def _frame_response(
+    service: RpcService, proto: ServerCall, method: Method, item: object
+) -> list[Buffer]:
+    try:
+        buffers = service.codec.encode(item)
+    except ValueError as exc:
+        raise ValueError(f"could not encode the response of {method.name!r}: {exc}") from exc
+    return proto.send_message(buffers)
+
+
+async def _answer_unary(
+    service: RpcService, proto: ServerCall, method: Method, context: CallContext, payload: Any
+) -> list[Buffer]:
+    """Run an async unary handler on its arguments; its response as frames."""
+    bind_call(context)
+    args, kwargs = _decode_arguments(service.decode, payload)
+    return _frame_response(service, proto, method, await method.handler(*args, **kwargs))
+
+
+async def _deliver(
+    service: RpcService,
+    stream: Stream,
+    proto: ServerCall,
+    context: CallContext,
+    response: list[Buffer] | None,
+    status: Status,
+) -> None:
+    """Send a call's outcome (its response, if any, and status), then close our side."""
+    response = response or []
+    size = _size(response)
+    try:
+        # The response takes as long as the path needs (bounded by the call's own deadline,
+        # if it has one); only the status after it is held to `status_timeout`.
+        if size >= service.config.coalesce_below:
+            remaining = context.deadline
+            async with asyncio.timeout(
+                None if remaining is None else max(0.0, remaining - time.monotonic())
+            ):
+                await _FrameWriter(stream, service.config.coalesce_below).write(response)
+            response, size = [], 0
+        # Usually the transport takes the status at once: no timer is armed for it then.
+        done, rest = run_eagerly(_send_status(service, stream, proto, response, size, status))
+        if not done:
+            async with asyncio.timeout(service.config.status_timeout):
+                await rest
+    except (TimeoutError, TransportError, ConnectionError) as exc:
+        logger.debug("rpc %s: status to %s not delivered: %r", context.method, context.peer, exc)
+        stream.reset("status not delivered")
+
+
+async def _send_status(
+    service: RpcService,
+    stream: Stream,
+    proto: ServerCall,
+    response: list[Buffer],
+    size: int,
+    status: Status,
+) -> None:
+    """The last (small) response (of `size` bytes), the status and our FIN: where the
+    transport can, in one piece (one STREAM frame on QUIC, which sends what `hold` kept with
+    the FIN)."""
+    if stream.holds_unsent and size < HOLD_BELOW:  # (no backpressure wait)
+        stream.hold(b"".join([*response, proto.send_status(status)]))
+    else:
+        writer = _FrameWriter(stream, service.config.coalesce_below)
+        await writer.write([*response, proto.send_status(status)])
+    await stream.close()
+
+
 class _InboundCall:
     """One call being served: reads the requests, runs the handler, writes replies and status."""
+
+    # Until set otherwise (class defaults: a small call sets none of them, nor pays for them)
+    _writer: _FrameWriter | None = None
+    requests: _Channel | None = None  # client-streaming calls' requests
+    arguments: asyncio.Future[ReceiveBuffer] | None = None  # still to come
+    # The task running the handler: its own, or (inline) the one serving the stream.
+    handler_task: asyncio.Task[Any] | None = None
+    handler_done = False
+    _cancel_requested = False  # we cancelled handler_task and have not seen it land
+    reader: asyncio.Task[None] | None = None
+    cause: Status | None = None  # why the handler was cancelled, as the status to send
+    reset_by_caller = False
 
     def __init__(
         self,
@@ -312,6 +406,7 @@ class _InboundCall:
         pending: collections.deque[Event],
         method: Method,
         header: Header,
+        context: CallContext | None = None,
     ) -> None:
         self.service = service
         self.stream = stream
@@ -320,22 +415,8 @@ class _InboundCall:
         self.method = method
         self.header = header
         self.peer = stream.remote_peer
-        # Made when needed: a small unary call (`run_inline`) uses none of these.
-        self._writer: _FrameWriter | None = None
-        self.requests: _Channel | None = None  # client-streaming calls' requests
-        self.arguments: asyncio.Future[ReceiveBuffer] | None = None  # still to come
-        deadline = None if header.timeout is None else time.monotonic() + header.timeout
         assert self.peer is not None
-        # (a decoded header with metadata has a dict of its own: no copy needed; one without
-        # may be shared by calls, and its handler gets a fresh empty dict)
-        self.context = CallContext(self.peer, method.name, header.metadata or {}, deadline)
-        # The task running the handler: its own, or (inline) the one serving the stream.
-        self.handler_task: asyncio.Task[Any] | None = None
-        self.handler_done = False
-        self._cancel_requested = False  # we cancelled handler_task and have not seen it land
-        self.reader: asyncio.Task[None] | None = None
-        self.cause: Status | None = None  # why the handler was cancelled, as the status to send
-        self.reset_by_caller = False
+        self.context = context or _call_context(self.peer, method, header)
 
     @property
     def writer(self) -> _FrameWriter:
@@ -346,34 +427,35 @@ class _InboundCall:
     # -- lifecycle ----------------------------------------------------------------------
     def request_complete(self) -> bool:
         """True when the arguments and END came with the header (a small unary call)."""
-        pending = self.pending
-        return (
-            len(pending) == 2
-            and isinstance(pending[0], Message)
-            and isinstance(pending[1], End)
-            and not self.method.kind.client_streams
-        )
+        return _whole(self.pending) and not self.method.kind.client_streams
 
-    async def run_inline(self, task: asyncio.Task[Any]) -> None:
+    async def run_inline(
+        self, task: asyncio.Task[Any], started: Awaitable[list[Buffer] | None] | None = None
+    ) -> None:
         """Run the handler in this task (`task`): the whole request is here, so nothing needs
-        reading (`request_complete`), else `run_beside_reader`.
+        reading (`request_complete`), else `run_beside_reader`. `started`: the handler, run
+        until it first waited (`RpcService._answer_whole`), to go on with.
 
         The reply then leaves in the same loop iteration as the protocol confirmation (one
         packet, no task switches). Whatever arrives meanwhile (a reset, CANCEL) wakes a reader.
         """
-        message = self.pending.popleft()
-        self.pending.clear()  # END
-        assert isinstance(message, Message)
+        if started is None:
+            message = self.pending.popleft()
+            self.pending.clear()  # END
+            assert isinstance(message, Message)
         self.handler_task = task
         timer = None
         response: list[Buffer] | None = None
         error: BaseException | None = None
-        cancelled = False
+        cancelled = watching = False
         try:
             try:
                 # A handler that answers without waiting needs no deadline timer and no watch
                 # on the stream: nothing can interrupt it. Both are set up if it waits.
-                done, rest = run_eagerly(self._invoke(message.payload))
+                if started is None:
+                    done, rest = run_eagerly(self._invoke(message.payload))
+                else:
+                    done, rest = False, started
                 if done:
                     response = rest
                 else:
@@ -381,6 +463,7 @@ class _InboundCall:
                         remaining = max(0.0, self.context.deadline - time.monotonic())
                         timer = asyncio.get_running_loop().call_later(remaining, self._on_deadline)
                     self.stream.watch(self._on_arrival)
+                    watching = True
                     response = await rest
             except asyncio.CancelledError:
                 if not self._cancel_requested or task.uncancel():  # not (only) ours: stopping
@@ -397,7 +480,8 @@ class _InboundCall:
                 task.uncancel()
             await self._finish(response, error, cancelled)
         finally:
-            self.stream.watch(None)
+            if watching:
+                self.stream.watch(None)
             if self.reader is not None:
                 self.reader.cancel()
                 await asyncio.wait([self.reader])
@@ -480,40 +564,12 @@ class _InboundCall:
             if status.code == StatusCode.UNKNOWN:
                 logger.info("rpc %s from %s raised %r", self.method.name, self.peer, error)
         else:
-            status = _STATUS_OK
-        response = response or []
+            status = STATUS_OK
         self.service._release(self)  # before the status: the caller may call again at once
         if self.reset_by_caller or (self._writer is not None and self._writer.mid_frame):
             self.stream.reset("rpc call aborted")
             return
-        try:
-            # The response takes as long as the path needs (bounded by the call's own deadline,
-            # if it has one); only the status after it is held to `status_timeout`.
-            if _size(response) >= self.service.config.coalesce_below:
-                remaining = self.context.deadline
-                async with asyncio.timeout(
-                    None if remaining is None else max(0.0, remaining - time.monotonic())
-                ):
-                    await self.writer.write(response)
-                response = []
-            # Usually the transport takes the status at once: no timer is armed for it then.
-            done, rest = run_eagerly(self._send_status(response, status))
-            if not done:
-                async with asyncio.timeout(self.service.config.status_timeout):
-                    await rest
-        except (TimeoutError, TransportError, ConnectionError) as exc:
-            logger.debug("rpc %s: status to %s not delivered: %r", self.method.name, self.peer, exc)
-            self.stream.reset("status not delivered")
-
-    async def _send_status(self, response: list[Buffer], status: Status) -> None:
-        """The last (small) response, the status and our FIN: where the transport can, in one
-        piece (one STREAM frame on QUIC, which sends what `hold` kept with the FIN)."""
-        stream = self.stream
-        if stream.holds_unsent and _size(response) < HOLD_BELOW:  # (no backpressure wait)
-            stream.hold(b"".join([*response, self.proto.send_status(status)]))
-        else:
-            await self.writer.write([*response, self.proto.send_status(status)])
-        await stream.close()
+        await _deliver(self.service, self.stream, self.proto, self.context, response, status)
 
     # -- reading ------------------------------------------------------------------------
     async def _read_requests(self) -> None:
@@ -569,12 +625,7 @@ class _InboundCall:
         return self._frame(result)
 
     def _frame(self, item: object) -> list[Buffer]:
-        try:
-            buffers = self.service.codec.encode(item)
-        except ValueError as exc:
-            name = self.method.name
-            raise ValueError(f"could not encode the response of {name!r}: {exc}") from exc
-        return self.proto.send_message(buffers)
+        return _frame_response(self.service, self.proto, self.method, item)
 
     async def _stream_async(self, responses: AsyncIterator[object]) -> None:
         try:
@@ -1211,15 +1262,20 @@ class RpcService:
         if not isinstance(header, Header):  # the caller gave up before sending a header
             stream.reset("closed before its call header")
             return
-        refusal = self._admission(stream.remote_peer, header)
+        peer = stream.remote_peer
+        per_peer = self._inbound_per_peer
+        running = per_peer.get(peer, 0)  # (the peer's calls: looked up once)
+        refusal = self._admission(peer, header, running)
         if refusal is not None:
             await self._refuse(stream, proto, refusal)
             return
         method = self._methods[header.method]
+        if method.kind is CallKind.UNARY and method.is_async and _whole(pending):
+            await self._answer_whole(stream, proto, pending, method, header, task)
+            return
         call = _InboundCall(self, stream, proto, pending, method, header)
         self._inbound.add(call)
-        per_peer = self._inbound_per_peer
-        per_peer[call.peer] = per_peer.get(call.peer, 0) + 1
+        per_peer[peer] = running + 1
         try:
             if call.request_complete():
                 await call.run_inline(task)
@@ -1227,6 +1283,44 @@ class RpcService:
                 await call.run_beside_reader()
         finally:
             self._release(call)
+
+    async def _answer_whole(
+        self,
+        stream: Stream,
+        proto: ServerCall,
+        pending: collections.deque[Event],
+        method: Method,
+        header: Header,
+        task: asyncio.Task[Any],
+    ) -> None:
+        """Serve an async unary call whose whole request came with its header (`pending`:
+        its arguments and END). The handler runs at once, in this task; one that answers
+        without waiting could not be interrupted, so the call is only registered (counted
+        under the limits, cancellable, watched for a reset, timed) if the handler waits."""
+        message = pending.popleft()
+        pending.clear()  # END
+        assert isinstance(message, Message) and stream.remote_peer is not None
+        context = _call_context(stream.remote_peer, method, header)
+        response: list[Buffer] | None = None
+        try:
+            done, rest = run_eagerly(_answer_unary(self, proto, method, context, message.payload))
+        except Exception as exc:  # the handler failed at once: the caller is told how
+            status = _error_status(exc)
+            if status.code == StatusCode.UNKNOWN:
+                logger.info("rpc %s from %s raised %r", method.name, context.peer, exc)
+        else:
+            if not done:  # it waits: from here on a call like any other
+                call = _InboundCall(self, stream, proto, pending, method, header, context)
+                self._inbound.add(call)
+                per_peer = self._inbound_per_peer
+                per_peer[call.peer] = per_peer.get(call.peer, 0) + 1
+                try:
+                    await call.run_inline(task, rest)
+                finally:
+                    self._release(call)
+                return
+            response, status = rest, STATUS_OK
+        await _deliver(self, stream, proto, context, response, status)
 
     def _release(self, call: _InboundCall) -> None:
         """Free the call's place under the concurrency limits (once)."""
@@ -1239,8 +1333,9 @@ class RpcService:
             else:
                 del per_peer[call.peer]
 
-    def _admission(self, peer: PeerId | None, header: Header) -> Status | None:
-        """Why this call cannot be served now, or None to serve it."""
+    def _admission(self, peer: PeerId | None, header: Header, running: int) -> Status | None:
+        """Why this call cannot be served now (`running`: the peer's calls being served), or
+        None to serve it."""
         if self._stopping:
             return Status(StatusCode.UNAVAILABLE, "the server is stopping")
         method = self._methods.get(header.method)
@@ -1264,12 +1359,10 @@ class RpcService:
                 f"the server is serving {len(self._inbound)} calls, its limit "
                 "(max_concurrent_calls); retry later",
             )
-        if peer is not None and (
-            self._inbound_per_peer.get(peer, 0) >= self.config.max_concurrent_calls_per_peer
-        ):
+        if peer is not None and running >= self.config.max_concurrent_calls_per_peer:
             return Status(
                 StatusCode.RESOURCE_EXHAUSTED,
-                f"you already have {self._inbound_per_peer[peer]} calls running on this peer, "
+                f"you already have {running} calls running on this peer, "
                 "its limit (max_concurrent_calls_per_peer); wait for some to finish",
             )
         return None

@@ -275,3 +275,34 @@ async def test_the_server_enforces_the_deadline_of_a_whole_small_call(peers: Pee
         await asyncio.wait_for(cancelled.wait(), WAIT)
     finally:
         await client.stop()
+
+
+async def test_a_whole_small_call_sees_its_context_before_and_after_it_waits(
+    peers: Peers,
+) -> None:
+    from lattica_ray.rpc import RemoteError, current_call
+
+    seen: list[tuple[object, ...]] = []
+
+    @peers.server.method()
+    async def look(x: bytes) -> bytes:
+        before = current_call()
+        seen.append((before.method, dict(before.metadata), before.time_remaining() is not None))
+        before.metadata["scribble"] = "mine"  # a handler's own copy
+        await asyncio.sleep(0.001)
+        assert current_call() is before
+        if x == b"fail":
+            raise RuntimeError("failed after waiting")
+        return x
+
+    assert (
+        await peers.client.call(peers.peer, "look", b"a", timeout=WAIT, metadata={"k": "v"}) == b"a"
+    )
+    assert await peers.client.call(peers.peer, "look", b"b") == b"b"
+    assert await peers.client.call(peers.peer, "look", b"c") == b"c"
+    assert seen == [("look", {"k": "v"}, True), ("look", {}, False), ("look", {}, False)]
+    with pytest.raises(RemoteError, match="failed after waiting") as info:
+        await peers.client.call(peers.peer, "look", b"fail", timeout=WAIT)
+    assert info.value.remote_type == "RuntimeError"
+    assert "in look" in info.value.remote_traceback
+    assert peers.server.active_inbound_calls == 0
