@@ -54,12 +54,20 @@ async def _read_text(stream: Stream) -> str:
     return decode_message(await stream._read_message_raw(MAX_PROTOCOL_ID_LENGTH + 1))
 
 
-async def read_confirmation(stream: Stream, expected: list[str]) -> None:
-    """Check the listener's answers to proposals we sent without waiting (lazy mode)."""
+def confirmed_now(stream: Stream, expected: list[str]) -> bool:
+    """True (and consumed) if the listener's answers to our lazy proposals are all here and
+    as expected: the usual case, checked without parsing. Else `read_confirmation`."""
     echo = encode_messages(*expected)
-    if stream._buffer.startswith(echo):  # the usual answer, whole: no parsing needed
+    if stream._buffer.startswith(echo):
         del stream._buffer[: len(echo)]
         stream._on_consumed(len(echo))
+        return True
+    return False
+
+
+async def read_confirmation(stream: Stream, expected: list[str]) -> None:
+    """Check the listener's answers to proposals we sent without waiting (lazy mode)."""
+    if confirmed_now(stream, expected):
         return
     for want in expected:
         answer = await _read_text(stream)

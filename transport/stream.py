@@ -109,31 +109,43 @@ class Stream:
     async def _settle_negotiation(self) -> None:
         if not self._pending_confirmation:
             return
-        from transport.multistream import read_confirmation  # local: multistream imports us
+        from transport.multistream import confirmed_now, read_confirmation  # (imports us)
 
         # Wait for the answer first: it usually comes whole, with the reply, and is then
         # checked in one step instead of message by message.
         await self._wait_readable()
         expected, self._pending_confirmation = self._pending_confirmation, []
-        await read_confirmation(self, expected)
+        if not confirmed_now(self, expected):
+            await read_confirmation(self, expected)
 
     async def read(self, max_bytes: int = 65536) -> bytes:
         """Up to `max_bytes` bytes; b"" once the remote closed its side and all was read."""
         if self._pending_confirmation:  # (checked here: no coroutine for the common case)
             await self._settle_negotiation()
-        return await self._read_raw(max_bytes)
+        if not self._buffer:  # (the rest of `_read_raw`, without a coroutine of its own)
+            await self._wait_readable()
+            if not self._buffer:
+                return self._at_end()
+        return self._take(max_bytes)
 
     async def _read_raw(self, max_bytes: int) -> bytes:
         if not self._buffer:
             await self._wait_readable()
-        if not self._buffer:
-            if self._reset_reason is not None:
-                raise StreamReset(self._reset_reason)
-            return b""
+            if not self._buffer:
+                return self._at_end()
+        return self._take(max_bytes)
+
+    def _take(self, max_bytes: int) -> bytes:
         chunk = bytes(self._buffer[:max_bytes])
         del self._buffer[: len(chunk)]
         self._on_consumed(len(chunk))
         return chunk
+
+    def _at_end(self) -> bytes:
+        """What a read returns with nothing buffered after waiting: the end, or the reset."""
+        if self._reset_reason is not None:
+            raise StreamReset(self._reset_reason)
+        return b""
 
     def read_nowait(self, max_bytes: int = 65536) -> bytes:
         """Up to `max_bytes` of what is buffered now, without waiting; b"" if nothing is (which
@@ -143,10 +155,7 @@ class Stream:
             if self._reset_reason is not None and not self._pending_confirmation:
                 raise StreamReset(self._reset_reason)
             return b""
-        chunk = bytes(self._buffer[:max_bytes])
-        del self._buffer[: len(chunk)]
-        self._on_consumed(len(chunk))
-        return chunk
+        return self._take(max_bytes)
 
     async def readexactly(self, nbytes: int) -> bytes:
         if self._pending_confirmation:

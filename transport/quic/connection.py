@@ -157,6 +157,16 @@ class QuicConnection(Connection):
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush)
 
+    def _flush_before_waiting(self) -> None:
+        """A reader is about to wait, likely for the answer to what was just written: flush
+        now if the scheduled flush is all the loop has left to run (nothing could add to it),
+        instead of a loop turn later. With other callbacks queued (other writers), the flush
+        stays scheduled, so their writes share its packets."""
+        ready = getattr(self._loop, "_ready", None)  # asyncio's queue of runnable callbacks
+        if ready is not None and len(ready) == 1:
+            self._process_events()  # as the scheduled flush would, which then finds it done
+            self._flush()
+
     def _scheduled_flush(self) -> None:
         if self._flush_scheduled:  # else a receive batch has flushed since
             self._process_events()  # what an engine let through as the reader read

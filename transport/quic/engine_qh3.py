@@ -24,7 +24,8 @@ What the seam asks and qh3 does differently:
   do not show it; `pmtu_probing=False` avoids it.
 - Streams: qh3 lets a remote open 100 bidirectional streams at once (fixed in qh3; our
   `max_streams` is the aioquic engine's). An opener over the remote's limit waits for a
-  slot (`QuicConfig.stream_slot_timeout`). Congestion control is qh3's own (`congestion_control` is aioquic's).
+  slot (`QuicConfig.stream_slot_timeout`). Congestion control is qh3's own
+  (`congestion_control` is aioquic's).
 """
 
 from __future__ import annotations

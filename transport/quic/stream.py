@@ -36,11 +36,16 @@ class QuicStream(Stream):
         self.connection._reader_needs(self.stream_id, needed)
 
     async def _wait_readable(self) -> None:
-        if not self._buffer and not self._eof and self._reset_reason is None:
+        while not self._buffer and not self._eof and self._reset_reason is None:
+            connection = self.connection
             # A reader waits: data held back for other streams' unread bytes must come in
             # (qh3 gives credit for all streams from one queue), or it waits on them.
-            self.connection._reader_needs(self.stream_id, 1)
-        await super()._wait_readable()
+            connection._reader_needs(self.stream_id, 1)
+            if connection._flush_scheduled:  # what it wrote may be what the answer waits for
+                connection._flush_before_waiting()
+                if self._buffer or self._eof or self._reset_reason is not None:
+                    return  # it came in meanwhile
+            await self._next_arrival()
 
     # -- writing ------------------------------------------------------------------------
     async def write(self, data: bytes | bytearray | memoryview) -> None:
