@@ -265,7 +265,8 @@ def _byte_view(buffer: Buffer) -> memoryview:
 
 
 def _encode_arguments(codec: Codec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-    return codec.encode((tuple(args), dict(kwargs)))
+    # (`*args` and `**kwargs` of our own signatures: already a fresh tuple and dict)
+    return codec.encode((args, kwargs))
 
 
 def _decode_arguments(
@@ -724,6 +725,14 @@ _PLAIN_HEADERS: dict[tuple[str, CallKind, float | None], Header] = {}  # no meta
 class _OutboundCall:
     """One call we make: opens the stream, sends the requests, reads replies and status."""
 
+    # Until set otherwise (class defaults: a small call sets few of them)
+    stream: Stream | None = None
+    writer: _FrameWriter | None = None
+    writer_task: asyncio.Task[None] | None = None
+    done = False
+    task: asyncio.Task[Any] | None = None  # a unary call's caller, for `_Deadlines`
+    expired = False  # its deadline (plus grace) passed: `task` was cancelled for it
+
     def __init__(
         self,
         service: RpcService,
@@ -768,13 +777,7 @@ class _OutboundCall:
         self.deadline = None if timeout is None else loop.time() + timeout
         self.expiry = None if self.deadline is None else self.deadline + config.deadline_grace
         self.timeout = timeout
-        self.stream: Stream | None = None
-        self.writer: _FrameWriter | None = None
-        self.writer_task: asyncio.Task[None] | None = None
         self.events: collections.deque[Event] = collections.deque()
-        self.done = False
-        self.task: asyncio.Task[Any] | None = None  # a unary call's caller, for `_Deadlines`
-        self.expired = False  # its deadline (plus grace) passed: `task` was cancelled for it
 
     def _error(self, error: RpcError) -> RpcError:
         error.method, error.peer = self.method, self.peer
@@ -1193,7 +1196,8 @@ class RpcService:
             result = None
             if isinstance(event, Message):
                 result = call.decode(event.payload)
-                event = await call.next_event()
+                # (the status usually came with it)
+                event = call.events.popleft() if call.events else await call.next_event()
         except BaseException as exc:
             call.abort("deadline exceeded" if call.expired else "call abandoned")
             # Our deadline (alone) cancelled the task: the caller gets DeadlineExceeded.
