@@ -770,12 +770,13 @@ class _Skeleton:
     tree compiled into small functions, see `_compile`). Such a message is then decoded
     without parsing and checking all of that again."""
 
-    __slots__ = ("blocks", "build", "pads", "size")
+    __slots__ = ("blocks", "build", "direct", "pads", "size")
 
     def __init__(self, decoder: _Decoder, nodes: list[Any], table_end: int) -> None:
         self.size = len(decoder.message)
         self.blocks = decoder.blocks
         self.build = _compile(nodes, decoder.blocks)
+        self.direct = _direct_builder(nodes, decoder.blocks)
         pads, position = [], table_end
         for start, end in decoder.blocks:
             if start > position:
@@ -785,6 +786,33 @@ class _Skeleton:
 
 
 Builder = Callable[["_Decoder"], object]
+
+
+def _direct_builder(
+    nodes: list[Any], blocks: list[tuple[int, int]]
+) -> Callable[[bytearray], object] | None:
+    """For the values `encode` takes its shortcut for (bytes, call arguments of bytes only,
+    None: see `_bytes_shape`), a function that builds the value straight from the message
+    (nothing in them needs checking beyond the skeleton); None for other trees."""
+    if nodes == [None]:
+        return lambda message: None
+    if nodes == [[_BYTES, 0]]:
+        ((start, end),) = blocks
+        return lambda message: bytes(memoryview(message)[start:end])
+    count = len(nodes) - 3
+    if (
+        count < 0
+        or nodes[0] != [_TUPLE, 2]
+        or nodes[1] != [_TUPLE, count]
+        or nodes[-1] != [_DICT, 0]
+        or nodes[2:-1] != [[_BYTES, index] for index in range(count)]
+    ):
+        return None
+    if count == 1:
+        ((start, end),) = blocks
+        return lambda message: ((bytes(memoryview(message)[start:end]),), {})
+    places = list(blocks)
+    return lambda message: (tuple([bytes(memoryview(message)[s:e]) for s, e in places]), {})
 
 
 def _compile(nodes: list[Any], blocks: list[tuple[int, int]]) -> Builder:
@@ -924,7 +952,10 @@ def decode(message: bytes | bytearray | memoryview, limits: CodecLimits | None =
     if type(message) is bytearray and (limits is None or limits is DEFAULT_LIMITS):
         recent = _recent_by_size.get(len(message))
         if recent is not None and _has_skeleton(message, *recent):
-            return _decode_known(memoryview(message), recent[1], DEFAULT_LIMITS)
+            skeleton = recent[1]
+            if skeleton.direct is not None:
+                return skeleton.direct(message)
+            return _decode_known(memoryview(message), skeleton, DEFAULT_LIMITS)
     view = memoryview(message)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")

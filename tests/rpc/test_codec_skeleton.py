@@ -158,3 +158,26 @@ def test_a_changed_block_table_is_refused_when_the_size_is_remembered() -> None:
     with pytest.raises(MalformedMessage):
         decode(bad)
     assert decode(memoryview(good)) == [b"g" * 3, b"h" * 3]  # other buffer types: the long way
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, b"", b"v" * 100, ((), {}), ((b"w" * 10,), {}), ((b"x", b"", b"y" * 70), {})],
+)
+def test_values_of_bytes_only_decode_straight_from_a_remembered_size(value: object) -> None:
+    data = message(value)
+    assert remembered_by_size(data)
+    assert codec._recent_by_size[len(data)][1].direct is not None  # the direct way is taken
+    first, second = decode(bytearray(data)), decode(bytearray(data))
+    assert first == second == value
+    assert type(first) is type(value)
+    if isinstance(first, tuple):  # each call gets arguments of its own
+        assert first[1] is not second[1]
+        assert all(type(arg) is bytes for arg in first[0])
+
+
+def test_other_values_of_a_remembered_size_are_not_decoded_straight() -> None:
+    value = ((b"x" * 10,), {"k": b"y"})
+    assert remembered_by_size(message(value))
+    assert codec._recent_by_size[len(message(value))][1].direct is None
+    assert decode(message(value)) == value
