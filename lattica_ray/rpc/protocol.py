@@ -230,7 +230,7 @@ def encode_status(status: Status) -> bytes:
 def decode_header(body: Buffer) -> Header:
     """The call header in a HEADER body, checked; ProtocolError if malformed."""
     key = bytes(body) if len(body) <= _MEMO_BODY_MAX else None
-    header = _HEADERS.get(key) if key is not None else None
+    header = _HEADERS.entries.get(key) if key is not None else None
     if header is not None:
         return header  # type: ignore[return-value]
     header = _decode_header(body)
@@ -270,7 +270,7 @@ def decode_status(body: Buffer) -> Status:
     return Status(code, message.message, message.error_type, message.traceback)
 
 
-_END = End()
+END = End()
 _END_FRAME = encode_frame(FrameType.END)
 _CANCEL_FRAME = encode_frame(FrameType.CANCEL)
 STATUS_OK = Status(StatusCode.OK)
@@ -306,8 +306,7 @@ def whole_request(data: Buffer, max_message_size: int) -> tuple[Header, ReceiveB
     start = _small_message_at(data, header_end, end)
     if start is None or end - start > max_message_size:
         return None
-    view = memoryview(data)
-    return decode_header(view[2:header_end]), bytearray(view[start:end])
+    return decode_header(data[2:header_end]), bytearray(memoryview(data)[start:end])
 
 
 def whole_reply(data: Buffer) -> ReceiveBuffer | None:
@@ -477,15 +476,24 @@ class ServerCall:
     def body_remaining(self) -> int:
         return 0 if self._decoder is None else self._decoder.body_remaining
 
+    def receive_whole(self, data: Buffer) -> tuple[Header, ReceiveBuffer] | None:
+        """(header, arguments) if `data`, the call's first bytes, is its whole request (see
+        `whole_request`), as `receive_data` would have given them (with END after); else None
+        and nothing was received (give `data` to `receive_data`)."""
+        if self._decoder is not None or self._phase is not _Phase.AWAIT_HEADER:
+            return None
+        whole = whole_request(data, self.max_message_size)
+        if whole is not None:
+            self.header = whole[0]
+            self._phase = _Phase.ENDED
+        return whole
+
     def receive_data(self, data: Buffer) -> list[Event]:
         decoder = self._decoder
         if decoder is None:
-            if self._phase is _Phase.AWAIT_HEADER:
-                whole = whole_request(data, self.max_message_size)
-                if whole is not None:  # what the frames would give, one by one
-                    self.header, arguments = whole
-                    self._phase = _Phase.ENDED
-                    return [self.header, Message(arguments), _END]
+            whole = self.receive_whole(data)
+            if whole is not None:  # what the frames would give, one by one
+                return [whole[0], Message(whole[1]), END]
             decoder = self._decoder = FrameDecoder(self.max_message_size, self.max_control_size)
         return [self._on_frame(t, body) for t, body in decoder.feed(data)]
 
@@ -515,7 +523,7 @@ class ServerCall:
             return Message(body)
         if frame_type == FrameType.END and phase in (_Phase.AWAIT_END, _Phase.STREAMING):
             self._phase = _Phase.ENDED
-            return _END
+            return END
         raise ProtocolError(f"unexpected {frame_type.name} frame while {phase.value}")
 
     def send_message(self, buffers: Sequence[Buffer]) -> list[Buffer]:

@@ -43,6 +43,7 @@ from lattica_ray.rpc.errors import (
     StatusCode,
 )
 from lattica_ray.rpc.protocol import (
+    END,
     PROTOCOL_ID,
     STATUS_OK,
     Buffer,
@@ -1247,12 +1248,15 @@ class RpcService:
         pending: collections.deque[Event] = collections.deque()
         try:
             # The header usually came with the stream's first bytes: no timer needed then.
-            pending.extend(proto.receive_data(stream.read_nowait(self.config.read_size)))
-            if pending:
-                header = pending.popleft()
-            else:
-                async with asyncio.timeout(self.config.header_timeout):
-                    header = await self._read_event(stream, proto, pending)
+            data = stream.read_nowait(self.config.read_size)
+            whole = proto.receive_whole(data)  # and with it, most often, the whole request
+            if whole is None:
+                pending.extend(proto.receive_data(data))
+                if pending:
+                    header = pending.popleft()
+                else:
+                    async with asyncio.timeout(self.config.header_timeout):
+                        header = await self._read_event(stream, proto, pending)
         except TimeoutError:
             stream.reset("no call header in time")
             return
@@ -1263,23 +1267,54 @@ class RpcService:
             logger.debug("rpc stream from %s lost before its header: %r", stream.remote_peer, exc)
             stream.reset("stream lost")
             return
+        if whole is not None:
+            await self._serve_whole(stream, proto, *whole, task)
+            return
         if not isinstance(header, Header):  # the caller gave up before sending a header
             stream.reset("closed before its call header")
             return
         peer = stream.remote_peer
-        per_peer = self._inbound_per_peer
-        running = per_peer.get(peer, 0)  # (the peer's calls: looked up once)
-        refusal = self._admission(peer, header, running)
+        refusal = self._admission(peer, header, self._inbound_per_peer.get(peer, 0))
+        if refusal is not None:
+            await self._refuse(stream, proto, refusal)
+            return
+        await self._serve(stream, proto, pending, self._methods[header.method], header, task)
+
+    async def _serve_whole(
+        self,
+        stream: Stream,
+        proto: ServerCall,
+        header: Header,
+        arguments: ReceiveBuffer,
+        task: asyncio.Task[Any],
+    ) -> None:
+        """Serve a call whose whole request came in its first read (small, the usual)."""
+        peer = stream.remote_peer
+        refusal = self._admission(peer, header, self._inbound_per_peer.get(peer, 0))
         if refusal is not None:
             await self._refuse(stream, proto, refusal)
             return
         method = self._methods[header.method]
-        if method.kind is CallKind.UNARY and method.is_async and _whole(pending):
-            await self._answer_whole(stream, proto, pending, method, header, task)
+        if method.kind is CallKind.UNARY and method.is_async:
+            await self._answer_whole(stream, proto, arguments, method, header, task)
             return
+        pending: collections.deque[Event] = collections.deque((Message(arguments), END))
+        await self._serve(stream, proto, pending, method, header, task)
+
+    async def _serve(
+        self,
+        stream: Stream,
+        proto: ServerCall,
+        pending: collections.deque[Event],
+        method: Method,
+        header: Header,
+        task: asyncio.Task[Any],
+    ) -> None:
+        """Serve an admitted call (`pending`: the events that came after its header)."""
         call = _InboundCall(self, stream, proto, pending, method, header)
         self._inbound.add(call)
-        per_peer[peer] = running + 1
+        per_peer = self._inbound_per_peer
+        per_peer[call.peer] = per_peer.get(call.peer, 0) + 1
         try:
             if call.request_complete():
                 await call.run_inline(task)
@@ -1292,28 +1327,27 @@ class RpcService:
         self,
         stream: Stream,
         proto: ServerCall,
-        pending: collections.deque[Event],
+        arguments: ReceiveBuffer,
         method: Method,
         header: Header,
         task: asyncio.Task[Any],
     ) -> None:
-        """Serve an async unary call whose whole request came with its header (`pending`:
-        its arguments and END). The handler runs at once, in this task; one that answers
-        without waiting could not be interrupted, so the call is only registered (counted
-        under the limits, cancellable, watched for a reset, timed) if the handler waits."""
-        message = pending.popleft()
-        pending.clear()  # END
-        assert isinstance(message, Message) and stream.remote_peer is not None
+        """Serve an async unary call whose whole request came with its header. The handler
+        runs at once, in this task; one that answers without waiting could not be
+        interrupted, so the call is only registered (counted under the limits, cancellable,
+        watched for a reset, timed) if the handler waits."""
+        assert stream.remote_peer is not None
         context = _call_context(stream.remote_peer, method, header)
         response: list[Buffer] | None = None
         try:
-            done, rest = run_eagerly(_answer_unary(self, proto, method, context, message.payload))
+            done, rest = run_eagerly(_answer_unary(self, proto, method, context, arguments))
         except Exception as exc:  # the handler failed at once: the caller is told how
             status = _error_status(exc)
             if status.code == StatusCode.UNKNOWN:
                 logger.info("rpc %s from %s raised %r", method.name, context.peer, exc)
         else:
             if not done:  # it waits: from here on a call like any other
+                pending: collections.deque[Event] = collections.deque()
                 call = _InboundCall(self, stream, proto, pending, method, header, context)
                 self._inbound.add(call)
                 per_peer = self._inbound_per_peer
