@@ -66,7 +66,11 @@ class QuicConnection(Connection):
         # Inbound handshakes that fail have no waiter: mark their error as seen.
         self.established.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._loop = asyncio.get_running_loop()
+        # Streams in use: a stream leaves once reset, or done both ways (FIN sent, the
+        # remote's FIN received and everything read), so a long-lived connection does not
+        # keep every call it carried. The engine sends nothing more for such a stream.
         self._streams: dict[int, QuicStream] = {}
+        self._local_id_bit = 0 if is_initiator else 1  # RFC 9000 2.1: 0 client, 1 server
         self._drain_waiters: set[QuicStream] = set()
         self._stream_slot: asyncio.Future[None] | None = None  # openers wait for MAX_STREAMS
         self._flush_scheduled = False
@@ -267,15 +271,19 @@ class QuicConnection(Connection):
     def _on_stream_data(self, event) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is None:
+            stream_id = event.stream_id
             if not self.established.done() or self.established.exception() is not None:
                 self._discard(event)  # data before authentication: ignore
                 return
-            if not _is_bidirectional(event.stream_id):
+            if not _is_bidirectional(stream_id):
                 # libp2p QUIC uses bidirectional streams only.
-                self.quic.stop_stream(event.stream_id, ERROR_CODE_RESET)
+                self.quic.stop_stream(stream_id, ERROR_CODE_RESET)
                 self._discard(event)
                 return
-            stream = QuicStream(self, event.stream_id)
+            if stream_id & 1 == self._local_id_bit:  # ours, done with and forgotten: late
+                self._discard(event)
+                return
+            stream = QuicStream(self, stream_id)
             self._streams[event.stream_id] = stream
             # Its first bytes before its handler, which may start at once and read them.
             if event.data:

@@ -31,6 +31,13 @@ class QuicStream(Stream):
     # -- reading: credit is granted as the application consumes ---------------------------
     def _on_consumed(self, nbytes: int) -> None:
         self.connection._consume(self.stream_id, nbytes)
+        if self._eof and self._write_closed and not self._buffer:
+            self.connection._forget(self.stream_id)  # the last of it read: done both ways
+
+    def _feed_eof(self) -> None:
+        super()._feed_eof()
+        if self._write_closed and not self._buffer:
+            self.connection._forget(self.stream_id)  # done both ways
 
     def _on_waiting(self, needed: int) -> None:
         self.connection._reader_needs(self.stream_id, needed)
@@ -97,6 +104,8 @@ class QuicStream(Stream):
         self._write_closed = True
         if not self.connection.is_closed:
             self.connection._send(self.stream_id, self._take_unsent(), end_stream=True)
+            if self._eof and not self._buffer:
+                self.connection._forget(self.stream_id)  # done both ways
 
     def reset(self, reason: str = "reset by local peer") -> None:
         if self._reset_reason is None:
