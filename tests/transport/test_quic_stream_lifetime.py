@@ -102,3 +102,44 @@ async def test_late_data_for_a_stream_of_ours_is_not_a_new_inbound_stream(
     )
     assert connection.open_streams() == []
     assert endpoints.client_streams.empty()
+
+
+async def test_small_writes_to_a_peer_that_does_not_read_wait_at_the_high_water_mark(
+    engine: str,
+) -> None:
+    """A writer skips asking the engine for its send buffer while it has written less than
+    the mark; past it, small writes wait for the buffer to drain as large ones do."""
+    window = high_water = 65536
+    pair = EndpointPair(
+        engine_config(
+            engine,
+            stream_window=window,
+            connection_window=window,
+            send_buffer_high_water=high_water,
+        )
+    )
+    await pair.start()
+    writer = None
+    try:
+        connection = await pair.dial()
+        stream = await connection.open_stream()
+        written = 0
+
+        async def write_small_pieces() -> None:
+            nonlocal written
+            for _ in range(4 * (window + high_water) // 1024):
+                await stream.write(b"x" * 1024)
+                written += 1024
+
+        writer = asyncio.get_running_loop().create_task(write_small_pieces())
+        inbound = await pair.server_streams.get()  # never read until the writer waits
+        await wait_until(lambda: stream._drained is not None and not stream._drained.is_set())
+        assert high_water <= written <= 2 * (window + high_water)
+        received = 0
+        while not writer.done() or received < written:
+            received += len(await inbound.read())
+        assert received == written == 4 * (window + high_water)
+    finally:
+        if writer is not None:
+            writer.cancel()
+        await pair.close()

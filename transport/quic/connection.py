@@ -72,6 +72,7 @@ class QuicConnection(Connection):
         self._streams: dict[int, QuicStream] = {}
         self._local_id_bit = 0 if is_initiator else 1  # RFC 9000 2.1: 0 client, 1 server
         self._drain_waiters: set[QuicStream] = set()
+        self._send_high_water = endpoint.config.send_buffer_high_water
         self._stream_slot: asyncio.Future[None] | None = None  # openers wait for MAX_STREAMS
         self._flush_scheduled = False
         self._in_events = False  # handling the engine's events (its callers flush after)
@@ -418,7 +419,7 @@ class QuicConnection(Connection):
             self._schedule_flush()
 
     def _send_buffer_below_high_water(self, stream_id: int) -> bool:
-        return self.quic.send_buffer_size(stream_id) < self.endpoint.config.send_buffer_high_water
+        return self.quic.send_buffer_size(stream_id) < self._send_high_water
 
     def _watch_drain(self, stream: QuicStream) -> None:
         self._drain_waiters.add(stream)

@@ -26,6 +26,7 @@ class QuicStream(Stream):
         self.stream_id = stream_id
         self._write_closed = False
         self._write_reset = False
+        self._written = 0  # bytes handed to the engine (an upper bound of its send buffer)
         self._drained: asyncio.Event | None = None  # made when a writer first waits
 
     # -- reading: credit is granted as the application consumes ---------------------------
@@ -61,20 +62,28 @@ class QuicStream(Stream):
             self._check_writable()
             if self._unsent:
                 data = self._take_unsent() + data
-            if not connection._send_buffer_below_high_water(self.stream_id):
+            # Its send buffer holds at most what it ever wrote: below the mark, no need to ask.
+            if self._written >= connection._send_high_water and (
+                not connection._send_buffer_below_high_water(self.stream_id)
+            ):
                 await self._wait_drained()
                 self._check_writable()
             connection._send(self.stream_id, data)
+            self._written += len(data)
             return
         view = memoryview(data).cast("B")
         if self._unsent:
             self._check_writable()
-            self.connection._send(self.stream_id, self._take_unsent())
+            unsent = self._take_unsent()
+            self.connection._send(self.stream_id, unsent)
+            self._written += len(unsent)
         for offset in range(0, len(view), WRITE_CHUNK):
             self._check_writable()
             await self._wait_drained()
             self._check_writable()
-            self.connection._send(self.stream_id, view[offset : offset + WRITE_CHUNK])
+            chunk = view[offset : offset + WRITE_CHUNK]
+            self.connection._send(self.stream_id, chunk)
+            self._written += len(chunk)
 
     async def drain(self) -> None:
         """Wait until the send buffer is below the high-water mark."""
