@@ -599,19 +599,30 @@ class ClientCall:
     def send_cancel(self) -> bytes:
         return _CANCEL_FRAME
 
+    def receive_whole(self, data: Buffer) -> ReceiveBuffer | None:
+        """The response if `data`, the first bytes from the server, is the whole reply to a
+        call with one response (see `whole_reply`): as `receive_data` would have given it,
+        with an OK status after. Else None and nothing was received (give `data` to
+        `receive_data`)."""
+        if (
+            self._decoder is not None
+            or self.status is not None
+            or self._messages_received
+            or self.header.kind.server_streams
+        ):
+            return None
+        response = whole_reply(data)
+        if response is not None:
+            self._messages_received = 1
+            self.status = STATUS_OK
+        return response
+
     def receive_data(self, data: Buffer) -> list[Event]:
         decoder = self._decoder
         if decoder is None:
-            if (
-                self.status is None
-                and not self._messages_received
-                and not self.header.kind.server_streams
-            ):
-                response = whole_reply(data)
-                if response is not None:  # what the frames would give, one by one
-                    self._messages_received = 1
-                    self.status = STATUS_OK
-                    return [Message(response), STATUS_OK]
+            response = self.receive_whole(data)
+            if response is not None:  # what the frames would give, one by one
+                return [Message(response), STATUS_OK]
             decoder = self._decoder = FrameDecoder(self.max_message_size, self.max_control_size)
         return [self._on_frame(t, body) for t, body in decoder.feed(data)]
 

@@ -827,26 +827,49 @@ class _OutboundCall:
             raise
 
     async def next_event(self) -> Message | Status:
-        stream = self.stream
-        assert stream is not None
         while not self.events:
-            try:
-                data = await stream.read(self.service.config.read_size)
-                self.events.extend(
-                    self.proto.receive_data(data) if data else self.proto.receive_eof()
-                )
-            except RpcError as exc:  # a malformed or oversized response
-                stream.reset("rpc protocol violation")
-                raise self._error(exc) from None
-            except ProtocolNotSupported as exc:
-                raise self._error(
-                    PeerUnavailable(f"the peer does not serve {PROTOCOL_ID} (no RPC service)")
-                ) from exc
-            except (TransportError, ConnectionError, EOFError) as exc:
-                raise self._failure(exc) from exc
+            self._receive(await self._read())
         event = self.events.popleft()
         assert isinstance(event, Message | Status)
         return event
+
+    async def reply(self) -> tuple[object, Status]:
+        """The decoded response (None if none came) and the status of a call with one
+        response; usually both came in the first read."""
+        data = await self._read()
+        response = self.proto.receive_whole(data) if data else None
+        if response is not None:
+            return self.decode(response), STATUS_OK
+        self._receive(data)
+        event = await self.next_event()
+        result = None
+        if isinstance(event, Message):
+            result = self.decode(event.payload)
+            # (the status usually came with it)
+            event = self.events.popleft() if self.events else await self.next_event()
+        assert isinstance(event, Status)
+        return result, event
+
+    async def _read(self) -> bytes:
+        stream = self.stream
+        assert stream is not None
+        try:
+            return await stream.read(self.service.config.read_size)
+        except ProtocolNotSupported as exc:
+            raise self._error(
+                PeerUnavailable(f"the peer does not serve {PROTOCOL_ID} (no RPC service)")
+            ) from exc
+        except (TransportError, ConnectionError, EOFError) as exc:
+            raise self._failure(exc) from exc
+
+    def _receive(self, data: bytes) -> None:
+        """Take what was read (b"": the server closed its side) into `events`."""
+        try:
+            self.events.extend(self.proto.receive_data(data) if data else self.proto.receive_eof())
+        except RpcError as exc:  # a malformed or oversized response
+            assert self.stream is not None
+            self.stream.reset("rpc protocol violation")
+            raise self._error(exc) from None
 
     def _failure(self, exc: BaseException) -> BaseException:
         """What to raise when the stream broke: our own request error first, if that was it."""
@@ -1193,12 +1216,7 @@ class RpcService:
             self._deadlines.watch(call)
         try:
             await call.start()
-            event = await call.next_event()
-            result = None
-            if isinstance(event, Message):
-                result = call.decode(event.payload)
-                # (the status usually came with it)
-                event = call.events.popleft() if call.events else await call.next_event()
+            result, event = await call.reply()
         except BaseException as exc:
             call.abort("deadline exceeded" if call.expired else "call abandoned")
             # Our deadline (alone) cancelled the task: the caller gets DeadlineExceeded.

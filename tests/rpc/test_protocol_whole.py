@@ -149,3 +149,21 @@ def test_a_whole_request_only_below_its_limit_and_never_for_streaming_requests()
     sent.start_whole(arguments, 1 << 16)
     with pytest.raises(RuntimeError):
         sent.send_message(arguments)  # the call sent its arguments and END
+
+
+def test_declining_to_take_a_read_whole_leaves_the_call_as_it_was() -> None:
+    """receive_whole returns None and changes nothing when the read is not a whole request
+    or reply: receive_data then sees the same call it would have."""
+    request_part = request("echo", CallKind.UNARY, b"q" * 10, {})[:-2]  # no END yet
+    server = ServerCall(MAX)
+    assert server.receive_whole(request_part) is None
+    assert outcome(server, [request_part]) == outcome(ServerCall(MAX), [request_part])
+    assert server.receive_whole(request_part) is None  # not the first read any more
+    reply_part = frame_prefix(FrameType.MESSAGE, 3) + b"abc"  # no status yet
+    client = ClientCall(Header("echo", CallKind.UNARY), MAX)
+    assert client.receive_whole(reply_part) is None
+    assert outcome(client, [reply_part]) == outcome(
+        ClientCall(Header("echo", CallKind.UNARY), MAX), [reply_part]
+    )
+    streaming = ClientCall(Header("count", CallKind.SERVER_STREAM), MAX)
+    assert streaming.receive_whole(reply_part + encode_status(Status(StatusCode.OK))) is None
