@@ -169,3 +169,23 @@ async def test_a_task_started_in_a_loop_callback_takes_its_first_step_at_once() 
     asyncio.get_running_loop().call_soon(callback)
     await (await started)
     assert steps == ["first step", "callback returns", "second step"]
+
+
+async def test_a_handler_that_reads_on_and_waits_answers_later(served: Served) -> None:
+    """Started at once, it waits for the rest of the request (inside the event handling that
+    started it), then answers from its task."""
+
+    async def echo_all(stream: Stream) -> None:
+        request = await stream.read_to_end()
+        await stream.write(request)
+        await stream.close()
+
+    served.handlers.set(PROTOCOL, echo_all)
+    connection = await served.dial()
+    stream = await connection.open_stream()
+    await select_outbound(stream, [PROTOCOL])
+    await stream.write(b"first part, ")
+    await wait_until(lambda: len(served.handlers._tasks) == 1)  # it waits for the rest
+    await stream.write(b"second part")
+    await stream.close()
+    assert await stream.read_to_end() == b"first part, second part"

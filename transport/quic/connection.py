@@ -167,6 +167,8 @@ class QuicConnection(Connection):
         now if the scheduled flush is all the loop has left to run (nothing could add to it),
         instead of a loop turn later. With other callbacks queued (other writers), the flush
         stays scheduled, so their writes share its packets."""
+        if self._in_events:
+            return  # a handler started by `_process_events`: its caller flushes right after
         ready = getattr(self._loop, "_ready", None)  # asyncio's queue of runnable callbacks
         if ready is not None and len(ready) == 1:
             self._process_events()  # as the scheduled flush would, which then finds it done
