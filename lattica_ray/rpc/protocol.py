@@ -189,7 +189,7 @@ def encode_header(header: Header) -> bytes:
     """The HEADER frame of a call (ValueError for a bad method name or oversized metadata)."""
     key = None if header.metadata else (header.method, header.kind, header.timeout)
     if key is not None:
-        frame = _HEADER_FRAMES.get(key)
+        frame = _HEADER_FRAMES.entries.get(key)
         if frame is not None:
             return frame  # type: ignore[return-value]
     frame = _encode_header(header)

@@ -304,6 +304,10 @@ def _error_status(exc: BaseException) -> Status:
 
 
 # -- server side ------------------------------------------------------------------------------
+def _peer_key(peer: PeerId | None) -> bytes | None:
+    return None if peer is None else peer.multihash
+
+
 def _whole(pending: collections.deque[Event]) -> bool:
     """The events after a header are the arguments and END: the request came whole."""
     return len(pending) == 2 and type(pending[1]) is End and type(pending[0]) is Message
@@ -1038,7 +1042,9 @@ class RpcService:
         self.codec_limits = codec_limits
         self._methods: dict[str, Method] = {}
         self._inbound: set[_InboundCall] = set()
-        self._inbound_per_peer: dict[PeerId, int] = {}  # peers with calls running, how many
+        # Peers with calls running, how many; keyed by the peer ID's bytes (their hash is
+        # cached; a PeerId's is computed in Python on every lookup).
+        self._inbound_per_peer: dict[bytes | None, int] = {}
         self._serving: set[asyncio.Task[Any]] = set()  # tasks serving inbound streams
         self._outbound: set[_OutboundCall] = set()
         self._deadlines = _Deadlines(self._outbound)
@@ -1292,7 +1298,8 @@ class RpcService:
             stream.reset("closed before its call header")
             return
         peer = stream.remote_peer
-        refusal = self._admission(peer, header, self._inbound_per_peer.get(peer, 0))
+        running = self._inbound_per_peer.get(_peer_key(peer), 0)
+        refusal = self._admission(peer, header, running)
         if refusal is not None:
             await self._refuse(stream, proto, refusal)
             return
@@ -1308,7 +1315,8 @@ class RpcService:
     ) -> None:
         """Serve a call whose whole request came in its first read (small, the usual)."""
         peer = stream.remote_peer
-        refusal = self._admission(peer, header, self._inbound_per_peer.get(peer, 0))
+        running = self._inbound_per_peer.get(_peer_key(peer), 0)
+        refusal = self._admission(peer, header, running)
         if refusal is not None:
             await self._refuse(stream, proto, refusal)
             return
@@ -1330,9 +1338,7 @@ class RpcService:
     ) -> None:
         """Serve an admitted call (`pending`: the events that came after its header)."""
         call = _InboundCall(self, stream, proto, pending, method, header)
-        self._inbound.add(call)
-        per_peer = self._inbound_per_peer
-        per_peer[call.peer] = per_peer.get(call.peer, 0) + 1
+        self._count_inbound(call)
         try:
             if call.request_complete():
                 await call.run_inline(task)
@@ -1367,9 +1373,7 @@ class RpcService:
             if not done:  # it waits: from here on a call like any other
                 pending: collections.deque[Event] = collections.deque()
                 call = _InboundCall(self, stream, proto, pending, method, header, context)
-                self._inbound.add(call)
-                per_peer = self._inbound_per_peer
-                per_peer[call.peer] = per_peer.get(call.peer, 0) + 1
+                self._count_inbound(call)
                 try:
                     await call.run_inline(task, rest)
                 finally:
@@ -1378,16 +1382,24 @@ class RpcService:
             response, status = rest, STATUS_OK
         await _deliver(self, stream, proto, context, response, status)
 
+    def _count_inbound(self, call: _InboundCall) -> None:
+        """The call takes a place under the concurrency limits (until `_release`)."""
+        self._inbound.add(call)
+        per_peer = self._inbound_per_peer
+        key = _peer_key(call.peer)
+        per_peer[key] = per_peer.get(key, 0) + 1
+
     def _release(self, call: _InboundCall) -> None:
         """Free the call's place under the concurrency limits (once)."""
         if call in self._inbound:
             self._inbound.discard(call)
             per_peer = self._inbound_per_peer
-            running = per_peer[call.peer] - 1
+            key = _peer_key(call.peer)
+            running = per_peer[key] - 1
             if running:
-                per_peer[call.peer] = running
+                per_peer[key] = running
             else:
-                del per_peer[call.peer]
+                del per_peer[key]
 
     def _admission(self, peer: PeerId | None, header: Header, running: int) -> Status | None:
         """Why this call cannot be served now (`running`: the peer's calls being served), or
