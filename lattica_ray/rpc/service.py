@@ -360,9 +360,14 @@ async def _deliver(
             ):
                 await _FrameWriter(stream, service.config.coalesce_below).write(response)
             response, size = [], 0
-        # Usually the transport takes the status at once: no timer is armed for it then.
-        done, rest = run_eagerly(_send_status(service, stream, proto, response, size, status))
-        if not done:
+        if stream.holds_unsent and size < HOLD_BELOW:
+            # The (small) response, status and FIN in one piece: one STREAM frame on QUIC,
+            # which sends what `hold` kept with the FIN (and waits for no window).
+            stream.hold(b"".join([*response, proto.send_status(status)]))
+            done, rest = run_eagerly(stream.close())
+        else:
+            done, rest = run_eagerly(_write_status(service, stream, proto, response, status))
+        if not done:  # usually the transport takes it at once: no timer armed for it then
             async with asyncio.timeout(service.config.status_timeout):
                 await rest
     except (TimeoutError, TransportError, ConnectionError) as exc:
@@ -370,22 +375,13 @@ async def _deliver(
         stream.reset("status not delivered")
 
 
-async def _send_status(
-    service: RpcService,
-    stream: Stream,
-    proto: ServerCall,
-    response: list[Buffer],
-    size: int,
-    status: Status,
+async def _write_status(
+    service: RpcService, stream: Stream, proto: ServerCall, response: list[Buffer], status: Status
 ) -> None:
-    """The last (small) response (of `size` bytes), the status and our FIN: where the
-    transport can, in one piece (one STREAM frame on QUIC, which sends what `hold` kept with
-    the FIN)."""
-    if stream.holds_unsent and size < HOLD_BELOW:  # (no backpressure wait)
-        stream.hold(b"".join([*response, proto.send_status(status)]))
-    else:
-        writer = _FrameWriter(stream, service.config.coalesce_below)
-        await writer.write([*response, proto.send_status(status)])
+    """The last (small) response and the status, then our FIN."""
+    await _FrameWriter(stream, service.config.coalesce_below).write(
+        [*response, proto.send_status(status)]
+    )
     await stream.close()
 
 
@@ -1291,10 +1287,9 @@ class RpcService:
             logger.debug("rpc stream from %s lost before its header: %r", stream.remote_peer, exc)
             stream.reset("stream lost")
             return
-        if whole is not None:
-            await self._serve_whole(stream, proto, *whole, task)
-            return
-        if not isinstance(header, Header):  # the caller gave up before sending a header
+        if whole is not None:  # (small calls: the usual)
+            header, arguments = whole
+        elif not isinstance(header, Header):  # the caller gave up before sending a header
             stream.reset("closed before its call header")
             return
         peer = stream.remote_peer
@@ -1303,28 +1298,12 @@ class RpcService:
         if refusal is not None:
             await self._refuse(stream, proto, refusal)
             return
-        await self._serve(stream, proto, pending, self._methods[header.method], header, task)
-
-    async def _serve_whole(
-        self,
-        stream: Stream,
-        proto: ServerCall,
-        header: Header,
-        arguments: ReceiveBuffer,
-        task: asyncio.Task[Any],
-    ) -> None:
-        """Serve a call whose whole request came in its first read (small, the usual)."""
-        peer = stream.remote_peer
-        running = self._inbound_per_peer.get(_peer_key(peer), 0)
-        refusal = self._admission(peer, header, running)
-        if refusal is not None:
-            await self._refuse(stream, proto, refusal)
-            return
         method = self._methods[header.method]
-        if method.kind is CallKind.UNARY and method.is_async:
-            await self._answer_whole(stream, proto, arguments, method, header, task)
-            return
-        pending: collections.deque[Event] = collections.deque((Message(arguments), END))
+        if whole is not None:
+            if method.kind is CallKind.UNARY and method.is_async:
+                await self._answer_whole(stream, proto, arguments, method, header, task)
+                return
+            pending.extend((Message(arguments), END))
         await self._serve(stream, proto, pending, method, header, task)
 
     async def _serve(
