@@ -189,3 +189,40 @@ async def test_a_handler_that_reads_on_and_waits_answers_later(served: Served) -
     await stream.write(b"second part")
     await stream.close()
     assert await stream.read_to_end() == b"first part, second part"
+
+
+def test_on_uvloop_handlers_start_as_ordinary_tasks_and_answer() -> None:
+    """uvloop (Ray workers run it) has no ready queue to take a first step from: the handler
+    task starts on the next loop turn instead, and the request's flush is the loop's."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        pair = Served(QuicConfig(handshake_timeout=2.0, idle_timeout=5.0))
+        await pair.start()
+        try:
+            steps: list[str] = []
+
+            async def echo(stream: Stream) -> None:
+                steps.append("handler")
+                await stream.write(stream.read_nowait())
+                await stream.close()
+
+            def callback() -> None:
+                start_task(noted())
+                steps.append("callback returns")
+
+            async def noted() -> None:
+                steps.append("first step")
+
+            asyncio.get_running_loop().call_soon(callback)
+            pair.handlers.set(PROTOCOL, echo)
+            connection = await pair.dial()
+            async with asyncio.timeout(5):
+                assert await _call(connection, b"ping") == b"ping"
+            assert steps == ["callback returns", "first step", "handler"]
+        finally:
+            await pair.handlers.aclose()
+            await pair.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
