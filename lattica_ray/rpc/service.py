@@ -1184,30 +1184,8 @@ class RpcService:
         harmless) a unary call is sent again over the peer's next path instead, up to
         `RpcConfig.idempotent_retries` times within its timeout.
         """
-        if not idempotent or requests is not None:
-            return await self._call_once(peer, method, args, kwargs, requests, timeout, metadata)
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        for attempt in range(self.config.idempotent_retries + 1):
-            remaining = None if deadline is None else max(deadline - loop.time(), 1e-3)
-            try:
-                return await self._call_once(peer, method, args, kwargs, None, remaining, metadata)
-            except PeerUnavailable as exc:
-                if attempt == self.config.idempotent_retries or not exc.path_lost:
-                    raise
-                logger.info("rpc %s to %s: path lost (%s); sending it again", method, peer, exc)
-        raise AssertionError("unreachable")
-
-    async def _call_once(
-        self,
-        peer: PeerId,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        requests: AsyncIterable[object] | None,
-        timeout: float | None,
-        metadata: Mapping[str, str] | None,
-    ) -> Any:
+        if idempotent and requests is None:
+            return await self._call_idempotent(peer, method, args, kwargs, timeout, metadata)
         kind = CallKind.UNARY if requests is None else CallKind.CLIENT_STREAM
         call = self._new_call(peer, method, kind, args, kwargs, requests, timeout, metadata)
         task = asyncio.current_task()
@@ -1228,11 +1206,34 @@ class RpcService:
             raise
         if call.expired:  # its cancellation came too late to interrupt anything
             task.uncancel()
-        assert isinstance(event, Status)
         await call.finish()
         if not event.ok:
             raise event.to_error(method, peer)
         return result
+
+    async def _call_idempotent(
+        self,
+        peer: PeerId,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> Any:
+        """A unary call sent again (within its timeout) when the path under it dies."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        for attempt in range(self.config.idempotent_retries + 1):
+            remaining = None if deadline is None else max(deadline - loop.time(), 1e-3)
+            try:
+                return await self.call(
+                    peer, method, *args, timeout=remaining, metadata=metadata, **kwargs
+                )
+            except PeerUnavailable as exc:
+                if attempt == self.config.idempotent_retries or not exc.path_lost:
+                    raise
+                logger.info("rpc %s to %s: path lost (%s); sending it again", method, peer, exc)
+        raise AssertionError("unreachable")
 
     def stream(
         self,
