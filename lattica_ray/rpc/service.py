@@ -1,8 +1,14 @@
 """The RPC service: a registry of methods served on `/lattica-ray/rpc/1`, and calls to peers.
 
-asyncio glue around `protocol.ClientCall` / `protocol.ServerCall`. Every call is its own stream;
-every inbound call runs its handler as its own task (plain `def` handlers in a thread pool), so
-a slow handler never stalls the node or other calls.
+asyncio glue around `protocol.ClientCall` / `protocol.ServerCall`. Every call is its own stream,
+served by its own task (plain `def` handlers in a thread pool), so a slow handler never stalls
+the node or other calls.
+
+A small call takes a short way on both sides: the caller sends its whole request in one piece
+and its deadline shares one timer with the other calls in flight; the server, when the whole
+request came in the first read, runs an async unary handler at once and answers with response,
+status and FIN in one piece, and sets up what a call that waits needs (its place under the
+limits, deadline timer, watch for the caller's reset) only if the handler waits.
 """
 
 from __future__ import annotations
