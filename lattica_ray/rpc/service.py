@@ -283,10 +283,14 @@ def _decode_arguments(
         decoded = decode(payload)
     except ValueError as exc:  # CodecError; anything else is a bug and travels as one
         raise InvalidArgument(f"could not decode the call's arguments: {exc}") from exc
+    if type(decoded) is tuple and len(decoded) == 2:  # what every caller of ours sends
+        args, kwargs = decoded
+        if type(args) is tuple and type(kwargs) is dict and not kwargs:
+            return decoded  # type: ignore[return-value]
     if (
-        not isinstance(decoded, list | tuple)
+        not isinstance(decoded, (list, tuple))
         or len(decoded) != 2
-        or not isinstance(decoded[0], list | tuple)
+        or not isinstance(decoded[0], (list, tuple))
         or not isinstance(decoded[1], dict)
         or not all(isinstance(key, str) for key in decoded[1])
     ):
@@ -1213,7 +1217,7 @@ class RpcService:
         if call.expired:  # its cancellation came too late to interrupt anything
             task.uncancel()
         await call.finish()
-        if not event.ok:
+        if event is not STATUS_OK and not event.ok:
             raise event.to_error(method, peer)
         return result
 
