@@ -482,6 +482,8 @@ class ServerCall:
         and nothing was received (give `data` to `receive_data`)."""
         if self._decoder is not None or self._phase is not _Phase.AWAIT_HEADER:
             return None
+        if len(data) > 1 and data[1] > self.max_control_size:
+            return None  # a HEADER over its limit: the frame decoder refuses it
         whole = whole_request(data, self.max_message_size)
         if whole is not None:
             self.header = whole[0]
@@ -612,6 +614,8 @@ class ClientCall:
         ):
             return None
         response = whole_reply(data)
+        if response is not None and len(response) > self.max_message_size:
+            return None  # over the caller's limit: the frame decoder refuses it
         if response is not None:
             self._messages_received = 1
             self.status = STATUS_OK

@@ -1,0 +1,242 @@
+"""Review of the RPC layer's fast paths: each shortcut must refuse and accept exactly what the
+long way does.
+
+- the one-step parse of a small call's request and reply (`receive_whole`) against the frame
+  decoder, under every limit a service can be configured with, on valid and mutated bytes;
+- the codec's remembered skeletons: a message that differs from the remembered one anywhere
+  but in its data must decode as a full check decodes it (or be refused as it is);
+- over real QUIC and TCP connections: a caller's `max_message_size` holds for a small reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lattica_ray import Node
+from lattica_ray.rpc import RpcConfig, RpcService
+from lattica_ray.rpc.codec import CodecError, CodecLimits, decode, encode
+from lattica_ray.rpc.errors import RpcError
+from lattica_ray.rpc.protocol import (
+    CallKind,
+    ClientCall,
+    FrameType,
+    Header,
+    Message,
+    ServerCall,
+    Status,
+    StatusCode,
+    encode_frame,
+    encode_header,
+    encode_status,
+    frame_prefix,
+)
+
+LISTEN = {"quic": "/ip4/127.0.0.1/udp/0/quic-v1", "tcp": "/ip4/127.0.0.1/tcp/0"}
+WAIT = 10.0  # seconds any awaited event may take before the test fails
+
+
+# -- the one-step parse against the frame decoder --------------------------------------------
+def _events(call: ServerCall | ClientCall, pieces: list[bytes]) -> tuple[object, ...]:
+    """What feeding `pieces` then the end of the stream gives: events, error, final state."""
+    seen: list[object] = []
+    try:
+        for piece in pieces:
+            for event in call.receive_data(piece):
+                is_message = isinstance(event, Message)
+                seen.append(("Message", bytes(event.payload)) if is_message else event)
+        seen.append(("eof", call.receive_eof()))
+    except RpcError as exc:
+        seen.append((type(exc).__name__, str(exc)))
+    return tuple(seen)
+
+
+def _fast(call: ServerCall | ClientCall, data: bytes) -> tuple[object, ...]:
+    return _events(call, [data])
+
+
+def _slow(call: ServerCall | ClientCall, data: bytes) -> tuple[object, ...]:
+    """The same bytes through the frame decoder: an empty first read is never whole."""
+    return _events(call, [b"", data])
+
+
+def _request(payload: bytes, metadata: dict[str, str], timeout: float | None) -> bytes:
+    return (
+        encode_header(Header("echo", CallKind.UNARY, timeout, metadata))
+        + frame_prefix(FrameType.MESSAGE, len(payload))
+        + payload
+        + encode_frame(FrameType.END)
+    )
+
+
+def _reply(payload: bytes, status: Status) -> bytes:
+    return frame_prefix(FrameType.MESSAGE, len(payload)) + payload + encode_status(status)
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
+    """Apply (kind, where, value) edits: 0 flips a byte, 1 inserts one, 2 deletes one."""
+    out = bytearray(data)
+    for kind, where, value in edits:
+        if not out and kind != 1:
+            continue
+        at = where % (len(out) + (kind == 1))
+        if kind == 0:
+            out[at] ^= value or 1
+        elif kind == 1:
+            out.insert(at, value)
+        else:
+            del out[at]
+    return bytes(out)
+
+
+_EDITS = st.lists(
+    st.tuples(st.integers(0, 2), st.integers(0, 1 << 16), st.integers(0, 255)), max_size=3
+)
+_PAYLOADS = st.binary(max_size=300) | st.sampled_from([b"p" * 127, b"q" * 128, b"r" * 16383])
+_MESSAGE_LIMITS = st.sampled_from([1 << 20, 16383, 300, 128, 127, 10, 0])
+_CONTROL_LIMITS = st.sampled_from([64 * 1024, 127, 20, 5, 0])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    payload=_PAYLOADS,
+    metadata=st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2),
+    timeout=st.sampled_from([None, 1.5]),
+    edits=_EDITS,
+    message_limit=_MESSAGE_LIMITS,
+    control_limit=_CONTROL_LIMITS,
+)
+def test_a_request_is_refused_and_taken_in_one_step_as_frame_by_frame(
+    payload: bytes,
+    metadata: dict[str, str],
+    timeout: float | None,
+    edits: list[tuple[int, int, int]],
+    message_limit: int,
+    control_limit: int,
+) -> None:
+    data = _mutate(_request(payload, metadata, timeout), edits)
+    assert _fast(ServerCall(message_limit, control_limit), data) == _slow(
+        ServerCall(message_limit, control_limit), data
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    payload=_PAYLOADS,
+    status=st.sampled_from([Status(StatusCode.OK), Status(StatusCode.INTERNAL, "boom")]),
+    edits=_EDITS,
+    message_limit=_MESSAGE_LIMITS,
+    control_limit=_CONTROL_LIMITS,
+)
+def test_a_reply_is_refused_and_taken_in_one_step_as_frame_by_frame(
+    payload: bytes,
+    status: Status,
+    edits: list[tuple[int, int, int]],
+    message_limit: int,
+    control_limit: int,
+) -> None:
+    data = _mutate(_reply(payload, status), edits)
+    header = Header("echo", CallKind.UNARY)
+    assert _fast(ClientCall(header, message_limit, control_limit), data) == _slow(
+        ClientCall(header, message_limit, control_limit), data
+    )
+
+
+def test_a_small_reply_over_the_callers_message_limit_is_refused_in_one_step_too() -> None:
+    """The case the property above found: the one-step parse of a reply took a message over
+    `max_message_size` (below 16 KiB, a two-byte length) that the frame decoder refuses."""
+    data = _reply(b"a" * 200, Status(StatusCode.OK))
+    call = ClientCall(Header("echo", CallKind.UNARY), 100)
+    assert call.receive_whole(data) is None
+    with pytest.raises(RpcError, match="exceeds the limit of 100 bytes"):
+        call.receive_data(data)
+
+
+def test_a_header_over_the_control_limit_is_refused_in_one_step_too() -> None:
+    data = _request(b"x", {}, None)
+    call = ServerCall(1 << 20, 4)
+    assert call.receive_whole(data) is None
+    with pytest.raises(RpcError, match="HEADER frame of 6 bytes exceeds 4"):
+        call.receive_data(data)
+
+
+# -- the codec's remembered skeletons ------------------------------------------------------------
+def _message(value: object) -> bytes:
+    return b"".join(bytes(part) for part in encode(value))
+
+
+def _decoded(data: bytes | bytearray, limits: CodecLimits | None = None) -> object:
+    try:
+        return ("value", repr(decode(data, limits)))
+    except CodecError as exc:
+        return ("refused", type(exc).__name__)
+
+
+_VALUES = st.one_of(
+    st.binary(max_size=200),
+    st.none(),
+    st.tuples(st.tuples(*[st.binary(max_size=40)] * 2), st.just({})),
+    st.tuples(st.lists(st.binary(max_size=40), max_size=4).map(tuple), st.just({})),
+    st.lists(
+        st.one_of(st.binary(max_size=20), st.text(max_size=10), st.integers(), st.none()),
+        max_size=4,
+    ),
+    st.dictionaries(st.text(max_size=5), st.binary(max_size=20), max_size=3),
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=_VALUES, edits=_EDITS.filter(bool))
+def test_a_message_differing_from_a_remembered_skeleton_decodes_as_a_full_check_says(
+    value: object, edits: list[tuple[int, int, int]]
+) -> None:
+    message = _message(value)
+    for _ in range(2):  # learnt, then remembered by size for the next bytearray
+        assert _decoded(bytearray(message)) == ("value", repr(value))
+    mutated = _mutate(message, edits)
+    full_check = _decoded(mutated, CodecLimits())  # limits of its own: no remembered skeleton
+    assert _decoded(bytearray(mutated)) == full_check
+    assert _decoded(bytes(mutated)) == full_check
+
+
+# -- over real connections -----------------------------------------------------------------------
+class Peers:
+    def __init__(self, client: RpcService, server: RpcService, server_node: Node) -> None:
+        self.client, self.server = client, server
+        self.peer = server_node.peer_id
+
+
+@pytest.fixture(params=["quic", "tcp"])
+async def peers(request: pytest.FixtureRequest) -> AsyncIterator[Peers]:
+    """A client that accepts messages up to 1000 bytes, and a server with the defaults."""
+    listen = [LISTEN[request.param]]
+    async with Node(listen=listen) as server_node, Node(listen=listen) as client_node:
+        client_node.add_peer_addrs(server_node.peer_id, server_node.addrs)
+        server = RpcService(server_node)
+        client = RpcService(client_node, RpcConfig(max_message_size=1000))
+        await server.start()
+        await client.start()
+        try:
+            await client_node.connect(server_node.peer_id)
+            yield Peers(client, server, server_node)
+        finally:
+            await client.stop()
+            await server.stop()
+
+
+async def test_a_small_reply_over_the_callers_limit_fails_the_call(peers: Peers) -> None:
+    """A reply of 2000 bytes comes whole in one read; the caller's limit is 1000: refused, as
+    a reply of 20000 bytes (taken frame by frame) is."""
+
+    @peers.server.method()
+    async def blob(size: int) -> bytes:
+        return b"b" * size
+
+    assert await asyncio.wait_for(peers.client.call(peers.peer, "blob", 900), WAIT) == b"b" * 900
+    for size in (2000, 20000):
+        with pytest.raises(RpcError, match="exceeds the limit of 1000 bytes"):
+            await asyncio.wait_for(peers.client.call(peers.peer, "blob", size), WAIT)
