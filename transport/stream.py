@@ -31,7 +31,8 @@ class Stream:
         self._buffer = bytearray()
         self._eof = False
         self._reset_reason: str | None = None
-        self._readable: asyncio.Event | None = None  # made when a reader first waits
+        # Futures of the readers waiting for data, the end or a reset (see `_next_arrival`).
+        self._arrival_waiters: list[asyncio.Future[None]] = []
         # Lazy multistream-select: confirmations we still expect before the first data byte.
         self._pending_confirmation: list[str] = []
         self._watcher: Callable[[], None] | None = None
@@ -63,23 +64,23 @@ class Stream:
     def _feed_data(self, data: bytes) -> None:
         if data:
             self._buffer += data
-            if self._readable is not None:
-                self._readable.set()
+            if self._arrival_waiters:
+                self._wake_readers()
             if self._watcher is not None:
                 self._watcher()
 
     def _feed_eof(self) -> None:
         self._eof = True
-        if self._readable is not None:
-            self._readable.set()
+        if self._arrival_waiters:
+            self._wake_readers()
         if self._watcher is not None:
             self._watcher()
 
     def _feed_reset(self, reason: str) -> None:
         if self._reset_reason is None:
             self._reset_reason = reason
-        if self._readable is not None:
-            self._readable.set()
+        if self._arrival_waiters:
+            self._wake_readers()
         if self._watcher is not None:
             self._watcher()
 
@@ -94,13 +95,23 @@ class Stream:
         """
 
     # -- reading ----------------------------------------------------------------------------
-    async def _next_arrival(self) -> None:
-        """Wait until data, the end or a reset arrives (the caller checks which, and loops)."""
-        if self._readable is None:
-            self._readable = asyncio.Event()
-        else:
-            self._readable.clear()
-        await self._readable.wait()
+    def _next_arrival(self) -> asyncio.Future[None]:
+        """What to await until data, the end or a reset arrives (the caller checks which, and
+        loops). A bare future per waiting reader, resolved by the feed: the reader's task is
+        woken with no event object or coroutine in between. A cancelled reader cancels only
+        its own future."""
+        waiters = self._arrival_waiters
+        if waiters:  # rare: another reader waits too, or cancelled ones are left over
+            waiters[:] = [waiter for waiter in waiters if not waiter.done()]
+        waiter = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
+        return waiter
+
+    def _wake_readers(self) -> None:
+        waiters, self._arrival_waiters = self._arrival_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _wait_readable(self) -> None:
         while not self._buffer and not self._eof and self._reset_reason is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from transport.errors import StreamReset
@@ -68,3 +70,32 @@ async def test_a_watcher_hears_at_once_what_arrived_before_it_watched() -> None:
     assert reader4.read_nowait() == b"read"
     reader4.watch(lambda: pytest.fail("nothing unread arrived: no call"))
     reader4.watch(None)
+
+
+async def test_two_waiting_readers_both_hear_an_arrival() -> None:
+    writer, reader = memory_stream_pair()
+    first = asyncio.ensure_future(reader._wait_readable())
+    second = asyncio.ensure_future(reader._wait_readable())
+    await asyncio.sleep(0)  # both wait now
+    await writer.write(b"x")
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+
+
+async def test_a_cancelled_reader_leaves_another_reader_waiting() -> None:
+    writer, reader = memory_stream_pair()
+    cancelled = asyncio.ensure_future(reader.read())
+    waiting = asyncio.ensure_future(reader.read())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    assert not waiting.done()  # its own wait was not cancelled with the other's
+    await writer.write(b"data")
+    assert await asyncio.wait_for(waiting, 5) == b"data"
+
+
+async def test_readers_cancelled_while_nothing_arrives_are_not_kept() -> None:
+    _writer, reader = memory_stream_pair()
+    for _ in range(100):
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(), 0.001)
+    assert len(reader._arrival_waiters) <= 1  # no list of cancelled waits grows
