@@ -35,6 +35,7 @@ from lattica_ray.rpc.protocol import (
     encode_status,
     frame_prefix,
 )
+from transport.quic import QuicConfig
 
 LISTEN = {"quic": "/ip4/127.0.0.1/udp/0/quic-v1", "tcp": "/ip4/127.0.0.1/tcp/0"}
 WAIT = 10.0  # seconds any awaited event may take before the test fails
@@ -240,3 +241,43 @@ async def test_a_small_reply_over_the_callers_limit_fails_the_call(peers: Peers)
     for size in (2000, 20000):
         with pytest.raises(RpcError, match="exceeds the limit of 1000 bytes"):
             await asyncio.wait_for(peers.client.call(peers.peer, "blob", size), WAIT)
+
+
+# -- refused calls and the connection's flow-control credit --------------------------------------
+@pytest.mark.xfail(
+    strict=True,
+    reason="aioquic engine: the unread arguments of refused calls are never credited back "
+    "(Libp2pQuicConnection.forget_stream; see tests/transport/test_review_fast_paths.py): "
+    "after about a connection window of them the connection stalls. qh3 stalls too, mostly "
+    "(its held events hide the caller's reset), not deterministically enough for a strict test",
+)
+async def test_refused_large_calls_leave_the_connection_usable() -> None:
+    """A call the server refuses (no such method) before reading its large arguments: the
+    caller resets the stream once the refusal arrives. The unread arguments must not use up
+    the connection's receive window for good: ordinary calls go on."""
+    config = QuicConfig(engine="aioquic", stream_window=256 * 1024, connection_window=1 << 20)
+    listen = [LISTEN["quic"]]
+    async with (
+        Node(listen=listen, quic_config=config) as server_node,
+        Node(listen=listen, quic_config=config) as client_node,
+    ):
+        client_node.add_peer_addrs(server_node.peer_id, server_node.addrs)
+        server, client = RpcService(server_node), RpcService(client_node)
+        await server.start()
+        await client.start()
+        try:
+
+            @server.method()
+            async def echo(x: bytes) -> bytes:
+                return x
+
+            big = b"a" * (768 * 1024)  # three stream windows: most of it unread when refused
+            for _ in range(20):
+                with pytest.raises(RpcError, match="no method 'nosuch'"):
+                    await client.call(server_node.peer_id, "nosuch", big, timeout=WAIT)
+                assert await client.call(server_node.peer_id, "echo", b"e" * 50_000, timeout=3) == (
+                    b"e" * 50_000
+                )
+        finally:
+            await client.stop()
+            await server.stop()
