@@ -281,3 +281,46 @@ async def test_refused_large_calls_leave_the_connection_usable() -> None:
         finally:
             await client.stop()
             await server.stop()
+
+
+# -- a handler that calls back at once, from inside the receive callback --------------------------
+@pytest.fixture(params=["quic", "tcp"])
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RpcService, RpcService]]:
+    """Two nodes, each serving RPC: (the caller's service, the server's service)."""
+    listen = [LISTEN[request.param]]
+    async with Node(listen=listen) as server_node, Node(listen=listen) as client_node:
+        client_node.add_peer_addrs(server_node.peer_id, server_node.addrs)
+        server, client = RpcService(server_node), RpcService(client_node)
+        await server.start()
+        await client.start()
+        try:
+            await client_node.connect(server_node.peer_id)
+            yield client, server
+        finally:
+            await client.stop()
+            await server.stop()
+
+
+async def test_a_handler_that_calls_the_caller_back_before_it_waits(
+    pair: tuple[RpcService, RpcService],
+) -> None:
+    """The handler's first step (run at once, inside the event handling of the datagram that
+    brought the request) opens calls back over the same connection: they leave, are answered,
+    and the first call gets its reply; many of them at once too."""
+    client, server = pair
+    caller = client.host.peer_id
+
+    @client.method()
+    async def pong(x: bytes) -> bytes:
+        return x + b"!"
+
+    @server.method()
+    async def ping_back(x: bytes) -> bytes:
+        return await server.call(caller, "pong", x, timeout=WAIT)
+
+    peer = server.host.peer_id
+    assert await client.call(peer, "ping_back", b"hi", timeout=WAIT) == b"hi!"
+    replies = await asyncio.wait_for(
+        asyncio.gather(*(client.call(peer, "ping_back", b"%d" % i) for i in range(50))), WAIT
+    )
+    assert replies == [b"%d!" % i for i in range(50)]

@@ -216,26 +216,63 @@ async def test_the_rest_of_a_stream_reset_on_arrival_is_not_another_inbound_stre
         await pair.close()
 
 
-async def test_a_refused_stream_whose_unread_data_fills_the_window_does_not_stall_the_rest(
+async def test_refused_streams_whose_unread_data_fills_the_window_do_not_stall_the_rest(
     endpoints: EndpointPair, engine: str, request: pytest.FixtureRequest
 ) -> None:
     """An RPC refusal: the server answers and closes without reading the request (more than
     the connection's window is on its way); the client reads the answer and resets. The reset
-    must reach the server, and the unread data must not hold the connection's credit: a
-    later stream's data still gets through."""
+    must reach the server, and the unread data must not hold the connection's credit: later
+    streams still get through."""
     _xfail_on(request, engine, "qh3", HELD_RESET)
+    _xfail_on(request, engine, "aioquic", CREDIT_LEAK)
     connection = await endpoints.dial()
-    stream = await connection.open_stream()
-    sending = asyncio.get_running_loop().create_task(stream.write(b"q" * (3 * WINDOW)))
-    try:
-        inbound = await _inbound(endpoints, stream.stream_id)
-        await inbound.write(b"refused")
-        await inbound.close()
-        assert await asyncio.wait_for(stream.readexactly(7), WAIT) == b"refused"
-        stream.reset("call finished")
-        await wait_until(lambda: inbound._reset_reason is not None)
-        later = await _stream_with(connection, b"d" * WINDOW)
-        inbound = await _inbound(endpoints, later.stream_id)
-        assert await asyncio.wait_for(inbound.read_to_end(), WAIT) == b"d" * WINDOW
-    finally:
-        sending.cancel()
+    for _ in range(3):
+        stream = await connection.open_stream()
+        sending = asyncio.get_running_loop().create_task(stream.write(b"q" * (3 * WINDOW)))
+        try:
+            inbound = await _inbound(endpoints, stream.stream_id)
+            await wait_until(lambda inbound=inbound: len(inbound._buffer) >= WINDOW // 2)
+            await inbound.write(b"refused")
+            await inbound.close()
+            assert await asyncio.wait_for(stream.readexactly(7), WAIT) == b"refused"
+            stream.reset("call finished")
+            await wait_until(lambda inbound=inbound: inbound._reset_reason is not None)
+        finally:
+            sending.cancel()
+    later = await _stream_with(connection, b"d" * WINDOW)
+    inbound = await _inbound(endpoints, later.stream_id)
+    assert await asyncio.wait_for(inbound.read_to_end(), WAIT) == b"d" * WINDOW
+
+
+async def test_streams_after_a_handler_closed_the_connection_in_its_first_step_end_too(
+    served: Served,
+) -> None:
+    """Two streams arrive in one batch; the first one's handler closes the connection at once
+    (inside the event handling). The second stream, delivered after that within the same
+    event handling, must not be served as if the connection lived: either it is not served,
+    or its reader ends; no handler is left waiting on the dead connection."""
+    outcome: list[str] = []
+
+    async def close_connection(stream: Stream) -> None:
+        await stream.connection.close("closing at once")
+
+    async def wait_for_more(stream: Stream) -> None:
+        try:
+            await stream.read_to_end()  # the end never comes: the connection is gone
+            outcome.append("the end")
+        except Exception as exc:
+            outcome.append(type(exc).__name__)
+
+    served.handlers.set("/close/1", close_connection)
+    served.handlers.set("/wait/1", wait_for_more)
+    connection = await served.dial()
+    for protocol in ("/close/1", "/wait/1"):  # both written in this loop turn: one batch
+        stream = await connection.open_stream()
+        await select_outbound(stream, [protocol])
+        await stream.write(b"x")
+    await wait_until(lambda: bool(served.server_connections))
+    server_side = served.server_connections[0]
+    await wait_until(lambda: server_side.is_closed)
+    await wait_until(lambda: not served.handlers._tasks, timeout=WAIT)
+    assert "the end" not in outcome
+    assert server_side.open_streams() == []

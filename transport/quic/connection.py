@@ -275,6 +275,8 @@ class QuicConnection(Connection):
         stream = self._streams.get(event.stream_id)
         if stream is None:
             stream_id = event.stream_id
+            if self._terminated:  # closed meanwhile (a handler started at once closed it)
+                return
             if not self.established.done() or self.established.exception() is not None:
                 self._discard(event)  # data before authentication: ignore
                 return
