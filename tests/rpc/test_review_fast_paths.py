@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lattica_ray import Node
-from lattica_ray.rpc import RpcConfig, RpcService
+from lattica_ray.rpc import DeadlineExceeded, RpcConfig, RpcService
 from lattica_ray.rpc.codec import CodecError, CodecLimits, decode, encode
 from lattica_ray.rpc.errors import RpcError
 from lattica_ray.rpc.protocol import (
@@ -324,3 +324,33 @@ async def test_a_handler_that_calls_the_caller_back_before_it_waits(
         asyncio.gather(*(client.call(peer, "ping_back", b"%d" % i) for i in range(50))), WAIT
     )
     assert replies == [b"%d!" % i for i in range(50)]
+
+
+async def test_a_task_whose_calls_expired_is_not_left_cancelling(
+    pair: tuple[RpcService, RpcService],
+) -> None:
+    """Deadlines cancel the caller's task and take the cancellation back: after expired calls
+    (one of them inside an outer timeout that does not fire) the task has no cancellation
+    pending, and an outer timeout that does fire later is still a TimeoutError."""
+    client, server = pair
+    peer = server.host.peer_id
+
+    @server.method()
+    async def hang() -> None:
+        await asyncio.Event().wait()
+
+    task = asyncio.current_task()
+    assert task is not None
+    for _ in range(3):
+        with pytest.raises(DeadlineExceeded):
+            await client.call(peer, "hang", timeout=0.05)
+    async with asyncio.timeout(WAIT):
+        with pytest.raises(DeadlineExceeded):
+            await client.call(peer, "hang", timeout=0.05)
+    assert task.cancelling() == 0
+    await asyncio.sleep(0)  # no cancellation left to be delivered here
+    with pytest.raises(TimeoutError) as raised:
+        async with asyncio.timeout(0.1):
+            await client.call(peer, "hang", timeout=WAIT)
+    assert not isinstance(raised.value, DeadlineExceeded)
+    assert task.cancelling() == 0

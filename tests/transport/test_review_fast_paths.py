@@ -276,3 +276,19 @@ async def test_streams_after_a_handler_closed_the_connection_in_its_first_step_e
     await wait_until(lambda: not served.handlers._tasks, timeout=WAIT)
     assert "the end" not in outcome
     assert server_side.open_streams() == []
+
+
+async def test_resetting_a_stream_already_let_go_is_harmless(endpoints: EndpointPair) -> None:
+    """A caller that resets a stream after it was done both ways (and let go): no error, and
+    the connection carries the next stream."""
+    connection = await endpoints.dial()
+    for _ in range(2):
+        stream = await _stream_with(connection, b"ping")
+        inbound = await _inbound(endpoints, stream.stream_id)
+        assert await asyncio.wait_for(inbound.read_to_end(), WAIT) == b"ping"
+        await inbound.write(b"pong")
+        await inbound.close()
+        assert await asyncio.wait_for(stream.read_to_end(), WAIT) == b"pong"
+        assert stream not in connection.open_streams()
+        stream.reset("late")
+        inbound.reset("late")
