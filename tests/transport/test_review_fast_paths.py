@@ -30,12 +30,6 @@ def quic_config(engine: str) -> QuicConfig:
     return engine_config(engine, stream_window=WINDOW, connection_window=WINDOW)
 
 
-CREDIT_LEAK = (
-    "aioquic engine: QuicConnection._forget -> Libp2pQuicConnection.forget_stream drops a "
-    "stream's _consumed count without crediting its delivered-but-unread bytes to "
-    "_consumed_total, so MAX_DATA never covers them: each stream reset with unread data "
-    "shrinks the connection window for good (qh3's forget_stream subtracts _unread)"
-)
 PHANTOM_STREAMS = (
     "both engines: after a local reset (_reset_stream forgets the stream at once) the engine "
     "still delivers the stream's later STREAM frames (stop_stream only asks the remote to stop); "
@@ -64,11 +58,10 @@ async def _stream_with(connection: QuicConnection, data: bytes, close: bool = Tr
 
 
 async def test_streams_reset_with_unread_data_give_back_the_connections_credit(
-    endpoints: EndpointPair, engine: str, request: pytest.FixtureRequest
+    endpoints: EndpointPair,
 ) -> None:
     """A server that resets streams whose data it never read (a refused call) must not use
     up the connection's window: later streams still get through."""
-    _xfail_on(request, engine, "aioquic", CREDIT_LEAK)
     connection = await endpoints.dial()
     for _ in range(4):  # 4 x 3/4 of the connection window, never read
         stream = await _stream_with(connection, b"u" * (WINDOW * 3 // 4), close=False)
@@ -224,7 +217,6 @@ async def test_refused_streams_whose_unread_data_fills_the_window_do_not_stall_t
     must reach the server, and the unread data must not hold the connection's credit: later
     streams still get through."""
     _xfail_on(request, engine, "qh3", HELD_RESET)
-    _xfail_on(request, engine, "aioquic", CREDIT_LEAK)
     connection = await endpoints.dial()
     for _ in range(3):
         stream = await connection.open_stream()

@@ -6,7 +6,10 @@
 - Write backpressure needs the size of a stream's unacknowledged send buffer.
 - aioquic doubles its receive windows as data *arrives*, whatever the application has read, so
   a slow reader makes memory grow without bound. We grant credit as the application *reads*
-  (`consume`): receive memory per stream stays under one window.
+  (`consume`): receive memory per stream stays under one window. A stream let go with data
+  unread (reset, refused) gives that data's credit back, and so does whatever arrives for it
+  later: aioquic counts a stream's connection credit by its highest offset received, so ours
+  follows that offset for such a stream (`forget_stream`).
 - Path MTU discovery (`transport.quic.pmtu` decides): aioquic keeps one datagram size for the
   whole connection, in `_max_datagram_size` and in its congestion controller and pacer. We build
   padded PING probes ourselves, raise all three when a probe is acknowledged, keep lost probes
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 NetworkAddress = tuple[str, int]
 PACING_BURST_INTERVAL = 0.002  # seconds of data one burst may carry (as quinn's pacer)
 MAX_PACING_BURST = 256 * 1024  # bytes per burst, well within the kernel's socket buffers
+FORGOTTEN_PRUNE_AT = 64  # streams let go with data unread: drop those aioquic discarded
 
 
 class BurstPacer(QuicPacketPacer):
@@ -81,6 +85,9 @@ class Libp2pQuicConnection(QuicConnection):
         self._consumed_total = 0
         self._reserved: dict[int, int] = {}  # offsets a waiting reader asked to be granted
         self._reserved_total = 0
+        # Streams let go before aioquic discarded them -> the offset credited so far: their
+        # bytes count as read by offset, whenever they arrive (no event of theirs counts).
+        self._forgotten: dict[int, int] = {}
         self.mtu_search = mtu_search
         self._mtu_probes: dict[int, int] = {}  # packet number -> probed size, while in flight
         self._mtu_path: NetworkAddress | None = None  # the path the search is about
@@ -127,6 +134,8 @@ class Libp2pQuicConnection(QuicConnection):
 
         True if that is enough for a MAX_STREAM_DATA or MAX_DATA update (the rules below).
         """
+        if stream_id in self._forgotten:
+            return False  # credited by offset as it arrived (`_credit_forgotten`)
         consumed = self._consumed.get(stream_id, 0) + nbytes
         self._consumed[stream_id] = consumed
         self._consumed_total += nbytes
@@ -159,8 +168,53 @@ class Libp2pQuicConnection(QuicConnection):
         )
 
     def forget_stream(self, stream_id: int) -> None:
-        self._consumed.pop(stream_id, None)
+        """The application let the stream go: what it received and did not read, and what
+        still arrives for it, counts as read (or each reset with unread data would shrink
+        the connection's window for good)."""
+        consumed = self._consumed.pop(stream_id, 0)
         self._reserved.pop(stream_id, None)
+        stream = self._streams.get(stream_id)
+        if stream is None or stream_id in self._forgotten or not stream.max_stream_data_local:
+            return
+        receiver = stream.receiver
+        if receiver.is_finished and receiver.highest_offset <= consumed:
+            return  # all of it read: nothing more can arrive
+        if len(self._forgotten) >= FORGOTTEN_PRUNE_AT:
+            streams = self._streams
+            self._forgotten = {i: o for i, o in self._forgotten.items() if i in streams}
+        self._forgotten[stream_id] = consumed
+        self._credit_forgotten(stream_id)
+
+    def _credit_forgotten(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        highest = stream.receiver.highest_offset
+        credited = self._forgotten[stream_id]
+        if highest > credited:
+            self._consumed_total += highest - credited
+            self._forgotten[stream_id] = highest
+
+    def _handle_stream_frame(self, context, frame_type: int, buf: Buffer) -> None:  # type: ignore[override]
+        self._handle_frame_of_forgotten(super()._handle_stream_frame, context, frame_type, buf)
+
+    def _handle_reset_stream_frame(self, context, frame_type: int, buf: Buffer) -> None:  # type: ignore[override]
+        self._handle_frame_of_forgotten(
+            super()._handle_reset_stream_frame, context, frame_type, buf
+        )
+
+    def _handle_frame_of_forgotten(self, handle, context, frame_type: int, buf: Buffer) -> None:
+        """aioquic's handling of a STREAM or RESET_STREAM frame; one for a stream let go
+        credits what it adds (its offset moved)."""
+        if not self._forgotten:
+            handle(context, frame_type, buf)
+            return
+        start = buf.tell()
+        stream_id = buf.pull_uint_var()
+        buf.seek(start)
+        handle(context, frame_type, buf)
+        if stream_id in self._forgotten:
+            self._credit_forgotten(stream_id)
 
     # -- flow control: credit follows what the application read ---------------------------
     def _write_stream_limits(self, builder, space, stream) -> None:  # type: ignore[override]
