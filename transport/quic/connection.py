@@ -39,6 +39,31 @@ def _is_bidirectional(stream_id: int) -> bool:
     return stream_id & 0x2 == 0
 
 
+class RemoteStreamIds:
+    """Which of the remote's bidirectional stream IDs have been seen: data for one seen
+    before that we no longer know is late data of a stream let go (we reset it, its data
+    was in flight), not a new inbound stream.
+
+    Kept as the next ID never seen and the IDs below it not seen yet (skipped: opened
+    implicitly, RFC 9000 3.2), which the streams we allow the remote bound.
+    """
+
+    def __init__(self, first: int) -> None:
+        self._next = first
+        self._skipped: set[int] = set()
+
+    def first_seen(self, stream_id: int) -> bool:
+        """True the first time `stream_id` (one of the remote's bidirectional IDs) comes."""
+        if stream_id >= self._next:
+            self._skipped.update(range(self._next, stream_id, 4))
+            self._next = stream_id + 4
+            return True
+        if stream_id in self._skipped:
+            self._skipped.discard(stream_id)
+            return True
+        return False
+
+
 class QuicConnection(Connection):
     """A libp2p QUIC connection (transport "quic")."""
 
@@ -71,11 +96,7 @@ class QuicConnection(Connection):
         # keep every call it carried. The engine sends nothing more for such a stream.
         self._streams: dict[int, QuicStream] = {}
         self._local_id_bit = 0 if is_initiator else 1  # RFC 9000 2.1: 0 client, 1 server
-        # The remote's bidirectional stream IDs: the next one never seen, and those below it
-        # skipped so far (opened implicitly, RFC 9000 3.2; at most the streams we allow).
-        # Data for any other remote ID we do not know is late data of a stream let go.
-        self._next_remote_id = 1 - self._local_id_bit
-        self._skipped_remote_ids: set[int] = set()
+        self._remote_ids = RemoteStreamIds(first=1 - self._local_id_bit)
         self._drain_waiters: set[QuicStream] = set()
         self._send_high_water = endpoint.config.send_buffer_high_water
         self._stream_slot: asyncio.Future[None] | None = None  # openers wait for MAX_STREAMS
@@ -290,7 +311,7 @@ class QuicConnection(Connection):
                 self.quic.stop_stream(stream_id, ERROR_CODE_RESET)
                 self._discard(event)
                 return
-            if stream_id & 1 == self._local_id_bit or not self._is_new_remote_stream(stream_id):
+            if stream_id & 1 == self._local_id_bit or not self._remote_ids.first_seen(stream_id):
                 # ours, or the remote's reset or done with: late data of a stream let go
                 self._discard(event)
                 return
@@ -307,17 +328,6 @@ class QuicConnection(Connection):
             stream._feed_data(event.data)
         if event.end_stream:
             stream._feed_eof()
-
-    def _is_new_remote_stream(self, stream_id: int) -> bool:
-        """True the first time data comes for a remote bidirectional `stream_id`."""
-        if stream_id >= self._next_remote_id:
-            self._skipped_remote_ids.update(range(self._next_remote_id, stream_id, 4))
-            self._next_remote_id = stream_id + 4
-            return True
-        if stream_id in self._skipped_remote_ids:
-            self._skipped_remote_ids.discard(stream_id)
-            return True
-        return False
 
     def _discard(self, event) -> None:
         """Data nobody will read counts as read: its flow-control credit goes back."""
