@@ -246,10 +246,13 @@ async def test_a_small_reply_over_the_callers_limit_fails_the_call(peers: Peers)
 # -- refused calls and the connection's flow-control credit --------------------------------------
 @pytest.mark.xfail(
     strict=True,
-    reason="aioquic engine: the unread arguments of refused calls are never credited back "
-    "(Libp2pQuicConnection.forget_stream; see tests/transport/test_review_fast_paths.py): "
-    "after about a connection window of them the connection stalls. qh3 stalls too, mostly "
-    "(its held events hide the caller's reset), not deterministically enough for a strict test",
+    reason="rpc (not the transport; the aioquic credit leak is fixed): RpcService._refuse "
+    "answers and closes its side but never reads nor stops the request stream, and the "
+    "caller, its writer not mid-frame, closes cleanly instead of resetting (its FIN queued "
+    "behind unsent arguments): each refused call leaves the server a stream window of unread "
+    "arguments nobody will read, and after about a connection window of them the connection "
+    "stalls. qh3 stalls too (its held events also hide resets), not deterministically enough "
+    "for a strict test",
 )
 async def test_refused_large_calls_leave_the_connection_usable() -> None:
     """A call the server refuses (no such method) before reading its large arguments: the
