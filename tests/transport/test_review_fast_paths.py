@@ -204,6 +204,29 @@ async def test_the_rest_of_a_stream_reset_on_arrival_is_not_another_inbound_stre
         await pair.close()
 
 
+async def test_the_rest_of_a_stream_reset_on_arrival_is_credited_once(
+    quic_config: QuicConfig, engine: str
+) -> None:
+    """aioquic engine: every byte of the refused streams, read or not, before or after the
+    reset, is credited back exactly once (credit counted twice would let the remote send
+    past what we can hold)."""
+    if engine != "aioquic":
+        pytest.skip("aioquic's credit accounting (qh3's is its core's)")
+    pair = Refusing(quic_config)
+    await pair.start()
+    try:
+        connection = await pair.dial()
+        streams = [await _stream_with(connection, b"r" * WINDOW) for _ in range(3)]
+        for stream in streams:
+            await wait_until(lambda s=stream: s._reset_reason is not None or s._write_reset)
+        engine_state = pair.server_connections[0].quic
+        used = engine_state._local_max_data
+        # Counted twice, the credit would stay ahead of what arrived: never equal again.
+        await wait_until(lambda: engine_state._consumed_total == used.used > 0)
+    finally:
+        await pair.close()
+
+
 async def test_refused_streams_whose_unread_data_fills_the_window_do_not_stall_the_rest(
     endpoints: EndpointPair, engine: str, request: pytest.FixtureRequest
 ) -> None:
