@@ -78,10 +78,10 @@ def test_every_pair_connects_and_punches_where_theory_allows(
         print(
             f"{dialer_kind:16} -> {target_kind:16} {result['path']:12} {result['transport']:6}"
             f"{result['time_to_path_ms']:8.0f} ms to path, rtt {result['rtt_ms']:.2f} ms, "
-            f"paths {' '.join(result['paths'])}"
+            f"paths {' '.join(result['paths'])}, punch {result['punch'] or '-'}"
         )
     failures = [
-        (d, t, r["path"])
+        (d, t, r["path"], r["punch"])
         for d, t, r in table
         if direct_required(NatKind(d), NatKind(t)) and r["path"] not in DIRECT_PATHS
     ]
