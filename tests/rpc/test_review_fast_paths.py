@@ -35,9 +35,9 @@ from lattica_ray.rpc.protocol import (
     encode_status,
     frame_prefix,
 )
+from tests.rpc.services import LISTEN, Peers, connected_services
 from transport.quic import QuicConfig
 
-LISTEN = {"quic": "/ip4/127.0.0.1/udp/0/quic-v1", "tcp": "/ip4/127.0.0.1/tcp/0"}
 WAIT = 10.0  # seconds any awaited event may take before the test fails
 
 
@@ -205,28 +205,11 @@ def test_a_message_differing_from_a_remembered_skeleton_decodes_as_a_full_check_
 
 
 # -- over real connections -----------------------------------------------------------------------
-class Peers:
-    def __init__(self, client: RpcService, server: RpcService, server_node: Node) -> None:
-        self.client, self.server = client, server
-        self.peer = server_node.peer_id
-
-
 @pytest.fixture(params=["quic", "tcp"])
 async def peers(request: pytest.FixtureRequest) -> AsyncIterator[Peers]:
     """A client that accepts messages up to 1000 bytes, and a server with the defaults."""
-    listen = [LISTEN[request.param]]
-    async with Node(listen=listen) as server_node, Node(listen=listen) as client_node:
-        client_node.add_peer_addrs(server_node.peer_id, server_node.addrs)
-        server = RpcService(server_node)
-        client = RpcService(client_node, RpcConfig(max_message_size=1000))
-        await server.start()
-        await client.start()
-        try:
-            await client_node.connect(server_node.peer_id)
-            yield Peers(client, server, server_node)
-        finally:
-            await client.stop()
-            await server.stop()
+    async with connected_services(request.param, RpcConfig(max_message_size=1000)) as connected:
+        yield connected
 
 
 async def test_a_small_reply_over_the_callers_limit_fails_the_call(peers: Peers) -> None:

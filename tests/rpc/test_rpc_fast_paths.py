@@ -16,34 +16,15 @@ import pytest
 
 from lattica_ray import Node
 from lattica_ray.rpc import DeadlineExceeded, RpcConfig, RpcService
+from tests.rpc.services import LISTEN, Peers, connected_services
 
-LISTEN = {"quic": "/ip4/127.0.0.1/udp/0/quic-v1", "tcp": "/ip4/127.0.0.1/tcp/0"}
 WAIT = 10.0  # seconds any awaited event may take before the test fails
-
-
-class Peers:
-    """A client service and a server service on two connected nodes."""
-
-    def __init__(self, client: RpcService, server: RpcService, server_node: Node) -> None:
-        self.client, self.server, self.server_node = client, server, server_node
-        self.peer = server_node.peer_id
 
 
 @pytest.fixture(params=["quic", "tcp"])
 async def peers(request: pytest.FixtureRequest) -> AsyncIterator[Peers]:
-    listen = [LISTEN[request.param]]
-    async with Node(listen=listen) as server_node, Node(listen=listen) as client_node:
-        client_node.add_peer_addrs(server_node.peer_id, server_node.addrs)
-        server = RpcService(server_node)
-        client = RpcService(client_node, RpcConfig(deadline_grace=0.0))
-        await server.start()
-        await client.start()
-        try:
-            await client_node.connect(server_node.peer_id)
-            yield Peers(client, server, server_node)
-        finally:
-            await client.stop()
-            await server.stop()
+    async with connected_services(request.param, RpcConfig(deadline_grace=0.0)) as connected:
+        yield connected
 
 
 async def hang_forever(started: asyncio.Event | None = None) -> None:
