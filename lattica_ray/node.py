@@ -20,6 +20,7 @@ from lattica_ray.dht import DHT, DHTConfig, DHTError
 from lattica_ray.rpc import RpcConfig, RpcService
 from lattica_ray.view import ClusterView, ViewConfig
 from lattica_ray.view.errors import ViewNotStarted
+from transport import busy_poll
 from transport.connection import Connection
 from transport.errors import ConnectionClosed, DialError, TransportError
 from transport.handlers import StreamHandler
@@ -77,6 +78,7 @@ class Node:
         cluster: str | None = None,
         view: ViewConfig | None = None,
         tune_malloc: bool = False,
+        busy_poll_us: float = busy_poll.DEFAULT_LIMIT_US,
     ) -> None:
         if key is not None and key_file is not None:
             raise ValueError("give either key or key_file, not both")
@@ -88,6 +90,12 @@ class Node:
                 raise ValueError(f"bootstrap address {addr} must end in /p2p/<peer id>")
         # Bulk transfers churn multi-MiB buffers: lattica_ray.allocator (opt-in: it slows NumPy).
         self.tune_malloc = tune_malloc
+        # Spin up to this long before the loop sleeps, while calls come that close together
+        # (transport.busy_poll: it halves a small call's latency here); 0 never spins.
+        if busy_poll_us < 0:
+            raise ValueError(f"busy_poll_us must be >= 0, got {busy_poll_us}")
+        self.busy_poll_us = busy_poll_us
+        self._busy_poll_loop: asyncio.AbstractEventLoop | None = None
         self.protocol_version = protocol_version
         self.agent_version = agent_version
         self.swarm = Swarm(self.key, quic_config)
@@ -125,6 +133,9 @@ class Node:
         except BaseException:
             await self.swarm.close()
             raise
+        loop = asyncio.get_running_loop()
+        if busy_poll.install(loop, self.busy_poll_us):
+            self._busy_poll_loop = loop
         self.swarm.set_stream_handler(ping.PROTOCOL, ping.serve_ping)
         self.swarm.set_stream_handler(identify.PROTOCOL, self._serve_identify)
         self.swarm.set_stream_handler(identify.PUSH_PROTOCOL, self._receive_identify_push)
@@ -160,6 +171,9 @@ class Node:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.nat.stop()
         await self.swarm.close()
+        if self._busy_poll_loop is not None:
+            busy_poll.uninstall(self._busy_poll_loop)
+            self._busy_poll_loop = None
         log.info("node %s stopped", self.peer_id)
 
     async def __aenter__(self) -> Node:
