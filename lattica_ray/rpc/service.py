@@ -65,7 +65,7 @@ from lattica_ray.rpc.protocol import (
     Status,
 )
 from lattica_ray.rpc.registry import CallContext, Method, bind_call, make_method
-from transport.errors import ProtocolNotSupported, StreamError, TransportError
+from transport.errors import ProtocolNotSupported, StreamError, StreamReset, TransportError
 from transport.host import Host
 from transport.identity import PeerId
 from transport.stream import Stream
@@ -907,19 +907,29 @@ class _OutboundCall:
             self.stream.reset("undecodable response")
             raise self._error(ProtocolError(f"could not decode the response: {exc}")) from exc
 
-    async def finish(self) -> None:
-        """The status arrived: stop sending and close our side cleanly."""
+    async def finish(self, ok: bool = True) -> None:
+        """The status arrived (`ok` or not): stop sending and close our side, cleanly if all
+        we meant to send is out. A server that ended the call early (refused it, failed, or
+        answered before our requests were done) would leave what we still send unread: the
+        stream is reset instead, so that it leaves no FIN queued behind unsent requests and
+        holds no flow-control credit (as HTTP/2's RST_STREAM(NO_ERROR) after an early answer).
+        """
         if self.done:
             return
         self.done = True
         self.service._outbound.discard(self)
         task = self.writer_task
-        if task is not None and not task.done():
-            task.cancel()
+        ended_early = task is not None and not task.done()
+        if ended_early:
+            task.cancel()  # type: ignore[union-attr]
         if task is not None:
             await asyncio.wait([task])
         assert self.stream is not None
-        if (self.writer is not None and self.writer.mid_frame) or not self.proto.ended:
+        if (
+            ended_early
+            or (self.writer is not None and (self.writer.mid_frame or not ok))
+            or not self.proto.ended
+        ):
             self.stream.reset("call finished")
             return
         try:
@@ -1009,7 +1019,7 @@ class ResponseStream:
                 call.abort("undecodable response")
                 raise
         self._finished = True
-        await call.finish()
+        await call.finish(event.ok)
         if event.ok:
             raise StopAsyncIteration
         raise event.to_error(call.method, call.peer)
@@ -1216,7 +1226,7 @@ class RpcService:
             raise
         if call.expired:  # its cancellation came too late to interrupt anything
             task.uncancel()
-        await call.finish()
+        await call.finish(event is STATUS_OK or event.ok)
         if event is not STATUS_OK and not event.ok:
             raise event.to_error(method, peer)
         return result
@@ -1426,13 +1436,19 @@ class RpcService:
         return None
 
     async def _refuse(self, stream: Stream, proto: ServerCall, status: Status) -> None:
-        """Answer with `status` only (no handler ran), then close our side."""
+        """Answer with `status` only (no handler ran), then close our side, and drop what the
+        caller still sends until it stops (it resets once the refusal arrives): unread, its
+        arguments would hold the connection's flow-control credit."""
         try:
             async with asyncio.timeout(self.config.status_timeout):
                 await stream.write(proto.send_status(status))
                 await stream.close()
+                while await stream.read(self.config.read_size):
+                    pass
+        except StreamReset:
+            pass  # the caller gave up on its request: the usual end of a refusal
         except (TimeoutError, TransportError, ConnectionError) as exc:
-            logger.debug("rpc refusal to %s not delivered: %r", stream.remote_peer, exc)
+            logger.debug("rpc refusal to %s: %r (stream reset)", stream.remote_peer, exc)
             stream.reset("refused")
 
     async def _read_event(
