@@ -43,6 +43,7 @@ if pathlib.Path(sys.path[0]).resolve() == pathlib.Path(__file__).resolve().paren
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 from benchmarks.rpc_peer import PeerError, RpcPeer
+from transport.busy_poll import DEFAULT_LIMIT_US as BUSY_POLL_US  # the node's default
 
 MIB = 1024 * 1024
 LOOPBACK = {"quic": "/ip4/127.0.0.1/udp/0/quic-v1", "tcp": "/ip4/127.0.0.1/tcp/0"}
@@ -214,7 +215,14 @@ def measure_direct(transport: str, opts: argparse.Namespace) -> dict[str, Any]:
         figures["bulk"] = bulk
         if transport == "quic-pmtu":
             return figures
-        figures["unary_100B"] = client.command("latency", peer=server.peer_id, count=opts.calls)
+        figures["unary_100B"] = latency(client, server, opts.calls)
+        # The same calls with busy polling off (transport.busy_poll; Node(busy_poll_us=0)):
+        # what the spin buys, and its CPU cost, beside the default.
+        for peer in (server, client):
+            peer.command("busy_poll", limit_us=0)
+        figures["unary_100B_no_busy_poll"] = latency(client, server, opts.calls)
+        for peer in (server, client):
+            peer.command("busy_poll", limit_us=BUSY_POLL_US)
         figures["beside_slow_handler"] = {
             kind: client.command(
                 "beside_slow", peer=server.peer_id, method=method, calls=opts.beside_calls
@@ -222,6 +230,16 @@ def measure_direct(transport: str, opts: argparse.Namespace) -> dict[str, Any]:
             for kind, method in (("async", "bench.sleep"), ("def", "bench.sleep_blocking"))
         }
     return figures
+
+
+def latency(client: RpcPeer, server: RpcPeer, calls: int) -> dict[str, Any]:
+    """100 B unary calls one after another: p50/p99, and both ends' CPU time per call."""
+    server_cpu = server.command("cpu")["cpu_s"]
+    row = client.command("latency", peer=server.peer_id, count=calls)
+    # (the server's CPU includes the untimed warm-up tenth: a slight overstatement)
+    server_cpu = server.command("cpu")["cpu_s"] - server_cpu
+    row["cpu_per_call_s"] = (row.pop("cpu_s") + server_cpu) / calls
+    return row
 
 
 def measure_memory(transport: str, opts: argparse.Namespace) -> dict[str, Any]:
@@ -531,7 +549,19 @@ def print_direct(
             beside = f" = {row['p50_s'] / sdk['best_unary_100B_p50_s']:.2f} x SDK p50"
         print(
             f"  100 B unary ({row['count']} calls): p50 {row['p50_s'] * 1e3:.3f} ms{beside}, "
-            f"p99 {row['p99_s'] * 1e3:.3f} ms"
+            f"p99 {row['p99_s'] * 1e3:.3f} ms, CPU {row['cpu_per_call_s'] * 1e6:.0f} us per "
+            "call (both ends)"
+        )
+    if "unary_100B_no_busy_poll" in figures:
+        off, on = figures["unary_100B_no_busy_poll"], figures["unary_100B"]
+        beside = ""
+        if sdk is not None:
+            beside = f" = {off['p50_s'] / sdk['best_unary_100B_p50_s']:.2f} x SDK p50"
+        print(
+            f"  ... busy polling off:  p50 {off['p50_s'] * 1e3:.3f} ms{beside}, p99 "
+            f"{off['p99_s'] * 1e3:.3f} ms, CPU {off['cpu_per_call_s'] * 1e6:.0f} us per call; "
+            f"on/off p50 {on['p50_s'] / off['p50_s']:.2f}x, CPU "
+            f"{on['cpu_per_call_s'] / off['cpu_per_call_s']:.2f}x"
         )
     for kind, row in figures.get("beside_slow_handler", {}).items():
         print(

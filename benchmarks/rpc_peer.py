@@ -368,16 +368,21 @@ class Peer:
         peer_id = PeerId.from_string(peer)
         payload = os.urandom(size)
         samples = []
+        cpu_started = 0.0
         for index in range(count + count // 10):  # the first tenth warms up
+            if index == count // 10:
+                cpu_started = time.process_time()
             started = time.perf_counter()
             reply = await self.node.rpc.call(peer_id, "bench.echo", payload, timeout=30)
             if index >= count // 10:
                 samples.append(time.perf_counter() - started)
             if reply != payload:
                 raise ValueError("echo returned other bytes")
+        cpu_s = time.process_time() - cpu_started
         samples.sort()
         return {
             "count": count,
+            "cpu_s": cpu_s,  # this process's, over the timed calls
             "p50_s": samples[len(samples) // 2],
             "p99_s": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
             **self.path_to(peer_id),
@@ -519,6 +524,17 @@ class Peer:
 
     async def cmd_cpu(self) -> dict[str, Any]:
         return {"cpu_s": time.process_time()}
+
+    async def cmd_busy_poll(self, limit_us: float) -> dict[str, Any]:
+        """Spin up to `limit_us` before the loop sleeps from now on (0: never), as
+        `Node(busy_poll_us=...)` would have: the same processes measured both ways."""
+        from transport import busy_poll
+
+        loop = asyncio.get_running_loop()
+        while busy_poll.window_of(loop) is not None:
+            busy_poll.uninstall(loop)
+        self.node._busy_poll_loop = loop if busy_poll.install(loop, limit_us) else None
+        return {"busy_poll_us": limit_us}
 
     async def cmd_memory(self) -> dict[str, Any]:
         import gc
