@@ -202,6 +202,8 @@ def best_direct(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def measure_direct(transport: str, opts: argparse.Namespace) -> dict[str, Any]:
     """The bulk, latency and beside-a-slow-handler figures over one direct connection."""
     options = {"datagram": opts.datagram, "pmtu": transport == "quic-pmtu"}
+    if opts.busy_poll_us is not None:
+        options["busy_poll_us"] = opts.busy_poll_us
     listen = [LOOPBACK["tcp" if transport == "tcp" else "quic"]]
     ends = [(f"{transport}-{role}", listen, options) for role in ("server", "client")]
     with peers(*ends) as (server, client):
@@ -216,13 +218,14 @@ def measure_direct(transport: str, opts: argparse.Namespace) -> dict[str, Any]:
         if transport == "quic-pmtu":
             return figures
         figures["unary_100B"] = latency(client, server, opts.calls)
+        spin = opts.busy_poll_us
         # The same calls with busy polling off (transport.busy_poll; Node(busy_poll_us=0)):
         # what the spin buys, and its CPU cost, beside the default.
         for peer in (server, client):
             peer.command("busy_poll", limit_us=0)
         figures["unary_100B_no_busy_poll"] = latency(client, server, opts.calls)
         for peer in (server, client):
-            peer.command("busy_poll", limit_us=BUSY_POLL_US)
+            peer.command("busy_poll", limit_us=BUSY_POLL_US if spin is None else spin)
         figures["beside_slow_handler"] = {
             kind: client.command(
                 "beside_slow", peer=server.peer_id, method=method, calls=opts.beside_calls
@@ -664,6 +667,9 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-chunk-mib", type=float, default=4)
     parser.add_argument("--lab-mib", type=float, default=64)
     parser.add_argument("--datagram", type=int, default=1350, help="QUIC max datagram size")
+    parser.add_argument(
+        "--busy-poll-us", type=float, default=None, help="the direct peers' Node(busy_poll_us=)"
+    )
     opts = parser.parse_args(argv)
     skip = {name for name in opts.skip.split(",") if name}
     if skip - set(SECTIONS):
@@ -696,6 +702,7 @@ def run(opts: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, 
                 "memory_chunk",
                 "lab_size",
                 "datagram",
+                "busy_poll_us",
             )
         },
     }

@@ -59,8 +59,10 @@ class RpcPeer:
         congestion_control: str = "reno",
         engine: str | None = None,
         log_level: str = "WARNING",
+        busy_poll_us: float | None = None,
     ) -> None:
         argv = [sys.executable, "-m", "benchmarks.rpc_peer", "--datagram", str(datagram)]
+        argv += [] if busy_poll_us is None else ["--busy-poll-us", str(busy_poll_us)]
         argv += ["--congestion-control", congestion_control, "--log-level", log_level]
         argv += ["--engine", engine] if engine else []
         argv += [arg for addr in listen for arg in ("--listen", addr)]
@@ -559,7 +561,8 @@ async def serve(args: argparse.Namespace) -> None:
         **({"engine": args.engine} if args.engine else {}),
     )
     relay = RelayConfig(circuit_data=0, circuit_duration=0)  # any peer may be the bench's relay
-    async with Node(listen=args.listen, quic_config=quic, relay=relay) as node:
+    spin = {} if args.busy_poll_us is None else {"busy_poll_us": args.busy_poll_us}
+    async with Node(listen=args.listen, quic_config=quic, relay=relay, **spin) as node:
         if args.no_holepunch:  # keep relayed connections relayed: refuse DCUtR both ways
             node.remove_stream_handler(DCUTR_PROTOCOL)
             node.remove_stream_handler(EXTENDED_PROTOCOL)
@@ -601,6 +604,7 @@ def main() -> None:
         "--engine", choices=["qh3", "aioquic"], help="QUIC engine (default: the config's)"
     )
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--busy-poll-us", type=float, default=None, help="Node(busy_poll_us=)")
     args = parser.parse_args()
     import logging
 
