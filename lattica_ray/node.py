@@ -78,7 +78,7 @@ class Node:
         cluster: str | None = None,
         view: ViewConfig | None = None,
         tune_malloc: bool = False,
-        busy_poll_us: float = busy_poll.DEFAULT_LIMIT_US,
+        busy_poll_us: float | None = None,
     ) -> None:
         if key is not None and key_file is not None:
             raise ValueError("give either key or key_file, not both")
@@ -91,7 +91,10 @@ class Node:
         # Bulk transfers churn multi-MiB buffers: lattica_ray.allocator (opt-in: it slows NumPy).
         self.tune_malloc = tune_malloc
         # Spin up to this long before the loop sleeps, while calls come that close together
-        # (transport.busy_poll: it halves a small call's latency here); 0 never spins.
+        # (transport.busy_poll: it halves a small call's latency here); 0 never spins. None:
+        # $LATTICA_RAY_BUSY_POLL_US, else 200 us.
+        if busy_poll_us is None:
+            busy_poll_us = busy_poll.default_limit_us()
         if busy_poll_us < 0:
             raise ValueError(f"busy_poll_us must be >= 0, got {busy_poll_us}")
         self.busy_poll_us = busy_poll_us

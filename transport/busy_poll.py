@@ -32,9 +32,28 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT_US = 200  # the longest spin: a round trip on loopback or a LAN, not a WAN's
+LIMIT_VARIABLE = "LATTICA_RAY_BUSY_POLL_US"  # the default, for processes configured by others
 GROW_START_US = 10  # the first window once an idle gap shows a spin would have paid
 GROW = 2
 SHRINK = 2
+
+
+def default_limit_us() -> float:
+    """`$LATTICA_RAY_BUSY_POLL_US` if set (0 turns spinning off), else `DEFAULT_LIMIT_US`."""
+    value = os.environ.get(LIMIT_VARIABLE, "").strip()
+    if not value:
+        return DEFAULT_LIMIT_US
+    try:
+        limit = float(value)
+    except ValueError:
+        raise ValueError(
+            f"${LIMIT_VARIABLE} must be microseconds (a number), got {value!r}"
+        ) from None
+    if not limit >= 0:
+        raise ValueError(
+            f"${LIMIT_VARIABLE} must be >= 0 (0 turns busy polling off), got {value!r}"
+        )
+    return limit
 
 
 class SpinWindow:

@@ -241,3 +241,18 @@ async def test_a_node_with_busy_polling_off_leaves_the_loop_alone() -> None:
         assert busy_poll.window_of(loop) is None
     with pytest.raises(ValueError, match="busy_poll_us"):
         Node(busy_poll_us=-5)
+
+
+def test_the_default_limit_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(busy_poll.LIMIT_VARIABLE, raising=False)
+    assert busy_poll.default_limit_us() == busy_poll.DEFAULT_LIMIT_US
+    monkeypatch.setenv(busy_poll.LIMIT_VARIABLE, "0")
+    assert busy_poll.default_limit_us() == 0
+    assert Node().busy_poll_us == 0
+    monkeypatch.setenv(busy_poll.LIMIT_VARIABLE, "75.5")
+    assert Node().busy_poll_us == 75.5
+    assert Node(busy_poll_us=10).busy_poll_us == 10  # the argument wins
+    for bad in ("fast", "-3", "nan"):
+        monkeypatch.setenv(busy_poll.LIMIT_VARIABLE, bad)
+        with pytest.raises(ValueError, match=busy_poll.LIMIT_VARIABLE):
+            busy_poll.default_limit_us()
