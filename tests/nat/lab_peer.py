@@ -6,8 +6,10 @@
 After bootstrap (reachability checked, relay slots reserved when NAT'd) it prints
 {"event": "ready", "peer_id", "addrs", "reachability", "mapping", "relay_transports"}. Commands:
 {"cmd": "connect", "peer", "addrs", "direct_timeout"}  -> path, transport, paths (every
-    connection as transport/path), connect_ms, first_ping_ms, rtt_ms, punch (the outcome),
-    punches (hole punches run with the peer so far: 1 when the first got through)
+    connection as transport/path), connect_ms, first_ping_ms, rtt_ms, punch (how waiting for a
+    direct path ended: direct / failed / timeout, the reason, this round's attempts of each
+    side), punches (hole punches run with the peer so far: 1 when the first got through)
+{"cmd": "punch_state", "peer"} -> punch (this side's view of its punching with the peer)
 {"cmd": "ping", "peer"}, {"cmd": "disconnect", "peer"}, {"cmd": "info"}, {"cmd": "stop"},
 {"cmd": "dial_from_listen_port", "addr"} -> connected (one TCP dial, from the listen port)
 """
@@ -26,6 +28,7 @@ from lattica_ray import Node
 from transport.errors import ConnectionClosed, StreamReset, TransportError
 from transport.identity import PeerId
 from transport.multiaddr import Multiaddr
+from transport.nat.manager import DirectOutcome
 from transport.tcp import tcp_socket_address
 
 READY_TIMEOUT = 60.0  # a UDP-blocked node waits out QUIC dials and AutoNAT dial-backs first
@@ -54,7 +57,8 @@ async def _connect(node: Node, command: dict) -> dict:
     await node.connect(peer)
     connect_ms = (time.perf_counter() - started) * 1000
     first_path = node.connection_to(peer).path
-    path = await node.wait_direct(peer, float(command.get("direct_timeout", 8.0)))
+    outcome = await node.nat.wait_direct(peer, float(command.get("direct_timeout", 8.0)))
+    path = outcome.path
     first_ping = await _ping(node, peer)
     rtts = [await _ping(node, peer) for _ in range(3)]
     connection = node.connection_to(peer)
@@ -67,7 +71,7 @@ async def _connect(node: Node, command: dict) -> dict:
         "time_to_path_ms": (time.perf_counter() - started) * 1000,
         "first_ping_ms": first_ping * 1000,
         "rtt_ms": sorted(rtts)[1] * 1000,
-        "punch": node.nat.holepuncher.results.get(peer, ""),
+        "punch": _describe(outcome),
         "punches": node.nat.holepuncher.punches.get(peer, 0),
         "via": _via(node, peer),
     }
@@ -111,6 +115,16 @@ class Monitor:
         return self.samples
 
 
+def _describe(outcome: DirectOutcome) -> str:
+    reason = f" ({outcome.reason})" if outcome.reason else ""
+    return f"{outcome.status}{reason}, attempts ours {outcome.ours} theirs {outcome.theirs}"
+
+
+def _punch_state(node: Node, command: dict) -> dict:
+    state = node.nat.holepuncher.punch_state(PeerId.from_string(command["peer"]))
+    return {"punch": f"{'over' if state.over else 'under way'}: {state.describe()}"}
+
+
 def _paths(node: Node, peer: PeerId) -> list[str]:
     """Every open connection to `peer`, as transport/path ("tcp/holepunched")."""
     return sorted(f"{c.transport}/{c.path}" for c in node.swarm.connections_to(peer))
@@ -149,6 +163,7 @@ async def _disconnect(node: Node, command: dict) -> dict:
     for connection in node.swarm.connections_to(peer):
         await connection.close("test disconnect")
     node.nat.holepuncher.results.pop(peer, None)
+    node.nat.holepuncher.tracker.forget(peer)
     return {"ok": True}
 
 
@@ -182,6 +197,8 @@ async def serve(args: argparse.Namespace) -> None:
                     peer = PeerId.from_string(command["peer"])
                     rtt = await node.ping(peer)
                     _emit({"rtt_ms": rtt * 1000, "path": node.connection_to(peer).path})
+                elif kind == "punch_state":
+                    _emit(_punch_state(node, command))
                 elif kind == "dial_from_listen_port":
                     _emit(await _dial_from_listen_port(node, command))
                 elif kind == "disconnect":

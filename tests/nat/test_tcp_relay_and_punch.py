@@ -78,7 +78,8 @@ async def test_tcp_only_peer_is_reached_through_a_relay_then_punched_directly() 
             await stream.write(payload)
             await stream.close()
             assert await stream.read_to_end(max_size=1 << 24) == payload
-            assert relay.relay_server.bytes_relayed == relayed_before  # not through the relay
+            # Not through the relay (background traffic there, a ping or so, is a few bytes).
+            assert relay.relay_server.bytes_relayed - relayed_before < len(payload) // 100
 
 
 async def test_when_only_the_servers_syn_gets_through_the_client_keeps_its_role() -> None:

@@ -43,11 +43,13 @@ from transport.errors import (
     PeerIdMismatch,
     PeerUnreachable,
     ProtocolViolation,
+    StreamReset,
     TransportError,
 )
 from transport.identity import PeerId
 from transport.multiaddr import Multiaddr, quic_socket_address
 from transport.nat.pb import holepunch_pb2
+from transport.nat.punch_tracker import DCUTR_ATTEMPTS, PunchState, PunchTracker
 from transport.nat.reachability import Mapping
 from transport.quic import QuicEndpoint
 from transport.stream import Stream
@@ -59,7 +61,7 @@ log = logging.getLogger(__name__)
 DCUTR_PROTOCOL = "/libp2p/dcutr"  # DCUtR spec
 EXTENDED_PROTOCOL = "/lattica-ray/holepunch/1"
 MAX_MESSAGE_SIZE = 4096  # DCUtR spec
-ATTEMPTS = 3  # DCUtR spec: the inbound peer tries three times
+ATTEMPTS = DCUTR_ATTEMPTS  # DCUtR spec: the inbound peer tries three times
 PUNCH_TIMEOUT = 5.0  # seconds one attempt may take
 SPRAY_INTERVAL = (0.010, 0.200)  # DCUtR spec: random UDP every 10-200 ms
 BIRTHDAY_SOCKETS = 192
@@ -79,6 +81,10 @@ def _retrieve(task: asyncio.Task) -> None:
 
 class PunchImpossible(TransportError):
     """No hole punch can work between these two NATs (both map endpoint-dependently)."""
+
+
+class PunchRefused(TransportError):
+    """The peer reset our punch request unanswered: its own punch with us goes ahead."""
 
 
 @dataclass
@@ -152,6 +158,8 @@ class HolePuncher:
         self.results: dict[PeerId, str] = {}  # peer -> "holepunched" / "failed: ..."
         # peer -> punches run with it, in either role: more than one means an earlier one missed
         self.punches: dict[PeerId, int] = {}
+        self.tracker = PunchTracker()
+        self._change_waiters: dict[PeerId, list[asyncio.Future[None]]] = {}
 
     def start(self) -> None:
         self.swarm.set_stream_handler(DCUTR_PROTOCOL, self._serve)
@@ -166,6 +174,31 @@ class HolePuncher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._running.clear()
+
+    # -- what is under way with a peer (both roles) -------------------------------------------
+    def punch_state(self, peer: PeerId) -> PunchState:
+        return self.tracker.state(peer, asyncio.get_running_loop().time())
+
+    def expect_request(self, peer: PeerId) -> None:
+        """A relayed connection with `peer` came up: a punch (of theirs or ours) should follow."""
+        self.tracker.expect_request(peer, asyncio.get_running_loop().time())
+        self._changed(peer)
+
+    def next_change(self, peer: PeerId) -> asyncio.Future[None]:
+        """Done at the next change of `peer`'s punch state (an attempt started or ended)."""
+        waiter = asyncio.get_running_loop().create_future()
+        waiters = self._change_waiters.setdefault(peer, [])
+        waiters[:] = [w for w in waiters if not w.done()]  # (those given up on)
+        waiters.append(waiter)
+        return waiter
+
+    def _changed(self, peer: PeerId) -> None:
+        for waiter in self._change_waiters.pop(peer, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
 
     def _our_addrs(self) -> list[Multiaddr]:
         """Where peers saw us, QUIC and TCP; our listen addresses if nobody told us (a LAN).
@@ -189,6 +222,18 @@ class HolePuncher:
 
     async def upgrade(self, peer: PeerId) -> Connection | None:
         """Up to three DCUtR attempts; the direct connection, or None (the relay stays)."""
+        self.tracker.upgrade_started(peer, self._now())
+        self._changed(peer)
+        outcome = "failed: cancelled"
+        try:
+            connection, outcome = await self._attempts_as_b(peer)
+            return connection
+        finally:
+            self.results[peer] = outcome
+            self.tracker.upgrade_ended(peer, outcome, self._now())
+            self._changed(peer)
+
+    async def _attempts_as_b(self, peer: PeerId) -> tuple[Connection | None, str]:
         last_error = "no attempt"
         for attempt in range(1, ATTEMPTS + 1):
             serving = self._serving.get(peer)
@@ -197,25 +242,41 @@ class HolePuncher:
             existing = self.swarm.connection_to(peer)
             healthy = existing is not None and not getattr(existing, "suspect", False)
             if healthy and existing.path != RELAYED:
-                self.results[peer] = existing.path
-                return existing
+                return existing, existing.path
+            self.tracker.attempt_started(peer, self._now())
+            self._changed(peer)
             try:
                 connection = await self._attempt_as_b(peer)
             except PunchImpossible as exc:
                 last_error = str(exc)
                 log.info("no hole punch to %s: %s", peer, exc)
                 break
+            except PunchRefused as exc:
+                last_error = str(exc)
+                log.info("hole punch to %s, attempt %d: %s", peer, attempt, exc)
+                await self._their_punch(peer)
+                continue
             except (TransportError, TimeoutError, EOFError, OSError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
                 log.info("hole punch to %s, attempt %d: %s", peer, attempt, last_error)
                 continue
             if connection is not None:
-                self.results[peer] = HOLEPUNCHED
                 log.info("hole punched to %s on attempt %d", peer, attempt)
-                return connection
+                return connection, HOLEPUNCHED
             last_error = "no direct path found"
-        self.results[peer] = f"failed: {last_error}"
-        return None
+        return None, f"failed: {last_error}"
+
+    async def _their_punch(self, peer: PeerId) -> None:
+        """After the peer refused our request for its own: wait for that punch (which we
+        answer) to arrive and end, or `RETRY_GRACE` for it to arrive. Retrying at once only
+        met more refusals: all three attempts went within milliseconds."""
+        try:
+            async with asyncio.timeout(self.tracker.retry_grace):
+                while peer not in self._serving:
+                    await self.next_change(peer)
+        except TimeoutError:
+            return
+        await asyncio.shield(self._serving[peer])
 
     async def _attempt_as_b(self, peer: PeerId) -> Connection | None:
         protocol = EXTENDED_PROTOCOL if self._supports_extension(peer) else DCUTR_PROTOCOL
@@ -227,8 +288,12 @@ class HolePuncher:
             if protocol == EXTENDED_PROTOCOL:
                 connect.mapping = str(self._mapping())
             started = time.perf_counter()
-            await stream.write_message(connect.SerializeToString())
-            reply = self._parse(await stream.read_message(MAX_MESSAGE_SIZE), HolePunch.CONNECT)
+            try:
+                await stream.write_message(connect.SerializeToString())
+                answer = await stream.read_message(MAX_MESSAGE_SIZE)
+            except StreamReset as exc:
+                raise PunchRefused(f"the peer refused our request ({exc})") from exc
+            reply = self._parse(answer, HolePunch.CONNECT)
             rtt = time.perf_counter() - started
             offered = _punch_addrs(list(reply.ObsAddrs))
             if not offered:
@@ -269,13 +334,23 @@ class HolePuncher:
             return
         serving = asyncio.get_running_loop().create_future()
         self._serving[peer] = serving
+        self.tracker.serving_started(peer, self._now())
+        self._changed(peer)
+        outcome, final = "failed: cancelled", False
         try:
-            await self._serve_as_a(stream, peer)
+            outcome, final = await self._serve_as_a(stream, peer)
+        except (TransportError, TimeoutError, EOFError, OSError) as exc:
+            outcome = f"failed: answering the peer's punch: {type(exc).__name__}: {exc}"
+            raise
         finally:
             serving.set_result(None)
             del self._serving[peer]
+            self.results[peer] = outcome
+            self.tracker.serving_ended(peer, outcome, self._now(), final)
+            self._changed(peer)
 
-    async def _serve_as_a(self, stream: Stream, peer: PeerId) -> None:
+    async def _serve_as_a(self, stream: Stream, peer: PeerId) -> tuple[str, bool]:
+        """Answer one attempt of the peer; its outcome, and whether the peer is done."""
         extended = stream.protocol == EXTENDED_PROTOCOL
         request = self._parse(await stream.read_message(MAX_MESSAGE_SIZE), HolePunch.CONNECT)
         ours = self._our_addrs()
@@ -289,9 +364,8 @@ class HolePuncher:
             reply.mapping = str(self._mapping())
         await stream.write_message(reply.SerializeToString())
         if we_dial is None:
-            self.results[peer] = "failed: both peers are behind symmetric NATs"
             await stream.close()
-            return
+            return "failed: both peers are behind symmetric NATs", True
         prepared = (
             await self._prepare(we_dial, their_addrs, stream.protocol)
             if we_dial is not None
@@ -300,11 +374,12 @@ class HolePuncher:
         self._parse(await stream.read_message(MAX_MESSAGE_SIZE), HolePunch.SYNC)
         await stream.close()
         if not their_addrs:
-            self.results[peer] = "failed: no address to punch to"
-            return
+            return "failed: no address to punch to", False
         spray = extended and request.mapping == Mapping.ENDPOINT_DEPENDENT
         direct = await self._punch(peer, we_dial, their_addrs, spray, prepared)
-        self.results[peer] = HOLEPUNCHED if direct is not None else "failed: no direct path found"
+        if direct is None:
+            return "failed: no direct path found", False
+        return HOLEPUNCHED, True
 
     def _arrived_relayed(self, stream: Stream) -> bool:
         """The punch request came over one of our relayed connections to that peer."""

@@ -13,6 +13,8 @@ import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 from transport.connection import DIRECT, RELAYED, Connection
 from transport.errors import TransportError
@@ -41,6 +43,24 @@ log = logging.getLogger(__name__)
 
 AUTONAT_SERVERS = 3  # peers asked per check, all at once
 OBSERVE_TIMEOUT = 10.0  # seconds for the identify that learns our address on one connection
+
+
+@dataclass(frozen=True)
+class DirectOutcome:
+    """How waiting for a direct path to a peer ended.
+
+    `status`: "direct" (a direct or hole-punched connection is up), "failed" (every punch
+    attempt of both sides is over, or there is no connection at all; `reason` says why), or
+    "timeout" (attempts were still under way or expected when the time ran out). `path` is the
+    kind of the connection new streams use now ("none" without one); `ours` and `theirs` count
+    this round's attempts we started (as DCUtR's B) and the peer's attempts we answered (as A).
+    """
+
+    status: Literal["direct", "failed", "timeout"]
+    path: str
+    reason: str = ""
+    ours: int = 0
+    theirs: int = 0
 
 
 def is_public_ip(host: str) -> bool:
@@ -219,6 +239,8 @@ class NatManager:
         peer = connection.remote_peer
         if connection.path != RELAYED:
             self._spawn(self._observe_over(connection))
+        if connection.path == RELAYED:  # B (whichever side we are) will ask for a punch soon
+            self.holepuncher.expect_request(peer)
         if connection.path == RELAYED and not connection.is_initiator:
             if self._identify_info(peer) is not None:
                 self.holepuncher.upgrade_soon(peer)
@@ -365,19 +387,53 @@ class NatManager:
         connection = self.swarm.connection_to(peer)
         return connection.path if connection is not None else None
 
-    async def wait_direct(self, peer: PeerId, timeout: float) -> str:
-        """Wait up to `timeout` for a direct or hole-punched path to `peer`; the path kind."""
+    def _direct_connection(self, peer: PeerId) -> Connection | None:
+        for connection in self.swarm.connections_to(peer):
+            if connection.path != RELAYED and not getattr(connection, "suspect", False):
+                return connection
+        return None
+
+    async def wait_direct(self, peer: PeerId, timeout: float) -> DirectOutcome:
+        """Wait up to `timeout` s for a direct path to `peer`: until one appears, or until
+        every punch attempt of both sides is over (a failed attempt of one side is not the
+        end while the other still retries).
+
+        Event-driven: woken by new connections and by the hole puncher's state changes (and
+        at the moment an expected request from the peer is due)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            path = self.path_to(peer)
-            if path is not None and path != RELAYED:
-                return path
-            result = self.holepuncher.results.get(peer, "")
-            if result.startswith("failed"):
-                return path or "none"
-            await asyncio.sleep(0.02)
-        return self.path_to(peer) or "none"
+        changed: asyncio.Future[None] = loop.create_future()
+
+        def watch(connection: Connection) -> None:
+            if connection.remote_peer == peer and connection.path != RELAYED:
+                if not changed.done():
+                    changed.set_result(None)
+
+        self.swarm.add_connection_observer(watch)
+        try:
+            while True:
+                state = self.holepuncher.punch_state(peer)
+                direct = self._direct_connection(peer)
+                if direct is not None:
+                    return DirectOutcome("direct", direct.path, "", state.ours, state.theirs)
+                path = self.path_to(peer) or "none"
+                if path == "none":
+                    return DirectOutcome("failed", path, "no connection", state.ours, state.theirs)
+                if state.over:
+                    reason = state.outcome.removeprefix("failed: ") or "no hole punch attempted"
+                    return DirectOutcome("failed", path, reason, state.ours, state.theirs)
+                now = loop.time()
+                if now >= deadline:
+                    reason = f"still punching: {state.describe()}"
+                    return DirectOutcome("timeout", path, reason, state.ours, state.theirs)
+                wake_at = deadline if state.wake_at is None else min(deadline, state.wake_at)
+                changed = self.holepuncher.next_change(peer)
+                try:
+                    await asyncio.wait([changed], timeout=max(0.0, wake_at - now))
+                finally:
+                    changed.cancel()
+        finally:
+            self.swarm.remove_connection_observer(watch)
 
 
-__all__ = ["DIRECT", "NatManager", "is_public_ip"]
+__all__ = ["DIRECT", "DirectOutcome", "NatManager", "is_public_ip"]
