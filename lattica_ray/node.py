@@ -27,7 +27,7 @@ from transport.handlers import StreamHandler
 from transport.host import ConnectionEvent, ConnectionListener, PeerConnected
 from transport.identity import KeyPair, PeerId, load_or_create_key
 from transport.multiaddr import Multiaddr
-from transport.nat.manager import NatManager
+from transport.nat.manager import DirectOutcome, NatManager
 from transport.nat.reachability import Reachability
 from transport.nat.relay import RelayClientConfig, RelayConfig
 from transport.protocols import identify, ping
@@ -252,8 +252,8 @@ class Node:
         await self.nat.relay_client.reserve(peer)
         self.nat.relay_client.keep_reservation(peer)
 
-    async def wait_direct(self, peer: PeerId, timeout: float = 10.0) -> str:
-        """Give hole punching up to `timeout` s; the path kind we end up with."""
+    async def wait_direct(self, peer: PeerId, timeout: float = 10.0) -> DirectOutcome:
+        """Give hole punching up to `timeout` s: "direct", "failed" (why), or "timeout"."""
         return await self.nat.wait_direct(peer, timeout)
 
     # -- identity and addresses -------------------------------------------------------------
