@@ -314,6 +314,14 @@ def _error_status(exc: BaseException) -> Status:
 
 
 # -- server side ------------------------------------------------------------------------------
+def _handler_cancelled(method: Method, peer: PeerId | None) -> Status:
+    """The status of a handler that raised CancelledError itself (no one cancelled it): a
+    clear CANCELLED, not a stream reset that the caller would take for a lost path (and send
+    an idempotent call again)."""
+    logger.info("rpc %s from %s: the handler raised CancelledError", method.name, peer)
+    return Status(StatusCode.CANCELLED, "the handler was cancelled on the server")
+
+
 def _peer_key(peer: PeerId | None) -> bytes | None:
     return None if peer is None else peer.multihash
 
@@ -478,9 +486,13 @@ class _InboundCall:
                     watching = True
                     response = await rest
             except asyncio.CancelledError:
-                if not self._cancel_requested or task.uncancel():  # not (only) ours: stopping
+                if self._cancel_requested:
+                    if task.uncancel():  # not only ours: stopping
+                        raise
+                    self._cancel_requested = False
+                elif task.cancelling():  # the service or the node is stopping
                     raise
-                self._cancel_requested = False
+                # (else the handler raised it itself: the caller is told, as of any handler)
                 cancelled = True
             except Exception as exc:  # the handler failed: the caller is told how
                 error = exc
@@ -569,8 +581,8 @@ class _InboundCall:
         if self.cause is not None:
             status = self.cause
             response = None
-        elif cancelled:
-            status = Status(StatusCode.CANCELLED, "the handler was cancelled")
+        elif cancelled:  # not by us: the handler raised CancelledError itself
+            status = _handler_cancelled(self.method, self.peer)
         elif error is not None:
             status = _error_status(error)
             if status.code == StatusCode.UNKNOWN:
@@ -1062,6 +1074,7 @@ class RpcService:
         # cached; a PeerId's is computed in Python on every lookup).
         self._inbound_per_peer: dict[bytes | None, int] = {}
         self._serving: set[asyncio.Task[Any]] = set()  # tasks serving inbound streams
+        self._draining: set[asyncio.Task[Any]] = set()  # refusals dropping what still comes
         self._outbound: set[_OutboundCall] = set()
         self._deadlines = _Deadlines(self._outbound)
         self._executor: ThreadPoolExecutor | None = None
@@ -1091,10 +1104,13 @@ class RpcService:
         self._deadlines.close()
         if self._serving:  # handlers were told to stop; give them a moment to send a status
             await asyncio.wait(list(self._serving), timeout=STOP_GRACE)
-        for task in list(self._serving):  # then cut the rest (e.g. streams yet to send a header)
+        # Then cut the rest (e.g. streams yet to send a header), and the refusals that only
+        # drop what their callers still send (the host resets their streams).
+        cut = self._serving | self._draining
+        for task in cut:
             task.cancel()
-        if self._serving:
-            await asyncio.wait(list(self._serving))
+        if cut:
+            await asyncio.wait(cut)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -1365,6 +1381,10 @@ class RpcService:
         response: list[Buffer] | None = None
         try:
             done, rest = run_eagerly(_answer_unary(self, proto, method, context, arguments))
+        except asyncio.CancelledError:
+            if task.cancelling():  # (cannot be ours: the call is not registered yet)
+                raise
+            status = _handler_cancelled(method, context.peer)
         except Exception as exc:  # the handler failed at once: the caller is told how
             status = _error_status(exc)
             if status.code == StatusCode.UNKNOWN:
@@ -1438,11 +1458,20 @@ class RpcService:
     async def _refuse(self, stream: Stream, proto: ServerCall, status: Status) -> None:
         """Answer with `status` only (no handler ran), then close our side, and drop what the
         caller still sends until it stops (it resets once the refusal arrives): unread, its
-        arguments would hold the connection's flow-control credit."""
+        arguments would hold the connection's flow-control credit.
+
+        Once the status is out this is no call any more: `stop()` does not wait for it but
+        cuts it (a refusal made while stopping leaves the rest to the caller's reset)."""
+        task = asyncio.current_task()
+        assert task is not None
         try:
             async with asyncio.timeout(self.config.status_timeout):
                 await stream.write(proto.send_status(status))
                 await stream.close()
+                if self._stopping:
+                    return
+                self._serving.discard(task)
+                self._draining.add(task)
                 while await stream.read(self.config.read_size):
                     pass
         except StreamReset:
@@ -1450,6 +1479,8 @@ class RpcService:
         except (TimeoutError, TransportError, ConnectionError) as exc:
             logger.debug("rpc refusal to %s: %r (stream reset)", stream.remote_peer, exc)
             stream.reset("refused")
+        finally:
+            self._draining.discard(task)
 
     async def _read_event(
         self,
