@@ -95,7 +95,7 @@ class Node:
         # $LATTICA_RAY_BUSY_POLL_US, else 200 us.
         if busy_poll_us is None:
             busy_poll_us = busy_poll.default_limit_us()
-        if busy_poll_us < 0:
+        if not busy_poll_us >= 0:  # (NaN too)
             raise ValueError(f"busy_poll_us must be >= 0, got {busy_poll_us}")
         self.busy_poll_us = busy_poll_us
         self._busy_poll_loop: asyncio.AbstractEventLoop | None = None
@@ -175,7 +175,7 @@ class Node:
         await self.nat.stop()
         await self.swarm.close()
         if self._busy_poll_loop is not None:
-            busy_poll.uninstall(self._busy_poll_loop)
+            busy_poll.uninstall(self._busy_poll_loop, self.busy_poll_us)
             self._busy_poll_loop = None
         log.info("node %s stopped", self.peer_id)
 

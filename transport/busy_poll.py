@@ -8,12 +8,13 @@ polls its selector without blocking for a little while before it sleeps catches 
 is due within that while, with no wake-up at all; the kernel's `busy_poll` does the same for
 NIC queues, and so do low-latency stacks (Seastar, DPDK, Aeron's busy-spin idle strategy).
 
-Spinning costs CPU, so the window adapts the way the guest kernel's haltpoll governor does
-(`SpinWindow`, no I/O): it grows while the loop's next event comes soon after it went idle (a
-longer spin would have caught it), and shrinks while idle gaps are long. A node that is idle,
-or serves calls further apart than the limit, does not spin; one in a quick exchange does.
-Each spin step yields the CPU (`sched_yield`) so that a runnable thread on the same core goes
-first.
+Spinning costs CPU, so the window adapts, after the guest kernel's haltpoll governor but
+stingier (`SpinWindow`, no I/O): it grows while short idle gaps follow each other (a longer spin
+would have caught the next event) and drops to 0 on a long one or while the loop only waits for
+its own timers. A node that is idle, or serves calls further apart than the limit, does not
+spin; one in a quick exchange does. Each spin step yields the CPU (`sched_yield`) so that a
+runnable thread on the same core goes first, and a step that comes back late (the CPU or the
+GIL went to another thread, which wants them) ends the spin.
 
 Only loops that keep a `selectors` selector (asyncio's default loops on Unix) can spin; uvloop
 and the proactor loop run as they are.
@@ -22,10 +23,13 @@ and the proactor loop run as they are.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import selectors
+import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,7 +39,9 @@ DEFAULT_LIMIT_US = 200  # the longest spin: a round trip on loopback or a LAN, n
 LIMIT_VARIABLE = "LATTICA_RAY_BUSY_POLL_US"  # the default, for processes configured by others
 GROW_START_US = 10  # the first window once an idle gap shows a spin would have paid
 GROW = 2
-SHRINK = 2
+# A spin step (a poll and a yield) takes ~2 us; one that took this long lost the CPU to another
+# runnable thread (or the GIL to one of ours): spinning on only delays them, and us.
+CONTENDED_NS = 50_000
 
 
 def default_limit_us() -> float:
@@ -56,51 +62,93 @@ def default_limit_us() -> float:
     return limit
 
 
-class SpinWindow:
-    """How long the loop spins before it sleeps: the haltpoll rule, in nanoseconds.
+class Wait(enum.Enum):
+    """How one wait of the loop ended."""
 
-    After each wait the loop reports how long it was idle until its next event (spin
-    included) and whether it had to sleep. Not slept (the spin found the event, or the wait
-    was shorter than the window): the window stays. Slept, and the event came within the
-    limit: a longer spin would have caught it, so the window grows (x2, from
-    `GROW_START_US`). Slept longer than the limit: it shrinks (/2, to 0 below the start
-    value), so a loop that waits long does not spin at all.
+    CAUGHT = "caught"  # I/O came while the loop spun: no sleep, no wake-up
+    WOKEN = "woken"  # the loop slept and I/O woke it
+    TIMER = "timer"  # nothing came: the loop's own next timer ended the wait
+
+
+class SpinWindow:
+    """How long the loop spins before it sleeps: haltpoll's rule, in nanoseconds, made stingier.
+
+    After each wait the loop reports how it ended (`Wait`) and how long it was idle (spin
+    included); waits within the limit are short, the others long.
+
+    - caught: the window stays.
+    - woken after a short wait, the second short wait in a row: a longer spin would have caught
+      it, so the window grows (x2, from `GROW_START_US`, up to the limit).
+    - the loop's own timer after a short wait: a spin never brings a timer forward, so the
+      window halves (to 0 below the start value).
+    - a long wait, woken or timed: the window drops to 0 and must grow back.
+
+    So a loop spins only while short waits follow each other: a quick exchange of calls. One that
+    alternates a quick reply with a longer pause (a call every millisecond) keeps its window
+    near 0; haltpoll's rule (grow on any short wait, halve on a long one) kept that loop spinning
+    up to the limit for no gain (`benchmarks/busy_poll.py`).
     """
 
     def __init__(self, limit_us: float = DEFAULT_LIMIT_US) -> None:
-        if limit_us < 0:
+        self.limit_ns = self.start_ns = self.window_ns = 0
+        self.set_limit(limit_us)
+        self.window_ns = self.limit_ns  # start spinning: a new node is usually about to talk
+        self.short_waits = 0  # waits in a row that ended within the limit
+        self.caught = 0  # waits that ended while spinning (no sleep)
+        self.woken = 0  # waits that slept until I/O came
+        self.timers = 0  # waits that ended on the loop's timer
+        self.spin_ns = 0  # time spent spinning (CPU burnt, whether it paid or not)
+        self.yields_lost = 0  # spins cut short because another thread took the CPU or GIL
+
+    def set_limit(self, limit_us: float) -> None:
+        """Spin at most `limit_us` from now on (0: never); the window shrinks to fit."""
+        if not limit_us >= 0:
             raise ValueError(f"busy-poll limit must be >= 0 us, got {limit_us}")
         self.limit_ns = int(limit_us * 1000)
         self.start_ns = min(self.limit_ns, GROW_START_US * 1000)
-        self.window_ns = self.limit_ns  # start spinning: a new node is usually about to talk
-        self.spun = 0  # waits that ended while spinning (no sleep)
-        self.slept = 0  # waits that slept
+        self.window_ns = min(self.window_ns, self.limit_ns)
+        if 0 < self.window_ns < self.start_ns:  # (a window under 1 us grew with the limit)
+            self.window_ns = self.start_ns
 
-    def record(self, idle_ns: int, slept: bool) -> None:
-        """The loop waited `idle_ns` for its next event (or timer); `slept` if it had to."""
-        if not slept:
-            self.spun += 1
+    def contended(self) -> None:
+        """A spin step lost the CPU or the GIL for long: another thread wants them, so this
+        spin stops (as the kernel's own busy poll stops on `need_resched()`). The window stays:
+        if the wait turns out long, it drops to 0 anyway."""
+        self.yields_lost += 1
+
+    def record(self, idle_ns: int, ended: Wait) -> None:
+        """The loop waited `idle_ns` (spin included) and the wait ended as `ended`."""
+        if ended is Wait.CAUGHT:
+            self.caught += 1
+            self.short_waits += 1
             return
-        self.slept += 1
-        if idle_ns <= self.limit_ns:
-            if self.window_ns < self.limit_ns:
-                self.window_ns = min(self.limit_ns, max(self.window_ns * GROW, self.start_ns))
-        elif self.window_ns:
-            self.window_ns //= SHRINK
+        if ended is Wait.TIMER:
+            self.timers += 1
+        else:
+            self.woken += 1
+        if idle_ns > self.limit_ns:
+            self.window_ns = self.short_waits = 0
+        elif ended is Wait.TIMER:
+            self.window_ns //= 2
             if self.window_ns < self.start_ns:
                 self.window_ns = 0
+        else:
+            if self.short_waits and self.window_ns < self.limit_ns:
+                self.window_ns = min(self.limit_ns, max(self.window_ns * GROW, self.start_ns))
+            self.short_waits += 1
 
 
 class BusyPollSelector(selectors.BaseSelector):
     """A selector that spins on `inner` for up to `window.window_ns` before a blocking wait.
 
     Everything but `select` goes to `inner` unchanged: the loop keeps its registrations.
+    `limits` are the spin limits its users asked for (see `install`); the largest applies.
     """
 
     def __init__(self, inner: selectors.BaseSelector, window: SpinWindow) -> None:
         self.inner = inner
         self.window = window
-        self.users = 0  # nodes that asked for it on this loop (see `install`)
+        self.limits: list[float] = []
         # epoll's own poll answers "anything ready?" without building key lists.
         epoll = None
         if isinstance(inner, selectors.EpollSelector):
@@ -110,26 +158,42 @@ class BusyPollSelector(selectors.BaseSelector):
         )
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is not None and timeout <= 0:  # callbacks are ready: no wait to spin in
-            return self.inner.select(timeout)
+        window = self.window
+        if not window.limit_ns or (timeout is not None and timeout <= 0):
+            return self.inner.select(timeout)  # off, or callbacks are ready: nothing to spin for
         started = now = time.perf_counter_ns()
-        spin_until = started + self.window.window_ns
-        if timeout is not None:
-            spin_until = min(spin_until, started + int(timeout * 1e9))
-        ready_now = self._ready_now
+        spin_until = started + window.window_ns
+        timer_at = None if timeout is None else started + int(timeout * 1e9)
+        if timer_at is not None:
+            spin_until = min(spin_until, timer_at)  # never past the loop's next timer
+        ready_now, clock = self._ready_now, time.perf_counter_ns
         while now < spin_until:
-            if ready_now():
-                self.window.record(time.perf_counter_ns() - started, slept=False)
+            # Both calls let go of the GIL, and the yield of the CPU: when either comes back
+            # late, another thread got it and wants it (if we caught I/O, only thanks to that).
+            ready = ready_now()
+            polled = clock()
+            if polled - now > CONTENDED_NS:
+                now = polled
+                window.contended()
+                break
+            if ready:
+                window.spin_ns += polled - started
+                window.record(polled - started, Wait.CAUGHT)
                 return self.inner.select(0)
             os.sched_yield()  # a runnable thread on this core goes first
-            now = time.perf_counter_ns()
-        if timeout is not None and now > started:
-            timeout = max(0.0, timeout - (now - started) / 1e9)
-            if timeout == 0.0:  # spun until the loop's next timer: no sleep either
-                self.window.record(now - started, slept=False)
-                return self.inner.select(0)
+            now = clock()
+            if now - polled > CONTENDED_NS:
+                window.contended()
+                break
+        window.spin_ns += now - started
+        if timer_at is not None:
+            timeout = max(0.0, (timer_at - now) / 1e9)
         ready = self.inner.select(timeout)
-        self.window.record(time.perf_counter_ns() - started, slept=True)
+        if not ready:
+            ended = Wait.TIMER
+        else:
+            ended = Wait.CAUGHT if timeout == 0.0 else Wait.WOKEN
+        window.record(time.perf_counter_ns() - started, ended)
         return ready
 
     # -- the rest is the inner selector's ---------------------------------------------------
@@ -152,39 +216,63 @@ class BusyPollSelector(selectors.BaseSelector):
         self.inner.close()
 
 
+# Our selector of each loop, even when something else wrapped it after us (then it stays in
+# place, spinning or not, for it cannot be cut out of their chain).
+_spinners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BusyPollSelector] = (
+    weakref.WeakKeyDictionary()
+)
+_lock = threading.Lock()  # nodes may start and stop on other threads than the loop's
+
+
 def install(loop: asyncio.AbstractEventLoop, limit_us: float = DEFAULT_LIMIT_US) -> bool:
-    """Make `loop` spin before it sleeps (shared by every node on it; see `uninstall`).
+    """Make `loop` spin up to `limit_us` before it sleeps; every node on a loop calls this, and
+    the largest limit asked for applies until its node calls `uninstall`.
 
     False, and nothing changed, if `limit_us` is 0 or the loop keeps no selector we can wrap.
     """
-    if limit_us <= 0:
+    if not limit_us >= 0:
+        raise ValueError(f"busy-poll limit must be >= 0 us, got {limit_us}")
+    if limit_us == 0 or loop.is_closed():
         return False
-    current = getattr(loop, "_selector", None)  # asyncio's selector loops keep it here
-    if isinstance(current, BusyPollSelector):
-        current.users += 1
-        if limit_us * 1000 > current.window.limit_ns:  # the most patient node sets the limit
-            current.window = SpinWindow(limit_us)
+    with _lock:
+        spinner = _spinners.get(loop)
+        if spinner is None:
+            current = getattr(loop, "_selector", None)  # asyncio's selector loops keep it here
+            if not isinstance(current, selectors.BaseSelector):
+                log.debug(
+                    "busy polling unavailable on %s: no selector to wrap", type(loop).__name__
+                )
+                return False
+            spinner = BusyPollSelector(current, SpinWindow(0))
+            loop._selector = spinner  # type: ignore[attr-defined]
+            _spinners[loop] = spinner
+        if not spinner.limits:
+            spinner.window = SpinWindow(limit_us)  # a fresh start, as a new node's
+        spinner.limits.append(limit_us)
+        spinner.window.set_limit(max(spinner.limits))
         return True
-    if not isinstance(current, selectors.BaseSelector):
-        log.debug("busy polling unavailable on %s: no selector to wrap", type(loop).__name__)
-        return False
-    wrapper = BusyPollSelector(current, SpinWindow(limit_us))
-    wrapper.users = 1
-    loop._selector = wrapper  # type: ignore[attr-defined]
-    return True
 
 
-def uninstall(loop: asyncio.AbstractEventLoop) -> None:
-    """One node no longer asks for busy polling; the last one gives the loop its selector back."""
-    current = getattr(loop, "_selector", None)
-    if not isinstance(current, BusyPollSelector):
-        return
-    current.users -= 1
-    if current.users <= 0:
-        loop._selector = current.inner  # type: ignore[attr-defined]
+def uninstall(loop: asyncio.AbstractEventLoop, limit_us: float | None = None) -> None:
+    """A node that installed `limit_us` (None: the largest still asked for) no longer spins;
+    after the last one the loop gets its selector back."""
+    with _lock:
+        spinner = _spinners.get(loop)
+        if spinner is None or not spinner.limits:
+            return
+        limits = spinner.limits
+        limits.remove(limit_us if limit_us in limits else max(limits))
+        spinner.window.set_limit(max(limits, default=0))
+        if limits:
+            return
+        if getattr(loop, "_selector", None) is spinner:
+            loop._selector = spinner.inner  # type: ignore[attr-defined]
+            del _spinners[loop]
+        elif not loop.is_closed():
+            log.debug("busy polling off on %s; its selector stays wrapped by another", loop)
 
 
 def window_of(loop: asyncio.AbstractEventLoop) -> SpinWindow | None:
     """The loop's spin window (its counters show how often spinning paid), if it spins."""
-    current = getattr(loop, "_selector", None)
-    return current.window if isinstance(current, BusyPollSelector) else None
+    spinner = _spinners.get(loop)
+    return spinner.window if spinner is not None and spinner.limits else None
