@@ -240,7 +240,9 @@ class HolePuncher:
             if serving is not None:  # the peer's own punch request went ahead: see how it ends
                 await asyncio.shield(serving)
             existing = self.swarm.connection_to(peer)
-            healthy = existing is not None and not getattr(existing, "suspect", False)
+            if existing is None:  # (a retry would dial the peer again just to punch)
+                return None, f"failed: the connection to upgrade is gone ({last_error})"
+            healthy = not getattr(existing, "suspect", False)
             if healthy and existing.path != RELAYED:
                 return existing, existing.path
             self.tracker.attempt_started(peer, self._now())
@@ -320,7 +322,8 @@ class HolePuncher:
     async def _serve(self, stream: Stream) -> None:
         """One punch per peer at a time: with relayed connections both ways, both sides are
         B for one of them and ask at once; the request of the smaller peer ID goes ahead (two
-        sessions in swapped roles would dial the same TCP port pair as client and server)."""
+        sessions in swapped roles would dial the same TCP port pair as client and server), and
+        the refused side waits for it (`_their_punch`)."""
         peer = stream.remote_peer
         assert peer is not None
         if stream.remote_peer is not None and not self._arrived_relayed(stream):

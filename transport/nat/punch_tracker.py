@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from transport.identity import PeerId
 
 DCUTR_ATTEMPTS = 3  # DCUtR spec: the inbound peer (B) tries three times
-RETRY_GRACE = 3.0  # seconds a request from the peer is still expected (a retry, a new relay)
+RETRY_GRACE = 5.0  # seconds a request from the peer is still expected (a retry, a new relay)
 
 
 @dataclass
