@@ -95,3 +95,20 @@ async def test_a_direct_connection_answers_at_once() -> None:
         await one.connect(other.addrs[0])
         outcome = await asyncio.wait_for(one.nat.wait_direct(other.peer_id, 10.0), 1.0)
         assert (outcome.status, outcome.path) == ("direct", "direct")
+
+
+async def test_punching_that_ended_before_the_call_gets_one_more_round() -> None:
+    """A relayed connection whose punching failed earlier (at start-up, say) stays relayed
+    for good unless someone asks again: `wait_direct` asks once more rather than report the
+    old failure (that made the NAT matrix see a pair stay relayed within milliseconds)."""
+    async with Node(listen=LOOPBACK, use_relays=False) as relay:
+        async with Node(listen=LOOPBACK) as hidden, Node(listen=LOOPBACK) as caller:
+            for protocol in (DCUTR_PROTOCOL, EXTENDED_PROTOCOL):  # the first round must fail
+                caller.swarm.remove_stream_handler(protocol)
+            caller.add_peer_addrs(hidden.peer_id, await _hidden(relay, hidden))
+            await caller.connect(hidden.peer_id)
+            first = await hidden.nat.wait_direct(caller.peer_id, 10.0)
+            assert (first.status, first.path, first.ours) == ("failed", RELAYED, 3), first
+            caller.nat.holepuncher.start()  # it answers punches again
+            again = await hidden.nat.wait_direct(caller.peer_id, 10.0)
+            assert (again.status, again.path, again.ours) == ("direct", HOLEPUNCHED, 1), again

@@ -216,9 +216,19 @@ class HolePuncher:
         """Start (or join) the upgrade of our relayed connection to `peer`."""
         task = self._running.get(peer)
         if task is None or task.done():
+            self.tracker.upgrade_started(peer, self._now())  # (under way from now on)
             task = asyncio.get_running_loop().create_task(self.upgrade(peer))
             self._running[peer] = task
+            self._changed(peer)
         return task
+
+    def may_ask(self, peer: PeerId) -> bool:
+        """Whether we may start a punch with `peer`: DCUtR lets the side that accepted the
+        relayed connection (B) ask; a peer speaking our extension answers either side."""
+        relayed = [c for c in self.swarm.connections_to(peer) if c.path == RELAYED]
+        return any(not c.is_initiator for c in relayed) or (
+            bool(relayed) and self._supports_extension(peer)
+        )
 
     async def upgrade(self, peer: PeerId) -> Connection | None:
         """Up to three DCUtR attempts; the direct connection, or None (the relay stays)."""

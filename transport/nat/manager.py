@@ -398,6 +398,8 @@ class NatManager:
         every punch attempt of both sides is over (a failed attempt of one side is not the
         end while the other still retries).
 
+        A relayed connection whose punching ended before this call (say, under the load of
+        start-up) gets one more round, if we may ask for it: a stale failure is not an answer.
         Event-driven: woken by new connections and by the hole puncher's state changes (and
         at the moment an expected request from the peer is due)."""
         loop = asyncio.get_running_loop()
@@ -410,6 +412,10 @@ class NatManager:
                     changed.set_result(None)
 
         self.swarm.add_connection_observer(watch)
+        state = self.holepuncher.punch_state(peer)
+        if state.over and self._direct_connection(peer) is None and self.holepuncher.may_ask(peer):
+            log.info("punching with %s ended before (%s): once more", peer, state.describe())
+            self.holepuncher.upgrade_soon(peer)
         try:
             while True:
                 state = self.holepuncher.punch_state(peer)

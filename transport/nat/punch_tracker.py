@@ -68,7 +68,10 @@ class PunchTracker:
         current.peer_done = False
 
     def upgrade_started(self, peer: PeerId, now: float) -> None:
-        self._round(peer, now).upgrading = True
+        current = self._round(peer, now)
+        current.upgrading = True
+        if current.theirs == 0:  # the punch a new relayed connection calls for: ours
+            current.expect_until = None
 
     def attempt_started(self, peer: PeerId, now: float) -> None:
         """One of our attempts (as B) begins."""
