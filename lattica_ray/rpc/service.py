@@ -17,8 +17,11 @@ import asyncio
 import collections
 import contextvars
 import functools
+import heapq
+import itertools
 import logging
 import math
+import operator
 import threading
 import time
 import traceback
@@ -74,6 +77,9 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
+# [expiry, order in the heap, the call (None once it ended)]: see `_Deadlines`
+_DeadlineEntry = list[Any]
+_expiry = operator.itemgetter(0)
 STOP_GRACE = 1.0  # seconds `stop()` lets cancelled handlers take to send their status
 HOLD_BELOW = 16 * 1024  # a last response this small leaves with the status and FIN, unwaited
 
@@ -155,19 +161,56 @@ class _Deadlines:
     """One timer for the deadlines of all unary calls in flight, armed for the earliest: a
     timer per call (`asyncio.timeout_at`) costs a small call several microseconds, and calls
     usually end long before their deadline. When it fires it expires the calls past theirs
-    and re-arms for the next."""
+    and re-arms for the next.
+
+    The calls wait in a heap by expiry, so an expiry costs O(log n) however many calls are
+    in flight. A new call is only noted (most end long before their deadline); the notes go
+    into the heap when the timer fires (those already due are expired at once, with the
+    heap's), or when they outnumber the calls in flight; those of calls that ended are
+    dropped then. An ended call leaves its entry empty (the
+    entry keeps none of its buffers); the heap drops such entries when they reach the top,
+    or when they are most of it (it is rebuilt without them).
+    """
 
     def __init__(self, calls: set[_OutboundCall]) -> None:
-        self._calls = calls  # the service's calls in flight; those with a `task` are watched
+        self._calls = calls  # the service's calls in flight (bounds the ended ones kept)
+        self._new: list[_DeadlineEntry] = []  # watched, not yet in the heap
+        self._heap: list[_DeadlineEntry] = []
+        self._order = itertools.count()  # equal expiries: the first taken expires first
         self._timer: asyncio.TimerHandle | None = None
         self._at = math.inf
 
     def watch(self, call: _OutboundCall) -> None:
-        """Expire `call` (it has an expiry and a task) at its expiry, unless it ends first."""
+        """Expire `call` (it has an expiry and a task) at its expiry, unless it ends first
+        (`_OutboundCall.end` empties its entry)."""
         expiry = call.expiry
         assert expiry is not None
+        call.deadline_entry = entry = [expiry, 0, call]
+        new = self._new
+        new.append(entry)
         if expiry < self._at:
             self._arm(expiry)
+        if len(new) > len(self._calls) + 64:
+            self._take_new()
+
+    def _take_new(self, now: float = -math.inf) -> list[_DeadlineEntry]:
+        """Move the noted calls still in flight into the heap (O(1) per call that ended,
+        O(log n) per call that did not), but those due by `now`: returned, in the order
+        watched. Rebuild the heap without ended calls when they are most of it (amortized
+        O(1) per call)."""
+        heap, order, due = self._heap, self._order, []
+        for entry in self._new:
+            if entry[2] is not None:
+                if entry[0] <= now:
+                    due.append(entry)
+                else:
+                    entry[1] = next(order)
+                    heapq.heappush(heap, entry)
+        self._new = []
+        if len(heap) > 2 * len(self._calls) + 64:
+            self._heap = [entry for entry in heap if entry[2] is not None]
+            heapq.heapify(self._heap)
+        return due
 
     def _arm(self, at: float) -> None:
         if self._timer is not None:
@@ -178,22 +221,30 @@ class _Deadlines:
     def _fire(self) -> None:
         self._timer, self._at = None, math.inf
         now = asyncio.get_running_loop().time()
-        earliest = math.inf
-        for call in list(self._calls):
-            expiry = call.expiry
-            if call.task is None or expiry is None or call.done:
-                continue
-            if expiry <= now:
+        heap = self._heap
+        due = []  # (the heap's first: watched before any call still noted)
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if entry[2] is not None:
+                due.append(entry)
+        if self._new:
+            due += self._take_new(now)
+            heap = self._heap  # (maybe rebuilt)
+        due.sort(key=_expiry)  # stable: equal expiries in the order watched
+        for entry in due:
+            call = entry[2]
+            if call is not None:
                 call.expire()
-            elif expiry < earliest:
-                earliest = expiry
-        if earliest < math.inf:
-            self._arm(earliest)
+        while heap and heap[0][2] is None:
+            heapq.heappop(heap)
+        if heap:
+            self._arm(heap[0][0])
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         self._timer, self._at = None, math.inf
+        self._new, self._heap = [], []
 
 
 class _FrameWriter:
@@ -755,6 +806,7 @@ class _OutboundCall:
     done = False
     task: asyncio.Task[Any] | None = None  # a unary call's caller, for `_Deadlines`
     expired = False  # its deadline (plus grace) passed: `task` was cancelled for it
+    deadline_entry: _DeadlineEntry | None = None  # its place in `_Deadlines`, once watched
 
     def __init__(
         self,
@@ -928,8 +980,7 @@ class _OutboundCall:
         """
         if self.done:
             return
-        self.done = True
-        self.service._outbound.discard(self)
+        self.end()
         task = self.writer_task
         ended_early = task is not None and not task.done()
         if ended_early:
@@ -953,12 +1004,19 @@ class _OutboundCall:
         """Abandon the call: the reset reaches the server, which cancels the handler."""
         if self.done:
             return
-        self.done = True
-        self.service._outbound.discard(self)
+        self.end()
         if self.writer_task is not None and not self.writer_task.done():
             self.writer_task.cancel()
         if self.stream is not None:
             self.stream.reset(reason)
+
+    def end(self) -> None:
+        """No longer in flight: out of the service's calls and of `_Deadlines`."""
+        self.done = True
+        self.service._outbound.discard(self)
+        entry = self.deadline_entry
+        if entry is not None:
+            entry[2] = None
 
     def expire(self) -> None:
         """The deadline (plus grace) passed: interrupt the caller (see `RpcService.call`)."""
