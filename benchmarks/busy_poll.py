@@ -103,8 +103,8 @@ async def serve() -> None:
         burner = Burner()
         commands = {
             "cpu": lambda: {"cpu_s": time.process_time(), **spin_counters()},
-            "burn_start": burner.start,
-            "burn_stop": burner.stop,
+            "burn_start": lambda: {**burner.start(), **spin_counters()},
+            "burn_stop": lambda: {**burner.stop(), **spin_counters()},
         }
         emit({"peer_id": str(node.peer_id), "addrs": [str(a) for a in node.addrs]})
         loop = asyncio.get_running_loop()
@@ -226,7 +226,7 @@ async def measure_idle(server: Server, seconds: float) -> dict[str, float]:
 async def measure_gil(
     node: Node, server: Server, peer: PeerId, seconds: float, with_calls: bool
 ) -> dict[str, float]:
-    await server.command("burn_start")
+    before = await server.command("burn_start")
     samples: list[float] = []
     ends = time.perf_counter() + seconds
     if with_calls:
@@ -235,11 +235,14 @@ async def measure_gil(
         samples.sort()
     else:
         await asyncio.sleep(seconds)
-    rate = (await server.command("burn_stop"))["rate"]
-    figures = {"thread_work_per_s": rate}
+    after = await server.command("burn_stop")
+    figures = {"thread_work_per_s": after["rate"]}
     if samples:
         figures["p50_us"] = samples[len(samples) // 2] * 1e6
         figures["calls_per_s"] = len(samples) / seconds
+        for key in ("caught", "woken", "timers", "yields_lost"):
+            figures[f"server_{key}"] = (after[key] - before[key]) / len(samples)
+        figures["server_spin_us"] = (after["spin_s"] - before["spin_s"]) / len(samples) * 1e6
     return figures
 
 

@@ -42,6 +42,9 @@ GROW = 2
 # A spin step (a poll and a yield) takes ~2 us; one that took this long lost the CPU to another
 # runnable thread (or the GIL to one of ours): spinning on only delays them, and us.
 CONTENDED_NS = 50_000
+BACKOFF_MIN_NS = 10_000_000  # no spinning for this long after a spin gave way, doubling ...
+BACKOFF_MAX_NS = 1_000_000_000  # ... up to this while spins keep giving way
+BACKOFF_FORGET_NS = 10_000_000_000  # a spin that gives way after this long starts over
 
 
 def default_limit_us() -> float:
@@ -82,6 +85,7 @@ class SpinWindow:
     - the loop's own timer after a short wait: a spin never brings a timer forward, so the
       window halves (to 0 below the start value).
     - a long wait, woken or timed: the window drops to 0 and must grow back.
+    - a spin that gave way to another thread (`contended`): 0, and no growth for a while.
 
     So a loop spins only while short waits follow each other: a quick exchange of calls. One that
     alternates a quick reply with a longer pause (a call every millisecond) keeps its window
@@ -99,6 +103,9 @@ class SpinWindow:
         self.timers = 0  # waits that ended on the loop's timer
         self.spin_ns = 0  # time spent spinning (CPU burnt, whether it paid or not)
         self.yields_lost = 0  # spins cut short because another thread took the CPU or GIL
+        self.quiet_until_ns = 0  # no growth before (see `contended`)
+        self._backoff_ns = 0
+        self._contended_at: int | None = None
 
     def set_limit(self, limit_us: float) -> None:
         """Spin at most `limit_us` from now on (0: never); the window shrinks to fit."""
@@ -110,14 +117,23 @@ class SpinWindow:
         if 0 < self.window_ns < self.start_ns:  # (a window under 1 us grew with the limit)
             self.window_ns = self.start_ns
 
-    def contended(self) -> None:
-        """A spin step lost the CPU or the GIL for long: another thread wants them, so this
-        spin stops (as the kernel's own busy poll stops on `need_resched()`). The window stays:
-        if the wait turns out long, it drops to 0 anyway."""
+    def contended(self, now_ns: int) -> None:
+        """A spin step lost the CPU or the GIL for long: another thread wants them, so the spin
+        stops (as the kernel's own busy poll stops on `need_resched()`) and the window stays 0
+        for a while: 10 ms, twice as long after each contended spin, up to 1 s, from scratch
+        once 10 s passed without one. Taking the GIL back from a busy Python thread costs the
+        loop ~5 ms (`sys.getswitchinterval()`): spinning beside one must stay rare."""
         self.yields_lost += 1
+        self.window_ns = self.short_waits = 0
+        if self._contended_at is None or now_ns - self._contended_at > BACKOFF_FORGET_NS:
+            self._backoff_ns = 0
+        self._backoff_ns = min(BACKOFF_MAX_NS, max(BACKOFF_MIN_NS, self._backoff_ns * 2))
+        self._contended_at = now_ns
+        self.quiet_until_ns = now_ns + self._backoff_ns
 
-    def record(self, idle_ns: int, ended: Wait) -> None:
-        """The loop waited `idle_ns` (spin included) and the wait ended as `ended`."""
+    def record(self, idle_ns: int, ended: Wait, now_ns: int = 0) -> None:
+        """The loop waited `idle_ns` (spin included) and the wait ended as `ended`, at `now_ns`
+        (`time.perf_counter_ns()`)."""
         if ended is Wait.CAUGHT:
             self.caught += 1
             self.short_waits += 1
@@ -133,7 +149,8 @@ class SpinWindow:
             if self.window_ns < self.start_ns:
                 self.window_ns = 0
         else:
-            if self.short_waits and self.window_ns < self.limit_ns:
+            quiet = now_ns < self.quiet_until_ns  # (see `contended`)
+            if self.short_waits and not quiet and self.window_ns < self.limit_ns:
                 self.window_ns = min(self.limit_ns, max(self.window_ns * GROW, self.start_ns))
             self.short_waits += 1
 
@@ -174,16 +191,16 @@ class BusyPollSelector(selectors.BaseSelector):
             polled = clock()
             if polled - now > CONTENDED_NS:
                 now = polled
-                window.contended()
+                window.contended(now)
                 break
             if ready:
                 window.spin_ns += polled - started
-                window.record(polled - started, Wait.CAUGHT)
+                window.record(polled - started, Wait.CAUGHT, polled)
                 return self.inner.select(0)
             os.sched_yield()  # a runnable thread on this core goes first
             now = clock()
             if now - polled > CONTENDED_NS:
-                window.contended()
+                window.contended(now)
                 break
         window.spin_ns += now - started
         if timer_at is not None:
@@ -193,7 +210,8 @@ class BusyPollSelector(selectors.BaseSelector):
             ended = Wait.TIMER
         else:
             ended = Wait.CAUGHT if timeout == 0.0 else Wait.WOKEN
-        window.record(time.perf_counter_ns() - started, ended)
+        ended_at = clock()
+        window.record(ended_at - started, ended, ended_at)
         return ready
 
     # -- the rest is the inner selector's ---------------------------------------------------
