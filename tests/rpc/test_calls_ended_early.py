@@ -32,6 +32,7 @@ from transport.errors import TransportError
 from transport.nat.holepunch import DCUTR_PROTOCOL, EXTENDED_PROTOCOL
 from transport.nat.relay import RelayConfig
 from transport.quic import QuicConfig
+from transport.stream import Stream
 
 WAIT = 20.0  # seconds any awaited event may take before the test fails
 WINDOW = 256 * 1024  # the QUIC stream window; the connection's is four of them
@@ -237,6 +238,33 @@ async def test_stop_does_not_wait_for_a_refusal_dropping_requests() -> None:
             async with asyncio.timeout(WAIT):
                 while True:
                     await stream.write(b"q" * CHUNK)
+
+
+async def test_a_refusal_made_while_stopping_is_delivered_without_delaying_stop() -> None:
+    """A call whose header completes while the server stops: it is refused (the server is
+    stopping), the caller gets that status, and stop() does not wait for the caller to end
+    its side (it never does here)."""
+    async with _direct("aioquic") as peers:
+        server = peers.server
+        arrived = asyncio.Event()
+
+        async def serve(stream: Stream) -> None:
+            arrived.set()
+            await server._serve_stream(stream)
+
+        peers.server_node.set_stream_handler(PROTOCOL_ID, serve)
+        header = encode_header(Header("echo", CallKind.UNARY, None, {}))
+        stream = await peers.client.host.open_stream(peers.peer, [PROTOCOL_ID])
+        await stream.write(header[:3])  # the server waits for the rest of the header
+        await asyncio.wait_for(arrived.wait(), WAIT)
+        began = time.monotonic()
+        stopping = asyncio.create_task(server.stop())
+        await asyncio.sleep(0)  # (stop() takes its first step: the service is stopping)
+        assert server._stopping
+        await stream.write(header[3:])
+        assert b"the server is stopping" in await asyncio.wait_for(stream.read(65536), WAIT)
+        await asyncio.wait_for(stopping, WAIT)
+        assert time.monotonic() - began < STOP_GRACE / 2
 
 
 # -- a handler that raises CancelledError itself ------------------------------------------------
