@@ -29,12 +29,9 @@ async def _echo(stream: Stream) -> None:
 
 
 async def _wait_for_path(node: Node, peer, path: str, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            connection = node.connection_to(peer)
-            if connection is not None and connection.path == path:
-                return
-            await asyncio.sleep(0.02)
+    """Until `node`'s punching with `peer` gives a direct connection (waits for that event)."""
+    outcome = await node.nat.wait_direct(peer, timeout)
+    assert (outcome.status, outcome.path) == ("direct", path), outcome
 
 
 async def test_tcp_only_peer_is_reached_through_a_relay_then_punched_directly() -> None:
@@ -64,7 +61,7 @@ async def test_tcp_only_peer_is_reached_through_a_relay_then_punched_directly() 
             assert direct.transport == back.transport == "tcp"
             # A (the caller dialed the relayed connection) is the client; B the server.
             assert direct.is_initiator and not back.is_initiator
-            assert hidden.nat.holepuncher.results[caller.peer_id] == HOLEPUNCHED
+            assert hidden.nat.holepuncher.punch_state(caller.peer_id).ours == 1  # B punched, once
             # Both dialed from their listen ports: the connection joins the two listen ports.
             assert direct.local_addr is not None and direct.remote_addr is not None
             assert direct.local_addr.value_for("tcp") == caller.swarm.listen_addrs[0].value_for(
