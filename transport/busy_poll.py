@@ -27,6 +27,7 @@ import enum
 import logging
 import os
 import selectors
+import sys
 import threading
 import time
 import weakref
@@ -42,6 +43,7 @@ GROW = 2
 # A spin step (a poll and a yield) takes ~2 us; one that took this long lost the CPU to another
 # runnable thread (or the GIL to one of ours): spinning on only delays them, and us.
 CONTENDED_NS = 50_000
+GIL_LOST_SHARE = 0.8  # a loss this share of the GIL's switch interval: a thread took the GIL
 BACKOFF_MIN_NS = 10_000_000  # no spinning for this long after a spin gave way, doubling ...
 BACKOFF_MAX_NS = 1_000_000_000  # ... up to this while spins keep giving way
 BACKOFF_FORGET_NS = 10_000_000_000  # a spin that gives way after this long starts over
@@ -81,16 +83,16 @@ class SpinWindow:
 
     - caught: the window stays.
     - woken after a short wait, the second short wait in a row: a longer spin would have caught
-      it, so the window grows (x2, from `GROW_START_US`, up to the limit).
-    - the loop's own timer after a short wait: a spin never brings a timer forward, so the
-      window halves (to 0 below the start value).
-    - a long wait, woken or timed: the window drops to 0 and must grow back.
-    - a spin that gave way to another thread (`contended`): 0, and no growth for a while.
+      it, so the window grows (x2, from `GROW_START_US`, up to the limit). A lone short wait
+      between long ones is no evidence (haltpoll grows on it).
+    - a long wait, or one the loop's own timer ended (a spin never brings a timer forward):
+      the window halves (to 0 below the start value).
+    - a spin that gave way to another thread (`contended`): see there.
 
-    So a loop spins only while short waits follow each other: a quick exchange of calls. One that
-    alternates a quick reply with a longer pause (a call every millisecond) keeps its window
-    near 0; haltpoll's rule (grow on any short wait, halve on a long one) kept that loop spinning
-    up to the limit for no gain (`benchmarks/busy_poll.py`).
+    Against haltpoll's rule alone (`benchmarks/busy_poll.py`, 100 B calls on loopback): the
+    same p50 gain back to back, about half the extra CPU per call at a call every 0.3 ms
+    (1.2-1.4x vs 1.6-1.7x), none at a call every 1 ms (1.0x vs 1.3-1.4x), and no 5 ms stalls
+    beside a busy Python thread.
     """
 
     def __init__(self, limit_us: float = DEFAULT_LIMIT_US) -> None:
@@ -117,13 +119,26 @@ class SpinWindow:
         if 0 < self.window_ns < self.start_ns:  # (a window under 1 us grew with the limit)
             self.window_ns = self.start_ns
 
-    def contended(self, now_ns: int) -> None:
-        """A spin step lost the CPU or the GIL for long: another thread wants them, so the spin
-        stops (as the kernel's own busy poll stops on `need_resched()`) and the window stays 0
-        for a while: 10 ms, twice as long after each contended spin, up to 1 s, from scratch
-        once 10 s passed without one. Taking the GIL back from a busy Python thread costs the
-        loop ~5 ms (`sys.getswitchinterval()`): spinning beside one must stay rare."""
+    def _shrink(self) -> None:
+        self.window_ns //= 2
+        if self.window_ns < self.start_ns:
+            self.window_ns = 0
+
+    def contended(self, now_ns: int, lost_ns: int) -> None:
+        """A spin step lost the CPU or the GIL for `lost_ns`: another thread wants them, so the
+        spin stops (as the kernel's own busy poll stops on `need_resched()`).
+
+        A loss of about the GIL's switch interval (`sys.getswitchinterval()`, 5 ms) is a busy
+        Python thread of ours: it took the GIL the spin let go of, and the loop had to wait that
+        long to get it back. Spinning beside one must stay rare, so the window then stays 0 for
+        10 ms, twice as long after each such loss, up to 1 s, from scratch once 10 s passed
+        without one. A shorter loss (the core went to another process for a while, often the
+        peer of a loopback exchange) ends this spin and halves the window.
+        """
         self.yields_lost += 1
+        if lost_ns < sys.getswitchinterval() * 1e9 * GIL_LOST_SHARE:
+            self._shrink()
+            return
         self.window_ns = self.short_waits = 0
         if self._contended_at is None or now_ns - self._contended_at > BACKOFF_FORGET_NS:
             self._backoff_ns = 0
@@ -142,12 +157,10 @@ class SpinWindow:
             self.timers += 1
         else:
             self.woken += 1
-        if idle_ns > self.limit_ns:
-            self.window_ns = self.short_waits = 0
-        elif ended is Wait.TIMER:
-            self.window_ns //= 2
-            if self.window_ns < self.start_ns:
-                self.window_ns = 0
+        if idle_ns > self.limit_ns or ended is Wait.TIMER:
+            if idle_ns > self.limit_ns:
+                self.short_waits = 0
+            self._shrink()
         else:
             quiet = now_ns < self.quiet_until_ns  # (see `contended`)
             if self.short_waits and not quiet and self.window_ns < self.limit_ns:
@@ -190,8 +203,8 @@ class BusyPollSelector(selectors.BaseSelector):
             ready = ready_now()
             polled = clock()
             if polled - now > CONTENDED_NS:
+                window.contended(polled, polled - now)
                 now = polled
-                window.contended(now)
                 break
             if ready:
                 window.spin_ns += polled - started
@@ -200,7 +213,7 @@ class BusyPollSelector(selectors.BaseSelector):
             os.sched_yield()  # a runnable thread on this core goes first
             now = clock()
             if now - polled > CONTENDED_NS:
-                window.contended(now)
+                window.contended(now, now - polled)
                 break
         window.spin_ns += now - started
         if timer_at is not None:

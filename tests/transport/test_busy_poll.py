@@ -29,6 +29,7 @@ from transport.busy_poll import BusyPollSelector, SpinWindow, Wait
 US = 1000  # ns
 LONG_US = 10_000_000  # a window no test may wait out: 10 s
 LISTEN = ["/ip4/127.0.0.1/udp/0/quic-v1"]
+GIL_LOSS_NS = int(sys.getswitchinterval() * 1e9)  # what a busy thread keeps the GIL for
 
 
 # -- the window's rule (no I/O) -------------------------------------------------------------
@@ -42,15 +43,20 @@ def test_a_new_window_spins_the_limit_and_keeps_it_while_spins_catch() -> None:
 
 
 @pytest.mark.parametrize("ended", [Wait.WOKEN, Wait.TIMER])
-def test_a_long_wait_stops_the_spin_at_once(ended: Wait) -> None:
+def test_long_waits_shrink_the_window_to_nothing(ended: Wait) -> None:
     window = SpinWindow(200)
-    window.record(201 * US, ended)
-    assert window.window_ns == 0
+    sizes = []
+    for _ in range(6):
+        window.record(5_000 * US, ended)  # 5 ms idle: spinning was wasted
+        sizes.append(window.window_ns // US)
+    assert sizes == [100, 50, 25, 12, 0, 0]
 
 
 def test_short_waits_in_a_row_grow_the_window_back_to_the_limit() -> None:
     window = SpinWindow(200)
-    window.record(5_000 * US, Wait.WOKEN)
+    for _ in range(5):
+        window.record(5_000 * US, Wait.WOKEN)
+    assert window.window_ns == 0
     sizes = []
     for _ in range(8):
         window.record(150 * US, Wait.WOKEN)  # a spin of 150 us would have caught it
@@ -59,18 +65,13 @@ def test_short_waits_in_a_row_grow_the_window_back_to_the_limit() -> None:
     assert sizes == [0, 10, 20, 40, 80, 160, 200, 200]
 
 
-def test_a_quick_reply_then_a_pause_does_not_keep_the_loop_spinning() -> None:
-    """A call every millisecond: the reply (and an ACK) come soon, the next call does not."""
+def test_a_lone_short_wait_between_long_ones_does_not_keep_the_loop_spinning() -> None:
+    """Calls further apart than the limit: each reply comes soon, the next call does not."""
     window = SpinWindow(200)
-    window.record(800 * US, Wait.TIMER)
-    largest = 0
     for _ in range(100):
         window.record(90 * US, Wait.WOKEN)  # the reply
-        window.record(30 * US, Wait.WOKEN)  # an ACK
-        largest = max(largest, window.window_ns)
-        window.record(800 * US, Wait.TIMER)  # the pause until the next call
-        assert window.window_ns == 0
-    assert largest == window.start_ns  # haltpoll's rule alone went up to the limit here
+        window.record(800 * US, Wait.WOKEN)  # the next call
+    assert window.window_ns == 0  # haltpoll's rule (grow, halve, grow...) kept it at 100-200 us
 
 
 def test_the_loops_own_timers_halve_the_window() -> None:
@@ -82,7 +83,7 @@ def test_the_loops_own_timers_halve_the_window() -> None:
     assert sizes == [100, 50, 25, 12, 0, 0]
 
 
-def test_a_spin_that_gave_way_stops_spinning_for_a_while_and_longer_each_time() -> None:
+def test_a_spin_that_lost_the_gil_stops_spinning_for_a_while_and_longer_each_time() -> None:
     ms = 1000 * US
     window = SpinWindow(200)
 
@@ -92,16 +93,22 @@ def test_a_spin_that_gave_way_stops_spinning_for_a_while_and_longer_each_time() 
         window.record(50 * US, Wait.WOKEN, now_ns)
         return window.window_ns > 0
 
-    window.contended(0)
+    window.contended(0, GIL_LOSS_NS)
     assert (window.window_ns, window.yields_lost) == (0, 1)
     assert not grows_at(9 * ms) and grows_at(10 * ms)  # 10 ms without spinning
-    window.contended(20 * ms)
+    window.contended(20 * ms, GIL_LOSS_NS)
     assert not grows_at(39 * ms) and grows_at(40 * ms)  # then 20 ms
     for _ in range(20):
-        window.contended(100 * ms)
+        window.contended(100 * ms, GIL_LOSS_NS)
     assert not grows_at(1099 * ms) and grows_at(1100 * ms)  # at most 1 s
-    window.contended(20_000 * ms)  # 10 s after the last: from scratch
+    window.contended(20_000 * ms, GIL_LOSS_NS)  # 10 s after the last: from scratch
     assert not grows_at(20_009 * ms) and grows_at(20_010 * ms)
+
+
+def test_a_spin_that_lost_the_cpu_briefly_halves_the_window() -> None:
+    window = SpinWindow(200)
+    window.contended(0, 300 * US)  # the core went to another process (the peer, often)
+    assert (window.window_ns, window.yields_lost, window.quiet_until_ns) == (100 * US, 1, 0)
 
 
 def test_a_lower_limit_shrinks_the_window_and_a_higher_one_does_not_grow_it() -> None:
@@ -141,7 +148,7 @@ def test_the_window_stays_between_zero_and_the_limit(limit_us: int, events: list
     waits = 0
     for event in events:
         if event == "contended":
-            window.contended(0)
+            window.contended(0, GIL_LOSS_NS)
         elif isinstance(event, int):
             window.set_limit(event)
         else:
@@ -249,7 +256,9 @@ async def test_the_spin_catches_replies_that_come_within_the_window(
     # A generous limit: the echo process answers within 1 s however loaded the machine.
     window = spinning_loop(1_000_000)
     assert await _ping_pong(300, echo) == 300
-    assert window.caught >= 100, (window.caught, window.woken, window.timers)
+    # Every wait for a reply ended in the spin (some replies come before the loop waits at
+    # all, when the loop is slow to come round: then there was no wait).
+    assert window.caught >= 1 and window.woken == 0, (window.caught, window.woken)
 
 
 def test_the_spin_works_in_asyncio_debug_mode(echo: _EchoProcess, patient_spin: None) -> None:
@@ -266,7 +275,7 @@ def test_the_spin_works_in_asyncio_debug_mode(echo: _EchoProcess, patient_spin: 
             busy_poll.uninstall(loop)
 
     window = asyncio.run(main(), debug=True)
-    assert window.caught >= 30, (window.caught, window.woken, window.timers)
+    assert window.caught >= 1 and window.woken == 0, (window.caught, window.woken)
 
 
 async def test_a_due_timer_ends_the_spin(spinning_loop) -> None:
@@ -322,11 +331,16 @@ async def test_a_spin_gives_way_to_a_thread_that_wants_the_gil(spinning_loop) ->
     thread = threading.Thread(target=burn)
     thread.start()
     try:
-        await asyncio.sleep(0.05)  # one wait: the spin would go on until this timer
+        for _ in range(20):  # (on a loaded machine a spin may give way to another process first)
+            window.window_ns = window.limit_ns
+            await asyncio.sleep(0.05)  # one wait: the spin would go on until this timer
+            if window.quiet_until_ns:
+                break
     finally:
         stop.set()
         thread.join()
     assert window.yields_lost >= 1
+    assert window.quiet_until_ns > 0  # it lost the GIL for ~5 ms: no spinning for a while
     assert done
 
 
@@ -340,9 +354,10 @@ async def test_waiting_for_timers_stops_the_spin(spinning_loop) -> None:
 
 async def test_an_idle_loop_stops_spinning(spinning_loop) -> None:
     window = spinning_loop(200)
-    await asyncio.sleep(0.02)
+    for _ in range(8):  # eight idle waits of 20 ms each: 200 -> 100 -> ... -> 0 us
+        await asyncio.sleep(0.02)
     assert window.window_ns == 0
-    assert window.timers >= 1
+    assert window.timers >= 5
 
 
 async def test_nodes_on_one_loop_share_the_spin_and_the_last_gives_the_selector_back() -> None:
