@@ -89,10 +89,10 @@ class SpinWindow:
       the window halves (to 0 below the start value).
     - a spin that gave way to another thread (`contended`): see there.
 
-    Against haltpoll's rule alone (`benchmarks/busy_poll.py`, 100 B calls on loopback): the
-    same p50 gain back to back, about half the extra CPU per call at a call every 0.3 ms
-    (1.2-1.4x vs 1.6-1.7x), none at a call every 1 ms (1.0x vs 1.3-1.4x), and no 5 ms stalls
-    beside a busy Python thread.
+    Against haltpoll's rule alone (`benchmarks/busy_poll.py`, 100 B calls on loopback, CPU per
+    call on/off): the same p50 gain back to back (0.60x vs 0.63x), 1.1-1.5x the CPU at a call
+    every 0.3 ms (haltpoll 1.5-2.3x) and 1.0-1.1x at one every 1 ms (1.1-1.6x, where spinning
+    gains nothing), and no repeated 5 ms GIL stalls beside a busy Python thread.
     """
 
     def __init__(self, limit_us: float = DEFAULT_LIMIT_US) -> None:
