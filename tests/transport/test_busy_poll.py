@@ -2,8 +2,9 @@
 and the node's use of it.
 
 Timing is never asserted tightly: where a test shows that the spin gives way to a timer, a
-thread's wake-up or a signal, the window is 10 s and the bound 5 s, so only a spin that ignores
-them fails, however loaded the machine.
+thread's wake-up or a signal, the window is 10 s, the bound 5 s and the spin never gives way to
+other threads (`patient_spin`), so only a spin that ignores them fails, however loaded the
+machine.
 """
 
 from __future__ import annotations
@@ -278,7 +279,7 @@ def test_the_spin_works_in_asyncio_debug_mode(echo: _EchoProcess, patient_spin: 
     assert window.caught >= 1 and window.woken == 0, (window.caught, window.woken)
 
 
-async def test_a_due_timer_ends_the_spin(spinning_loop) -> None:
+async def test_a_due_timer_ends_the_spin(spinning_loop, patient_spin: None) -> None:
     loop = asyncio.get_running_loop()
     window = spinning_loop()
     assert window.window_ns == LONG_US * US
@@ -289,7 +290,9 @@ async def test_a_due_timer_ends_the_spin(spinning_loop) -> None:
     assert 0.01 <= loop.time() - started < 5  # not the 10 s window
 
 
-async def test_a_wake_up_from_another_thread_ends_the_spin(spinning_loop) -> None:
+async def test_a_wake_up_from_another_thread_ends_the_spin(
+    spinning_loop, patient_spin: None
+) -> None:
     loop = asyncio.get_running_loop()
     spinning_loop()
     woken = loop.create_future()
@@ -303,7 +306,7 @@ async def test_a_wake_up_from_another_thread_ends_the_spin(spinning_loop) -> Non
     assert loop.time() - started < 5
 
 
-async def test_a_signal_ends_the_spin(spinning_loop) -> None:
+async def test_a_signal_ends_the_spin(spinning_loop, patient_spin: None) -> None:
     loop = asyncio.get_running_loop()
     spinning_loop()
     received = loop.create_future()
