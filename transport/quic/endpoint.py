@@ -274,10 +274,12 @@ class QuicEndpoint:
         config = self.config
         is_client = original_cid is None
         if config.engine == "qh3":
-            from transport.quic.engine_qh3 import Qh3Engine, qh3_configuration
+            from transport.quic.engine_qh3 import MAX_PROBED_DATAGRAM, Qh3Engine, qh3_configuration
 
             probing = config.pmtu_probing and self._socket.can_send_unfragmented
-            ceiling = self._probe_ceiling(address) if probing else config.max_datagram_size
+            ceiling = config.max_datagram_size
+            if probing:
+                ceiling = min(self._probe_ceiling(address), MAX_PROBED_DATAGRAM)
             return Qh3Engine(
                 qh3_configuration(
                     is_client=is_client,

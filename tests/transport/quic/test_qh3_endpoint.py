@@ -16,7 +16,7 @@ from transport.quic import QuicConfig, QuicConnection
 
 pytest.importorskip("qh3", reason="qh3 is not installed (the qh3 QUIC engine is optional)")
 
-from transport.quic.engine_qh3 import Qh3Engine
+from transport.quic.engine_qh3 import MAX_PROBED_DATAGRAM, Qh3Engine
 
 BASE = 1350
 
@@ -49,6 +49,18 @@ async def test_qh3_probes_loopback_to_big_datagrams(endpoints: EndpointPair) -> 
     connection = await endpoints.dial()
     await _send(endpoints, connection, 4 * 1024 * 1024)
     assert connection.quic.max_datagram_size > 8000  # loopback carries far more than 1350
+
+
+async def test_qh3_probes_no_further_than_its_pacer_allows(endpoints: EndpointPair) -> None:
+    """Loopback carries 64 KiB datagrams, but qh3 paces by its maximum size: it is capped (the
+    aioquic engine, paced by what it sends, still probes to 64 KiB: test_quic_pmtu_path)."""
+    assert endpoints.client.config.max_probed_datagram_size > MAX_PROBED_DATAGRAM
+    connection = await endpoints.dial()
+    [server_side] = endpoints.server_connections
+    for side in (connection, server_side):
+        assert side.quic._quic.configuration.max_datagram_size == MAX_PROBED_DATAGRAM
+    await _send(endpoints, connection, 4 * 1024 * 1024)
+    assert 8000 < connection.quic.max_datagram_size <= MAX_PROBED_DATAGRAM
 
 
 async def test_the_listener_probes_big_datagrams_towards_the_dialer_too(
