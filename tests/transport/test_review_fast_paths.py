@@ -187,6 +187,15 @@ class Refusing(EndpointPair):
         connection.set_inbound_stream_callback(refuse)
 
 
+async def _refused_streams(pair: Refusing, count: int) -> list[Stream]:
+    """`count` streams of a window's data each, sent and closed, once the server reset them."""
+    connection = await pair.dial()
+    streams = [await _stream_with(connection, b"r" * WINDOW) for _ in range(count)]
+    for stream in streams:
+        await wait_until(lambda s=stream: s._reset_reason is not None or s._write_reset)
+    return streams
+
+
 async def test_the_rest_of_a_stream_reset_on_arrival_is_not_another_inbound_stream(
     quic_config: QuicConfig,
 ) -> None:
@@ -195,10 +204,7 @@ async def test_the_rest_of_a_stream_reset_on_arrival_is_not_another_inbound_stre
     pair = Refusing(quic_config)
     await pair.start()
     try:
-        connection = await pair.dial()
-        streams = [await _stream_with(connection, b"r" * WINDOW) for _ in range(3)]
-        for stream in streams:
-            await wait_until(lambda s=stream: s._reset_reason is not None or s._write_reset)
+        streams = await _refused_streams(pair, 3)
         assert pair.delivered == [stream.stream_id for stream in streams]
     finally:
         await pair.close()
@@ -215,10 +221,7 @@ async def test_the_rest_of_a_stream_reset_on_arrival_is_credited_once(
     pair = Refusing(quic_config)
     await pair.start()
     try:
-        connection = await pair.dial()
-        streams = [await _stream_with(connection, b"r" * WINDOW) for _ in range(3)]
-        for stream in streams:
-            await wait_until(lambda s=stream: s._reset_reason is not None or s._write_reset)
+        await _refused_streams(pair, 3)
         engine_state = pair.server_connections[0].quic
         used = engine_state._local_max_data
         # Counted twice, the credit would stay ahead of what arrived: never equal again.
