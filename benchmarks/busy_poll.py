@@ -43,12 +43,12 @@ LISTEN = "/ip4/127.0.0.1/udp/0/quic-v1"
 PAYLOAD = os.urandom(100)
 
 
-def set_busy_poll(limit_us: float) -> None:
-    """Busy polling on this loop at `limit_us` from now on (0: off)."""
+def set_busy_poll(limit_us: float) -> bool:
+    """Busy polling on this loop at `limit_us` from now on (0: off); True if it spins."""
     loop = asyncio.get_running_loop()
     while busy_poll.window_of(loop) is not None:
         busy_poll.uninstall(loop)
-    busy_poll.install(loop, limit_us)
+    return busy_poll.install(loop, limit_us)
 
 
 def spin_counters() -> dict[str, float]:

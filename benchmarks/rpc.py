@@ -43,7 +43,6 @@ if pathlib.Path(sys.path[0]).resolve() == pathlib.Path(__file__).resolve().paren
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 from benchmarks.rpc_peer import PeerError, RpcPeer
-from transport.busy_poll import DEFAULT_LIMIT_US as BUSY_POLL_US  # the node's default
 
 MIB = 1024 * 1024
 LOOPBACK = {"quic": "/ip4/127.0.0.1/udp/0/quic-v1", "tcp": "/ip4/127.0.0.1/tcp/0"}
@@ -218,14 +217,13 @@ def measure_direct(transport: str, opts: argparse.Namespace) -> dict[str, Any]:
         if transport == "quic-pmtu":
             return figures
         figures["unary_100B"] = latency(client, server, opts.calls)
-        spin = opts.busy_poll_us
         # The same calls with busy polling off (transport.busy_poll; Node(busy_poll_us=0)):
         # what the spin buys, and its CPU cost, beside the default.
         for peer in (server, client):
             peer.command("busy_poll", limit_us=0)
         figures["unary_100B_no_busy_poll"] = latency(client, server, opts.calls)
         for peer in (server, client):
-            peer.command("busy_poll", limit_us=BUSY_POLL_US if spin is None else spin)
+            peer.command("busy_poll")  # back to the node's own setting
         figures["beside_slow_handler"] = {
             kind: client.command(
                 "beside_slow", peer=server.peer_id, method=method, calls=opts.beside_calls

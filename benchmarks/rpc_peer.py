@@ -527,15 +527,16 @@ class Peer:
     async def cmd_cpu(self) -> dict[str, Any]:
         return {"cpu_s": time.process_time()}
 
-    async def cmd_busy_poll(self, limit_us: float) -> dict[str, Any]:
-        """Spin up to `limit_us` before the loop sleeps from now on (0: never), as
-        `Node(busy_poll_us=...)` would have: the same processes measured both ways."""
-        from transport import busy_poll
+    async def cmd_busy_poll(self, limit_us: float | None = None) -> dict[str, Any]:
+        """Spin up to `limit_us` before the loop sleeps from now on (0: never; None: the
+        node's own setting), as `Node(busy_poll_us=...)` would have: the same processes
+        measured both ways."""
+        from benchmarks.busy_poll import set_busy_poll
 
-        loop = asyncio.get_running_loop()
-        while busy_poll.window_of(loop) is not None:
-            busy_poll.uninstall(loop)
-        self.node._busy_poll_loop = loop if busy_poll.install(loop, limit_us) else None
+        if limit_us is None:
+            limit_us = self.node.busy_poll_us
+        spinning = set_busy_poll(limit_us)
+        self.node._busy_poll_loop = asyncio.get_running_loop() if spinning else None
         return {"busy_poll_us": limit_us}
 
     async def cmd_memory(self) -> dict[str, Any]:
